@@ -1,0 +1,47 @@
+"""Entry-point wrapper: user mistakes become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence
+
+from library.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure the root logger once, with a short format suitable for a terminal."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    else:
+        root.setLevel(level)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; a UserError prints ``error: <message>`` and returns 2.
+
+    Returns the exit code instead of calling ``sys.exit`` so tests can call it in-process;
+    scripts do ``sys.exit(run_main(main))``.
+    """
+    setup_logging()
+    try:
+        code = main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+def not_yet_available(script: str, what: str) -> Callable[[Sequence[str] | None], int]:
+    """A main() for an entry script whose method has not landed: it says so and exits 2."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        raise UserError(f"{script}: {what} is not implemented in this version yet")
+
+    return main
