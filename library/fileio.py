@@ -25,6 +25,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp_item
         if not tmp_item.exists():
             raise FileNotFoundError(f"nothing was written to {tmp_item}")
+        _apply_default_modes(tmp_item)
         if tmp_item.is_dir() and target.is_dir():
             old = target.with_name(f".{target.name}.old")
             if old.exists():
@@ -36,6 +37,26 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp_item, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_modes() -> tuple[int, int]:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
+def _apply_default_modes(item: Path) -> None:
+    """Give written files the usual permissions (some writers create them 0600)."""
+    file_mode, dir_mode = _default_modes()
+    if item.is_dir():
+        os.chmod(item, dir_mode)
+        for root, dirs, files in os.walk(item):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), dir_mode)
+            for name in files:
+                os.chmod(os.path.join(root, name), file_mode)
+    else:
+        os.chmod(item, file_mode)
 
 
 def atomic_write_text(target: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:

@@ -1,0 +1,10 @@
+"""fine-tuning: entry script (not implemented in this version yet)."""
+
+import sys
+
+from library.cli import not_yet_available, run_main
+
+main = not_yet_available("fine_tune.py", "fine-tuning (fine_tune.py)")
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
