@@ -223,3 +223,22 @@ def test_diffusers_folder_scheduler_and_index(sd2):
     assert sched["prediction_type"] == "v_prediction" and sched["beta_schedule"] == "scaled_linear"
     assert (sd2["diffusers"] / "tokenizer" / "vocab.json").is_file()
     assert (sd2["diffusers"] / "tokenizer" / "merges.txt").is_file()
+
+
+def test_ckpt_without_state_dict_wrapper_and_symlink(sd1, tmp_path):
+    flat = tmp_path / "flat.ckpt"
+    torch.save(load_file(str(sd1["safetensors"])), flat)
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(flat)
+    ref = _outputs(load_model(sd1["safetensors"]))
+    assert_outputs_equal(ref, _outputs(load_model(flat)))
+    assert_outputs_equal(ref, _outputs(load_model(link)))
+
+
+def test_sd1_text_encoder_keys_without_text_model_level(sd1, tmp_path):
+    """Some SD1 files lack the text_model. level in their text-encoder keys; they load the same."""
+    state = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+             for k, v in load_file(str(sd1["safetensors"])).items()}
+    odd = tmp_path / "odd.safetensors"
+    save_file(state, str(odd))
+    assert_outputs_equal(_outputs(load_model(sd1["safetensors"])), _outputs(load_model(odd)))
