@@ -1,10 +1,12 @@
-"""fine-tuning: entry script (not implemented in this version yet)."""
+"""fine-tuning (fine_tune.py): entry script. Training arrives in a later version; --debug_dataset works now."""
 
 import sys
 
-from library.cli import not_yet_available, run_main
+from library.cli import run_main
+from library.staged import staged_main
 
-main = not_yet_available("fine_tune.py", "fine-tuning (fine_tune.py)")
+main = staged_main("fine_tune.py", "fine-tuning", support_dreambooth=False, support_caption=True,
+                   support_caption_dropout=True)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

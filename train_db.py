@@ -1,10 +1,12 @@
-"""DreamBooth training: entry script (not implemented in this version yet)."""
+"""DreamBooth training (train_db.py): entry script. Training arrives in a later version; --debug_dataset works now."""
 
 import sys
 
-from library.cli import not_yet_available, run_main
+from library.cli import run_main
+from library.staged import staged_main
 
-main = not_yet_available("train_db.py", "DreamBooth training (train_db.py)")
+main = staged_main("train_db.py", "DreamBooth training", support_dreambooth=True, support_caption=False,
+                   support_caption_dropout=True)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

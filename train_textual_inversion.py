@@ -1,10 +1,12 @@
-"""Textual Inversion training: entry script (not implemented in this version yet)."""
+"""Textual Inversion training (train_textual_inversion.py): entry script. Training arrives in a later version; --debug_dataset works now."""
 
 import sys
 
-from library.cli import not_yet_available, run_main
+from library.cli import run_main
+from library.staged import staged_main
 
-main = not_yet_available("train_textual_inversion.py", "Textual Inversion training (train_textual_inversion.py)")
+main = staged_main("train_textual_inversion.py", "Textual Inversion training", support_dreambooth=True, support_caption=True,
+                   support_caption_dropout=False)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

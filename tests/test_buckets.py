@@ -164,3 +164,9 @@ def test_predefined_from_metadata():
     settings = BucketSettings(resolution=(512, 512), enable_bucket=True, predefined=((512, 768), (768, 512)))
     assert assign_bucket((600, 900), settings).bucket == (512, 768)
     assert assign_bucket((1000, 500), settings).bucket == (768, 512)
+
+
+def test_small_resolution_has_no_zero_sized_buckets():
+    from library.data.buckets import make_bucket_resolutions
+
+    assert make_bucket_resolutions((64, 64), 64, 256, 64) == [(64, 64)]

@@ -25,6 +25,8 @@ def make_bucket_resolutions(
     plus, for ``width = min_size, min_size + s, ... <= max_size``,
     ``height = min(max_size, (A // (width // s)) * s)`` in both orientations; duplicates removed.
     Widths start at ``min_size`` even when it is not a multiple of ``s`` (as in the reference).
+    Pairs with a zero side (wide widths at small resolutions, where ``A // (width // s)`` is 0) are
+    left out; the reference kept them but could never select them.
     """
     max_w, max_h = max_reso
     if divisible <= 0:
@@ -42,8 +44,9 @@ def make_bucket_resolutions(
     width = min_size
     while width <= max_size:
         height = min(max_size, (area // (width // divisible)) * divisible)
-        resos.add((width, height))
-        resos.add((height, width))
+        if height > 0:
+            resos.add((width, height))
+            resos.add((height, width))
         width += divisible
     return sorted(resos)
 

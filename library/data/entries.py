@@ -1,0 +1,191 @@
+"""Turn a dataset blueprint into image entries: which images, their captions, repeats and sizes.
+
+DreamBooth-style subsets list the images of a folder (caption file, else the subset's class tokens);
+fine-tuning subsets read a metadata JSON. Regularization images are balanced against the training
+images as the reference documents. Image sizes come from file headers, read in parallel; unreadable
+images are collected and reported once, then left out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from library.config.blueprint import BlueprintDataset, BlueprintSubset
+from library.data.captions import caption_for_image, metadata_caption
+from library.data.images import IMAGE_EXTENSIONS, list_images
+from library.data.size_index import cached_image_sizes
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of a dataset as training sees it (repeats already balanced for reg images)."""
+
+    key: str                      # printed/recorded name: the image path, or the metadata key
+    path: Path | None             # the image file (None: only pre-computed latents exist)
+    caption: str                  # the source caption, before per-draw processing
+    subset_index: int
+    is_reg: bool = False
+    num_repeats: int = 1
+    size: Size | None = None      # (width, height) as displayed; None until scanned
+    train_resolution: Size | None = None  # from fine-tuning metadata (prepare_buckets_latents)
+    latents_npz: Path | None = None       # pre-computed latents (fine-tuning metadata datasets)
+
+
+@dataclass
+class ScanReport:
+    """What was left out while listing images, for one summary at start-up."""
+
+    unreadable: dict[Path, str] = field(default_factory=dict)
+    empty_subsets: list[str] = field(default_factory=list)
+    no_caption: int = 0
+
+    def log(self) -> None:
+        """Log one summary of problems (nothing when there were none)."""
+        if self.unreadable:
+            listing = "; ".join(f"{p}: {why}" for p, why in list(self.unreadable.items())[:20])
+            more = f" (and {len(self.unreadable) - 20} more)" if len(self.unreadable) > 20 else ""
+            logger.warning("left out %d unreadable image(s): %s%s", len(self.unreadable), listing, more)
+        for where in self.empty_subsets:
+            logger.warning("no images found in %s; subset skipped", where)
+        if self.no_caption:
+            logger.warning("%d image(s) have neither a caption file nor class tokens; they train with an empty "
+                           "caption", self.no_caption)
+
+
+def dreambooth_entries(subset: BlueprintSubset, subset_index: int, report: ScanReport) -> list[ImageEntry]:
+    """Entries of a DreamBooth-style subset: every image of ``image_dir`` with its caption."""
+    folder = Path(subset.image_dir or "")
+    images = list_images(folder)
+    if not images:
+        report.empty_subsets.append(str(folder))
+        return []
+    entries = []
+    for path in images:
+        caption, origin = caption_for_image(path, subset.caption_extension, subset.class_tokens)
+        if origin == "none":
+            report.no_caption += 1
+        entries.append(ImageEntry(key=str(path), path=path, caption=caption, subset_index=subset_index,
+                                  is_reg=subset.is_reg, num_repeats=subset.num_repeats))
+    return entries
+
+
+def _find_image(key: str, image_dir: Path | None) -> Path | None:
+    as_path = Path(key)
+    if as_path.is_file():
+        return as_path
+    if image_dir is not None:
+        for ext in IMAGE_EXTENSIONS:
+            for candidate in (image_dir / f"{key}{ext}", image_dir / f"{key}{ext.upper()}"):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def _find_npz(key: str, image_dir: Path | None) -> Path | None:
+    candidates = [Path(key).with_suffix(".npz")] if Path(key).suffix else []
+    if image_dir is not None:
+        candidates.append(image_dir / f"{key}.npz")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def finetuning_entries(subset: BlueprintSubset, subset_index: int, report: ScanReport) -> list[ImageEntry]:
+    """Entries of a fine-tuning subset from its metadata JSON (keys: full paths or stems)."""
+    meta_path = Path(subset.metadata_file or "")
+    try:
+        metadata = json.loads(meta_path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{meta_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:
+        raise UserError(f"{meta_path}: cannot read metadata file ({exc.strerror})") from None
+    if not isinstance(metadata, dict):
+        raise UserError(f"{meta_path}: metadata must be a JSON object of image key -> {{caption, tags, ...}}")
+    image_dir = Path(subset.image_dir) if subset.image_dir else None
+    entries = []
+    missing = []
+    for key, info in metadata.items():
+        info = info if isinstance(info, dict) else {}
+        path = _find_image(key, image_dir)
+        npz = _find_npz(key, image_dir)
+        if path is None and npz is None:
+            missing.append(key)
+            continue
+        reso = info.get("train_resolution")
+        entries.append(ImageEntry(
+            key=key, path=path, caption=metadata_caption(info.get("caption"), info.get("tags")),
+            subset_index=subset_index, num_repeats=subset.num_repeats,
+            train_resolution=(int(reso[0]), int(reso[1])) if isinstance(reso, (list, tuple)) and len(reso) == 2
+            else None, latents_npz=npz))
+    if missing:
+        where = f" in {image_dir}" if image_dir else ""
+        raise UserError(f"{meta_path}: no image or .npz found{where} for {len(missing)} key(s), e.g. "
+                        f"'{missing[0]}' (set image_dir to the folder holding the images)")
+    if not entries:
+        report.empty_subsets.append(str(meta_path))
+    return entries
+
+
+def balance_reg_entries(train: list[ImageEntry], reg: list[ImageEntry]) -> list[ImageEntry]:
+    """Give regularization images the repeats that make them as many samples as the training images.
+
+    Reg images (in order) are taken with their own repeats until the count reaches the number of
+    training samples (images × repeats); if all are taken and it is still short, further passes add one
+    repeat to each in order until it is reached. Reg images never taken are dropped.
+    """
+    target = sum(e.num_repeats for e in train)
+    if not reg or target == 0:
+        return []
+    repeats = [0] * len(reg)
+    count = 0
+    for i, entry in enumerate(reg):
+        if count >= target:
+            break
+        repeats[i] = entry.num_repeats
+        count += entry.num_repeats
+    while count < target:
+        for i in range(len(reg)):
+            if count >= target:
+                break
+            repeats[i] += 1
+            count += 1
+    return [replace(e, num_repeats=r) for e, r in zip(reg, repeats) if r > 0]
+
+
+def dataset_entries(dataset: BlueprintDataset, report: ScanReport) -> list[ImageEntry]:
+    """All entries of one dataset (sizes not read yet), reg images balanced."""
+    train: list[ImageEntry] = []
+    reg: list[ImageEntry] = []
+    for index, subset in enumerate(dataset.subsets):
+        if subset.is_finetuning:
+            train.extend(finetuning_entries(subset, index, report))
+        else:
+            (reg if subset.is_reg else train).extend(dreambooth_entries(subset, index, report))
+    if reg and not train:
+        logger.warning("dataset has regularization images but no training images; they are not used")
+    return train + balance_reg_entries(train, reg)
+
+
+def attach_sizes(per_dataset: list[list[ImageEntry]], report: ScanReport,
+                 use_index: bool = True) -> list[list[ImageEntry]]:
+    """Fill in every entry's size from its image header (read once per file, in parallel, through the
+    persisted size index); entries whose image cannot be read are left out and recorded in ``report``."""
+    paths = list(dict.fromkeys(e.path for entries in per_dataset for e in entries if e.path is not None))
+    sizes, failures = cached_image_sizes(paths, use_index=use_index)
+    report.unreadable.update(failures)
+    out = []
+    for entries in per_dataset:
+        kept = []
+        for entry in entries:
+            if entry.path is None:
+                kept.append(replace(entry, size=entry.train_resolution))
+            elif entry.path in sizes:
+                kept.append(replace(entry, size=sizes[entry.path]))
+        out.append(kept)
+    return out

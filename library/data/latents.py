@@ -1,0 +1,630 @@
+"""Latent caching: encode every training image once with the VAE, in memory or in ``.npz`` files.
+
+Follows training_behaviour.md §22 and file_formats.md §6. Sizes are ``(width, height)``; latents are
+``[4, H/8, W/8]`` float32 *unscaled* posterior samples (multiply by the VAE scaling factor before use).
+
+File layout (what the reference reads, plus one harmless extra):
+
+* ``<image path without extension>.npz`` and ``..._flip.npz`` (the mirrored crop), written with
+  ``np.savez``: the latent as the positional array ``arr_0`` (the only key the reference reads) and a
+  0-d unicode array ``sdtrain_meta`` holding JSON: format version, bucket_reso, resized_size, whether
+  the file holds the mirrored crop, and the source image's byte size, mtime (ns) and BLAKE2b content
+  hash. A unicode array loads without pickle, and ``np.load(f)["arr_0"]`` ignores extra keys, so the
+  reference and older tools read our files unchanged. Files are written to a temporary name in the same
+  folder and moved into place with ``os.replace`` (a crash never leaves a half-written ``.npz``; no
+  fsync, a file truncated by a power cut is caught by the validity check and rebuilt).
+* Reading accepts ``arr_0`` or ``latents`` (newer kohya writers), any float dtype, returned as float32.
+
+Staleness: the reference re-uses a file when its spatial shape fits the bucket and nothing else. We also
+reject files that cannot be read (truncated zip, garbage) or hold non-finite values, and, when our meta
+is present, files made for another bucket/resize or from another version of the image: the image's
+size and mtime are compared first; if they differ (a copied or touched dataset) the content hash
+decides, so a plain copy does not trigger a rebuild. Files without our meta (made by the reference) get
+the reference's shape-only check. When the image itself is missing, a file whose meta matches the
+request (or that has no meta) is trusted, since it could not be rebuilt anyway.
+
+Sampling: the posterior sample's noise comes from a CPU ``torch.Generator`` seeded per image by
+:func:`latent_seed` (``seed`` argument, the image's *file name* and the flip flag), so the cache is the
+same for any batch size, worker count, request order, device or folder location.
+
+Parallel loading: image decoding, resizing and cropping run in a ``torch.utils.data.DataLoader`` over the
+batch list (``num_workers=workers``, fork where available, 2 batches prefetched per worker, so memory
+stays bounded) while the main process runs the VAE; see :func:`cache_latents` for the measurements behind
+the choice. ``loader="process"``/``"thread"`` select a bounded ``concurrent.futures`` pool instead (kept
+for the benchmark).
+
+Difference from the reference: batches group requests of one bucket, each request carrying its own flip
+setting (the reference took crop/flip settings from the last scanned subset, quirk 8), sorted by bucket
+area and then by bucket, so two buckets of equal area never interleave into tiny batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from library.data.images import ImageLoadError, load_image_rgb, resize_and_crop
+from library.errors import UserError
+
+Size = tuple[int, int]
+META_KEY = "sdtrain_meta"
+META_FORMAT = 1
+LATENT_CHANNELS = 4
+_HASH_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------------
+# requests, names, seeds
+
+
+@dataclass(frozen=True)
+class LatentRequest:
+    """One image to cache: its bucket, the size it is resized to before the centre crop, flip, file.
+
+    ``flip`` also encodes the horizontally mirrored crop. ``npz_path`` is the disk cache (``None`` keeps
+    the latent in memory only); its mirrored twin is :func:`flip_npz_path` of it.
+    """
+
+    image_path: Path
+    bucket_reso: Size
+    resized_size: Size
+    flip: bool = False
+    npz_path: Path | None = None
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(4, bucket_h / 8, bucket_w / 8)``, the shape of this request's latent."""
+        return LATENT_CHANNELS, self.bucket_reso[1] // 8, self.bucket_reso[0] // 8
+
+
+def npz_paths(image_path: str | os.PathLike) -> tuple[Path, Path]:
+    """The reference's cache names: ``<image path without extension>.npz`` and ``..._flip.npz``."""
+    base = os.path.splitext(os.fspath(image_path))[0]
+    return Path(base + ".npz"), Path(base + "_flip.npz")
+
+
+def flip_npz_path(npz_path: str | os.PathLike) -> Path:
+    """The mirrored twin of a cache file: ``x.npz`` -> ``x_flip.npz``."""
+    base = os.path.splitext(os.fspath(npz_path))[0]
+    return Path(base + "_flip.npz")
+
+
+def latent_seed(image_path: str | os.PathLike, seed: int, flipped: bool) -> int:
+    """The noise seed of one latent: BLAKE2b of ``seed``, the image's file name and ``flipped``.
+
+    Only the file name is used (not the folder), so a dataset gives the same cache wherever it lives.
+    """
+    text = f"{int(seed)}\0{Path(image_path).name}\0{int(bool(flipped))}"
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _check_request(request: LatentRequest) -> None:
+    """Reject buckets the VAE cannot map to ``[4, H/8, W/8]`` and resize sizes that do not cover them."""
+    bucket_w, bucket_h = request.bucket_reso
+    if bucket_w <= 0 or bucket_h <= 0 or bucket_w % 8 or bucket_h % 8:
+        raise UserError(
+            f"bucket {bucket_w}x{bucket_h} for {request.image_path} is not a positive multiple of 8: "
+            "check --resolution and --bucket_reso_steps"
+        )
+    if request.resized_size[0] < bucket_w or request.resized_size[1] < bucket_h:
+        raise ValueError(f"resized size {request.resized_size} does not cover bucket {request.bucket_reso}")
+
+
+# --------------------------------------------------------------------------------------------------
+# npz files
+
+
+def _image_info(image_path: Path) -> dict[str, Any] | None:
+    """Byte size, mtime (ns) and BLAKE2b-128 content hash of the source image (None if unreadable)."""
+    try:
+        stat = os.stat(image_path)
+        hasher = hashlib.blake2b(digest_size=16)
+        with open(image_path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                hasher.update(chunk)
+    except OSError:
+        return None
+    return {"image_bytes": stat.st_size, "image_mtime_ns": stat.st_mtime_ns, "image_hash": hasher.hexdigest()}
+
+
+def _file_hash(path: Path) -> str | None:
+    """BLAKE2b-128 hex digest of a file, None if it cannot be read."""
+    info = _image_info(path)
+    return None if info is None else info["image_hash"]
+
+
+def make_meta(request: LatentRequest, flipped: bool, image_info: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``sdtrain_meta`` record of one cache file (see the module docstring)."""
+    meta: dict[str, Any] = {
+        "format": META_FORMAT,
+        "bucket_reso": list(request.bucket_reso),
+        "resized_size": list(request.resized_size),
+        "flipped": bool(flipped),
+    }
+    if image_info:
+        meta.update(image_info)
+    return meta
+
+
+def save_latent_npz(path: str | os.PathLike, latent: np.ndarray, meta: dict[str, Any] | None = None) -> None:
+    """Write ``latent`` ``[4, h, w]`` as float32 ``arr_0`` (plus ``sdtrain_meta`` JSON), atomically.
+
+    The file is written under a temporary name in the destination folder and renamed over ``path``.
+    Raises :class:`UserError` naming the file when it cannot be written.
+    """
+    path = Path(path)
+    array = np.ascontiguousarray(latent, dtype=np.float32)
+    if array.ndim != 3:
+        raise ValueError(f"latent must be [C, h, w], got shape {array.shape}")
+    extra = {META_KEY: np.array(json.dumps(meta, sort_keys=True))} if meta is not None else {}
+    tmp_name = None
+    try:
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
+        ) as handle:
+            tmp_name = handle.name
+            np.savez(handle, array, **extra)
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise UserError(f"cannot write latent cache {path}: {exc.strerror or exc}") from exc
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """Latent (float32) and our meta (None when absent or unreadable) of a cache file; raises on errors."""
+    with np.load(path, allow_pickle=False) as npz:
+        names = set(npz.files)
+        if "arr_0" in names:
+            array = npz["arr_0"]
+        elif "latents" in names:
+            array = npz["latents"]
+        else:
+            raise KeyError("no 'arr_0' or 'latents' array")
+        meta = None
+        if META_KEY in names:
+            try:
+                meta = json.loads(str(npz[META_KEY]))
+            except (ValueError, TypeError):
+                meta = None
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"latent dtype {array.dtype} is not floating point")
+    return array.astype(np.float32, copy=False), meta if isinstance(meta, dict) else None
+
+
+def load_latent_npz(path: str | os.PathLike) -> np.ndarray:
+    """The float32 latent stored in a cache file (``arr_0``, or ``latents`` from newer kohya writers).
+
+    Raises :class:`UserError` naming the file when it is missing, corrupt or holds no latent.
+    """
+    path = Path(path)
+    try:
+        return _read_npz(path)[0]
+    except FileNotFoundError as exc:
+        raise UserError(f"latent cache {path} does not exist") from exc
+    except Exception as exc:  # zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError, ...
+        raise UserError(f"cannot read latent cache {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def _meta_matches(meta: dict[str, Any], request: LatentRequest, flipped: bool) -> bool:
+    """Whether our meta fits the request and the image as it is now (size+mtime, else content hash)."""
+    if meta.get("format") != META_FORMAT:
+        return True  # a future layout: fall back to the reference's shape-only check
+    if (
+        tuple(meta.get("bucket_reso", ())) != tuple(request.bucket_reso)
+        or tuple(meta.get("resized_size", ())) != tuple(request.resized_size)
+        or bool(meta.get("flipped")) != flipped
+    ):
+        return False
+    if "image_hash" not in meta:
+        return True
+    try:
+        stat = os.stat(request.image_path)
+    except OSError:
+        return True  # the image is gone; the cache is all there is
+    if stat.st_size == meta.get("image_bytes") and stat.st_mtime_ns == meta.get("image_mtime_ns"):
+        return True
+    if stat.st_size != meta.get("image_bytes"):
+        return False
+    return _file_hash(Path(request.image_path)) == meta["image_hash"]
+
+
+def _load_valid(path: Path, request: LatentRequest, flipped: bool) -> np.ndarray | None:
+    """The latent of one cache file if it is usable for ``request``, else None (never raises)."""
+    try:
+        array, meta = _read_npz(path)
+    except Exception:
+        return None
+    if array.shape != request.latent_shape() or not np.isfinite(array).all():
+        return None
+    if meta is not None and not _meta_matches(meta, request, flipped):
+        return None
+    return array
+
+
+def _load_request(request: LatentRequest) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Both cached latents of a disk request when every needed file is valid, else None."""
+    if request.npz_path is None:
+        return None
+    latent = _load_valid(Path(request.npz_path), request, flipped=False)
+    if latent is None:
+        return None
+    if not request.flip:
+        return latent, None
+    flipped = _load_valid(flip_npz_path(request.npz_path), request, flipped=True)
+    return None if flipped is None else (latent, flipped)
+
+
+def is_npz_valid(path: str | os.PathLike, request: LatentRequest) -> bool:
+    """True if ``path`` (and its ``_flip`` twin when ``request.flip``) can be re-used for ``request``.
+
+    Valid means: readable, a float latent of shape ``[4, h/8, w/8]`` for the bucket, all finite, and,
+    when our meta is present, made for the same bucket/resize from the image as it is now. Corrupt files
+    give False, not an exception.
+    """
+    path = Path(path)
+    if _load_valid(path, request, flipped=False) is None:
+        return False
+    return not request.flip or _load_valid(flip_npz_path(path), request, flipped=True) is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# encoding
+
+
+def encode_batch(
+    vae: torch.nn.Module, images: np.ndarray | torch.Tensor, seeds: Sequence[int] | None = None
+) -> np.ndarray:
+    """Encode uint8 RGB images ``(B, H, W, 3)`` to float32 posterior samples ``(B, 4, H/8, W/8)``.
+
+    Pixels are mapped to ``x / 127.5 - 1`` on the VAE's device and cast to its dtype; the VAE runs in
+    eval mode under ``torch.no_grad()``. The sample is ``mean + std * noise`` (what
+    ``latent_dist.sample()`` computes) with the noise of image ``i`` drawn in float32 on the CPU from a
+    generator seeded with ``seeds[i]`` (default ``i``), so results do not depend on the batch or device.
+    The sample is formed in float32 even for a half-precision VAE. Unscaled, as the reference stores it.
+    """
+    batch = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+    if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (B, H, W, 3), got {tuple(batch.shape)} {batch.dtype}")
+    count = batch.shape[0]
+    seed_list = list(range(count)) if seeds is None else [int(s) for s in seeds]
+    if len(seed_list) != count:
+        raise ValueError(f"{len(seed_list)} seeds for {count} images")
+    param = next(vae.parameters())
+    vae.eval()
+    with torch.no_grad():
+        x = batch.to(param.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        posterior = vae.encode(x.to(param.dtype)).latent_dist
+        mean = posterior.mean.float()
+        std = posterior.std.float()
+        shape = tuple(mean.shape[1:])
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed_list]
+        ).to(mean.device)
+        latents = mean + std * noise
+    return latents.cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# batching and parallel image loading
+
+# One work item: (request index, image path, bucket, resized size, want image info).
+_Item = tuple[int, str, Size, Size, bool]
+# A loaded batch: (indices, uint8 (n, H, W, 3) or None, failures [(index, reason)], image infos).
+_Loaded = tuple[list[int], "torch.Tensor | None", list[tuple[int, str]], list["dict[str, Any] | None"]]
+
+
+def _make_batches(requests: Sequence[LatentRequest], todo: Iterable[int], batch_size: int) -> list[list[_Item]]:
+    """Batches of at most ``batch_size`` items of one bucket, by bucket area then bucket (stable)."""
+    order = sorted(todo, key=lambda i: (requests[i].bucket_reso[0] * requests[i].bucket_reso[1], requests[i].bucket_reso))
+    batches: list[list[_Item]] = []
+    current: list[_Item] = []
+    for index in order:
+        req = requests[index]
+        if current and (current[-1][2] != tuple(req.bucket_reso) or len(current) >= batch_size):
+            batches.append(current)
+            current = []
+        current.append((index, os.fspath(req.image_path), tuple(req.bucket_reso), tuple(req.resized_size),
+                        req.npz_path is not None))
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _load_batch(items: list[_Item]) -> _Loaded:
+    """Decode, resize and centre-crop one batch; unreadable images are reported, not raised."""
+    indices: list[int] = []
+    crops: list[np.ndarray] = []
+    failures: list[tuple[int, str]] = []
+    infos: list[dict[str, Any] | None] = []
+    for index, path, bucket, resized, want_info in items:
+        info = _image_info(Path(path)) if want_info else None  # before decoding: a later edit looks stale
+        try:
+            image = load_image_rgb(path)
+        except ImageLoadError as exc:
+            failures.append((index, exc.reason))
+            continue
+        crop, _ = resize_and_crop(image, bucket, resized)
+        indices.append(index)
+        crops.append(crop)
+        infos.append(info)
+    images = torch.from_numpy(np.stack(crops)) if crops else None
+    return indices, images, failures, infos
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Map-style dataset whose item ``i`` is loaded batch ``i`` (DataLoader runs it in workers)."""
+
+    def __init__(self, batches: list[list[_Item]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> _Loaded:
+        return _load_batch(self.batches[index])
+
+
+def _identity(item: Any) -> Any:
+    """DataLoader collate function: keep the loaded batch as it is."""
+    return item
+
+
+def _worker_init(*_: Any) -> None:
+    """Loader workers decode one image at a time: keep OpenCV single-threaded (no oversubscription)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """``fork`` where available (cheap start, nothing re-imported), else the platform default."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
+
+
+def _iter_executor(executor: Executor, batches: list[list[_Item]], window: int) -> Iterator[_Loaded]:
+    """Loaded batches in order from ``executor``, with at most ``window`` batches in flight."""
+    pending: deque = deque()
+    source = iter(batches)
+    with executor:
+        for items in source:
+            pending.append(executor.submit(_load_batch, items))
+            if len(pending) >= window:
+                break
+        while pending:
+            loaded = pending.popleft().result()
+            following = next(source, None)
+            if following is not None:
+                pending.append(executor.submit(_load_batch, following))
+            yield loaded
+
+
+def _iter_loaded(batches: list[list[_Item]], workers: int, loader: str, pin_memory: bool) -> Iterator[_Loaded]:
+    """Loaded batches in order: in this process (``workers=0``) or by ``workers`` parallel workers."""
+    if workers <= 0 or len(batches) <= 1:
+        return (_load_batch(items) for items in batches)
+    if loader == "dataloader":
+        return iter(torch.utils.data.DataLoader(
+            _BatchDataset(batches), batch_size=None, shuffle=False, num_workers=workers,
+            collate_fn=_identity, prefetch_factor=2, worker_init_fn=_worker_init,
+            multiprocessing_context=_mp_context(), pin_memory=pin_memory,
+        ))
+    if loader == "process":
+        pool: Executor = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_worker_init)
+    elif loader == "thread":
+        pool = ThreadPoolExecutor(workers)
+    else:
+        raise ValueError(f"unknown loader {loader!r} (dataloader, process or thread)")
+    return _iter_executor(pool, batches, 2 * workers)
+
+
+def default_latent_workers() -> int:
+    """Loader workers used by :func:`cache_latents` by default: usable CPUs minus one, 1 to 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# the caching loop
+
+
+@dataclass
+class CacheStats:
+    """What :func:`cache_latents` did and where the time went.
+
+    ``rebuilt`` counts encoded disk requests whose cache file existed but was unusable; ``failed`` lists
+    ``(image path, reason)`` of images that could not be read (their result slot is None).
+    ``wait_seconds`` is the time the main process spent blocked on the image loader (with
+    ``workers=0`` that is all the decoding), ``vae_seconds`` the time in :func:`encode_batch`,
+    ``write_seconds`` writing npz files, ``check_seconds`` validating existing ones.
+    """
+
+    encoded: int = 0
+    reused: int = 0
+    rebuilt: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    batches: int = 0
+    total_seconds: float = 0.0
+    check_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    vae_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+    @property
+    def wait_share(self) -> float:
+        """Share of the total time the VAE sat waiting for images (0 when nothing ran)."""
+        return self.wait_seconds / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line for the log."""
+        return (
+            f"latents: {self.encoded} encoded ({self.rebuilt} rebuilt), {self.reused} reused, "
+            f"{len(self.failed)} failed, {self.batches} batches in {self.total_seconds:.1f}s "
+            f"(VAE {self.vae_seconds:.1f}s, waiting for images {self.wait_seconds:.1f}s)"
+        )
+
+
+def _convert(latent: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    """A result array in the requested dtype (None stays None)."""
+    return None if latent is None else latent.astype(dtype, copy=False)
+
+
+def _remove_unused_flip(request: LatentRequest) -> None:
+    """Delete a leftover ``_flip.npz`` of a request without flip (prepare_buckets_latents behaviour)."""
+    if request.npz_path is not None and not request.flip:
+        try:
+            os.unlink(flip_npz_path(request.npz_path))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise UserError(f"cannot remove {flip_npz_path(request.npz_path)}: {exc.strerror or exc}") from exc
+
+
+def cache_latents(
+    requests: Sequence[LatentRequest],
+    vae: torch.nn.Module,
+    *,
+    batch_size: int = 1,
+    workers: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    dtype: np.dtype | type = np.float32,
+    return_latents: bool = True,
+    delete_unused_flip: bool = False,
+    loader: str = "dataloader",
+) -> tuple[list[tuple[np.ndarray, np.ndarray | None] | None], CacheStats]:
+    """Encode (or re-use from disk) the latent of every request; returns ``(results, stats)``.
+
+    ``results[i]`` is ``(latent, flipped_latent_or_None)`` for request ``i`` in ``dtype`` (float32 or
+    float16), or None when its image could not be read (listed in ``stats.failed``). Disk requests whose
+    files pass :func:`is_npz_valid` are loaded, not encoded; the others are encoded and written
+    atomically beside the images (fp32, file_formats.md §6). ``return_latents=False`` keeps nothing in
+    memory (every slot is None; use ``stats.failed``) for disk-only caching of large datasets.
+    ``delete_unused_flip`` removes a stale ``_flip.npz`` of requests without flip, as
+    prepare_buckets_latents does (training-time caching leaves it).
+
+    Batches hold at most ``batch_size`` (``--vae_batch_size``) images of one bucket, in bucket-area
+    order; the mirrored crops of a batch are encoded as a second VAE call of the same size or smaller.
+    Images are decoded by ``workers`` DataLoader worker processes (``None``:
+    :func:`default_latent_workers`; ``0``: in this process) while the VAE encodes. Chosen by
+    measurement (bench/latent_cache.py, 2 cores, tiny VAE on the CPU, 400 JPEGs of 512-1024 px to 256 px
+    buckets): see docs; the DataLoader and a bounded process pool were equally fast, threads slower
+    (Pillow's JPEG decoder does not release the GIL for the whole decode), and the DataLoader brings
+    bounded prefetch, worker seeding and pinned-memory transfer for free. Noise seeds come from
+    :func:`latent_seed`, so the results do not depend on ``batch_size``, ``workers`` or order.
+    """
+    if batch_size < 1:
+        raise UserError(f"--vae_batch_size must be at least 1, got {batch_size}")
+    out_dtype = np.dtype(dtype)
+    if out_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"dtype must be float32 or float16, got {out_dtype}")
+    if workers is None:
+        workers = default_latent_workers()
+    for request in requests:
+        _check_request(request)
+
+    start = time.perf_counter()
+    stats = CacheStats()
+    results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(requests)
+    todo: list[int] = []
+    for index, request in enumerate(requests):
+        cached = _load_request(request)
+        if cached is not None:
+            stats.reused += 1
+            if return_latents:
+                results[index] = (_convert(cached[0], out_dtype), _convert(cached[1], out_dtype))  # type: ignore[arg-type]
+            if delete_unused_flip:
+                _remove_unused_flip(request)
+            continue
+        if request.npz_path is not None and (
+            Path(request.npz_path).exists() or flip_npz_path(request.npz_path).exists()
+        ):
+            stats.rebuilt += 1
+        todo.append(index)
+    stats.check_seconds = time.perf_counter() - start
+
+    batches = _make_batches(requests, todo, batch_size)
+    device = next(vae.parameters()).device
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="caching latents", unit="img")
+    try:
+        source = _iter_loaded(batches, workers, loader, pin_memory=device.type == "cuda")
+        while True:
+            waited = time.perf_counter()
+            loaded = next(source, None)
+            stats.wait_seconds += time.perf_counter() - waited
+            if loaded is None:
+                break
+            _encode_loaded(loaded, requests, vae, seed, out_dtype, return_latents, delete_unused_flip, results, stats)
+            if bar is not None:
+                bar.update(len(loaded[0]) + len(loaded[2]))
+    finally:
+        if bar is not None:
+            bar.close()
+    stats.total_seconds = time.perf_counter() - start
+    return results, stats
+
+
+def _encode_loaded(
+    loaded: _Loaded,
+    requests: Sequence[LatentRequest],
+    vae: torch.nn.Module,
+    seed: int,
+    out_dtype: np.dtype,
+    return_latents: bool,
+    delete_unused_flip: bool,
+    results: list[tuple[np.ndarray, np.ndarray | None] | None],
+    stats: CacheStats,
+) -> None:
+    """Encode one loaded batch (and its mirrored crops), write the disk caches, fill ``results``."""
+    indices, images, failures, infos = loaded
+    for index, reason in failures:
+        stats.failed.append((Path(requests[index].image_path), reason))
+    if images is None:
+        return
+    stats.batches += 1
+    began = time.perf_counter()
+    seeds = [latent_seed(requests[i].image_path, seed, False) for i in indices]
+    latents = encode_batch(vae, images, seeds)
+    flip_rows = [row for row, i in enumerate(indices) if requests[i].flip]
+    flipped: dict[int, np.ndarray] = {}
+    if flip_rows:
+        mirrored = images[flip_rows].flip(dims=[2])
+        flip_seeds = [latent_seed(requests[indices[r]].image_path, seed, True) for r in flip_rows]
+        flipped = dict(zip(flip_rows, encode_batch(vae, mirrored, flip_seeds), strict=True))
+    stats.vae_seconds += time.perf_counter() - began
+    stats.encoded += len(indices)
+
+    began = time.perf_counter()
+    for row, index in enumerate(indices):
+        request = requests[index]
+        flip_latent = flipped.get(row)
+        if request.npz_path is not None:
+            save_latent_npz(request.npz_path, latents[row], make_meta(request, False, infos[row]))
+            if flip_latent is not None:
+                save_latent_npz(flip_npz_path(request.npz_path), flip_latent, make_meta(request, True, infos[row]))
+            elif delete_unused_flip:
+                _remove_unused_flip(request)
+        if return_latents:
+            results[index] = (_convert(latents[row], out_dtype), _convert(flip_latent, out_dtype))  # type: ignore[assignment]
+    stats.write_seconds += time.perf_counter() - began

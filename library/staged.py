@@ -1,0 +1,67 @@
+"""Entry points of scripts whose training method has not landed yet.
+
+They already accept the model and dataset options and run ``--debug_dataset`` (which needs no training
+loop); anything else exits with code 2 and says the method is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from pathlib import Path
+from typing import Callable, Sequence
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser(script: str, *, support_dreambooth: bool, support_caption: bool,
+                 support_caption_dropout: bool) -> argparse.ArgumentParser:
+    """The options that work today: model, data loading and dataset groups."""
+    from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
+
+    parser = argparse.ArgumentParser(prog=script, description=f"{script} (training arrives in a later version; "
+                                                               "--debug_dataset works now)")
+    add_model_arguments(parser)
+    add_data_loading_arguments(parser)
+    add_dataset_group(parser, support_dreambooth=support_dreambooth, support_caption=support_caption,
+                      support_caption_dropout=support_caption_dropout)
+    return parser
+
+
+def debug_dataset(args: argparse.Namespace, *, support_dreambooth: bool, support_caption: bool) -> int:
+    """Build the datasets from the options and run :func:`library.data.debug.run_debug_dataset`."""
+    from library.config import load_dataset_blueprint
+    from library.data.dataset import build_dataset_group, check_cache_compatibility
+    from library.data.debug import run_debug_dataset
+    from library.models.tokenizer import load_tokenizer
+
+    blueprint = load_dataset_blueprint(args, args.dataset_config, support_dreambooth=support_dreambooth,
+                                       support_finetuning=support_caption)
+    check_cache_compatibility(blueprint, args.cache_latents or args.cache_latents_to_disk)
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    tokenizer = load_tokenizer(args.v2, args.tokenizer_cache_dir)
+    group = build_dataset_group(blueprint, seed=seed, tokenizer=tokenizer, max_token_length=args.max_token_length,
+                                weighted_captions=args.weighted_captions)
+    out = Path(args.debug_dataset_dir or Path(args.output_dir or ".") / "debug_dataset")
+    run_debug_dataset(group, out)
+    return 0
+
+
+def staged_main(script: str, what: str, *, support_dreambooth: bool = True, support_caption: bool = True,
+                support_caption_dropout: bool = True) -> Callable[[Sequence[str] | None], int]:
+    """A main() that runs --debug_dataset and otherwise says the method is not implemented yet."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        parser = build_parser(script, support_dreambooth=support_dreambooth, support_caption=support_caption,
+                              support_caption_dropout=support_caption_dropout)
+        args, unknown = parser.parse_known_args(argv)
+        if not args.debug_dataset:
+            raise UserError(f"{script}: {what} is not implemented in this version yet (--debug_dataset works)")
+        if unknown:
+            logger.warning("ignoring options that this version does not know yet: %s", " ".join(unknown))
+        return debug_dataset(args, support_dreambooth=support_dreambooth, support_caption=support_caption)
+
+    return main
