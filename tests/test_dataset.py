@@ -240,7 +240,7 @@ def test_size_index_makes_a_second_scan_reuse_sizes(tmp_path, monkeypatch):
     from library.data import size_index
 
     folder = tmp_path / "imgs"
-    paths = [make_image(folder / f"{i}.png", (32 + i, 40)) for i in range(5)]
+    paths = [str(make_image(folder / f"{i}.png", (32 + i, 40))) for i in range(5)]
     calls = []
     real = size_index.read_image_sizes
     monkeypatch.setattr(size_index, "read_image_sizes", lambda p, workers=None: (calls.append(list(p)), real(p))[1])
@@ -248,7 +248,7 @@ def test_size_index_makes_a_second_scan_reuse_sizes(tmp_path, monkeypatch):
     assert sizes[paths[3]] == (35, 40) and len(calls[0]) == 5
     sizes, _ = size_index.cached_image_sizes(paths)
     assert len(calls) == 1, "second scan must come from the index"
-    make_image(paths[3], (50, 20))  # changed file: read again, only that one
+    make_image(Path(paths[3]), (50, 20))  # changed file: read again, only that one
     sizes, _ = size_index.cached_image_sizes(paths)
     assert sizes[paths[3]] == (50, 20) and calls[1] == [paths[3]]
 
@@ -274,3 +274,21 @@ def test_training_without_debug_dataset_says_not_implemented(capsys):
 
     assert run_main(main, []) == 2
     assert "not implemented" in capsys.readouterr().err
+
+
+def test_min_bucket_reso_below_steps_is_a_config_error(tmp_path):
+    make_image(tmp_path / "d" / "1_x" / "a.png", (64, 64))
+    args = parse(["--train_data_dir", tmp_path / "d", "--resolution", "128", "--enable_bucket",
+                  "--min_bucket_reso", "32", "--bucket_reso_steps", "64"])
+    with pytest.raises(UserError, match="min_bucket_reso 32 must be at least bucket_reso_steps 64"):
+        load_dataset_blueprint(args, None)
+
+
+def test_images_fitting_no_bucket_are_left_out_with_a_warning(tmp_path, caplog):
+    make_image(tmp_path / "d" / "1_x" / "ok.png", (128, 128))
+    make_image(tmp_path / "d" / "1_x" / "sliver.png", (40, 300))  # narrower than one 64-px step
+    with caplog.at_level(logging.WARNING):
+        group = group_from(["--train_data_dir", tmp_path / "d", "--resolution", "128", "--enable_bucket",
+                            "--min_bucket_reso", "64", "--bucket_no_upscale"])
+    assert [Path(e.key).name for e in group.datasets[0].entries] == ["ok.png"]
+    assert any("sliver.png" in r.message and "fit no bucket" in r.message for r in caplog.records)

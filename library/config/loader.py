@@ -138,6 +138,9 @@ def _check_dataset_settings(ds: BlueprintDataset, location: str, errors: list[st
     if ds.min_bucket_reso > ds.max_bucket_reso:
         errors.append(f"{location}: min_bucket_reso {ds.min_bucket_reso} is larger than "
                       f"max_bucket_reso {ds.max_bucket_reso}")
+    if ds.enable_bucket and ds.min_bucket_reso < ds.bucket_reso_steps:
+        errors.append(f"{location}: min_bucket_reso {ds.min_bucket_reso} must be at least bucket_reso_steps "
+                      f"{ds.bucket_reso_steps}")
     if ds.style != DREAMBOOTH:
         return
     if ds.resolution is None:

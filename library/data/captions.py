@@ -6,6 +6,8 @@ so a processed caption is a pure function of (caption, options, rng state, epoch
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import math
 import os
 import random
@@ -139,8 +141,8 @@ def read_caption_file(path: str | os.PathLike) -> str:
     ends are accepted; later lines are ignored, as in the reference. A file with no content at all is an
     error (:class:`CaptionError`, as the reference's assertion); a blank first line gives ``""``.
     """
-    path = Path(path)
-    data = path.read_bytes()
+    with open(path, "rb") as f:  # plain open: pathlib costs measurable time over 20,000 files
+        data = f.read()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -167,6 +169,19 @@ def find_caption_file(image_path: str | os.PathLike, caption_extension: str) -> 
         candidate = image_path.with_name(stripped + caption_extension)
         if candidate.is_file():
             return candidate
+    return None
+
+
+def caption_file_name(image_name: str, caption_extension: str, names: Container[str]) -> str | None:
+    """Like :func:`find_caption_file`, but looks the candidates up in ``names`` (the folder's file names,
+    listed once) instead of asking the file system once per image; returns the caption file's name."""
+    stem = image_name.rsplit(".", 1)[0] if "." in image_name else image_name
+    candidate = stem + caption_extension
+    if candidate in names:
+        return candidate
+    stripped = strip_face_suffix(stem)
+    if stripped != stem and stripped and stripped + caption_extension in names:
+        return stripped + caption_extension
     return None
 
 

@@ -74,23 +74,31 @@ class BucketedDataset:
     def __init__(self, blueprint: BlueprintDataset, entries: list[ImageEntry]):
         """Assign every entry (sizes already read) to a bucket."""
         self.blueprint = blueprint
-        self.entries = entries
         self.settings = bucket_settings(blueprint, entries)
         resos = self.settings.candidate_resos()
+        self.entries: list[ImageEntry] = []
         self.assignments: list[BucketAssignment] = []
-        small = []
+        small, unusable = [], []
         for entry in entries:
             assert entry.size is not None
-            assignment = assign_bucket(entry.size, self.settings, resos)
+            try:
+                assignment = assign_bucket(entry.size, self.settings, resos)
+            except ValueError as exc:  # e.g. narrower than one bucket step with bucket_no_upscale
+                unusable.append(f"{entry.key} ({exc})")
+                continue
+            self.entries.append(entry)
             self.assignments.append(assignment)
             bw, bh = assignment.bucket
             if entry.size[0] * entry.size[1] < SMALL_IMAGE_FACTOR * bw * bh:
                 small.append(f"{entry.key} ({entry.size[0]}x{entry.size[1]} for bucket {bw}x{bh})")
+        if unusable:
+            logger.warning("left out %d image(s) that fit no bucket: %s%s", len(unusable), "; ".join(unusable[:5]),
+                           " ..." if len(unusable) > 5 else "")
         if small:
             logger.warning("%d image(s) have under a quarter of their bucket's pixels and will be enlarged a lot: "
                            "%s%s", len(small), "; ".join(small[:5]), " ..." if len(small) > 5 else "")
         self.buckets: dict[Size, list[int]] = {}
-        for index, (entry, assignment) in enumerate(zip(entries, self.assignments)):
+        for index, (entry, assignment) in enumerate(zip(self.entries, self.assignments)):
             self.buckets.setdefault(assignment.bucket, []).extend([index] * entry.num_repeats)
         self.buckets = dict(sorted(self.buckets.items()))
 
@@ -326,4 +334,4 @@ def build_dataset_group(blueprint: DatasetBlueprint, *, seed: int, tokenizer: An
 
 def image_paths(group: DatasetGroup) -> list[Path]:
     """Every image file of the group (for tools that need the raw list)."""
-    return [e.path for ds in group.datasets for e in ds.entries if e.path is not None]
+    return [Path(e.path) for ds in group.datasets for e in ds.entries if e.path is not None]

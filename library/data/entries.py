@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.config.blueprint import BlueprintDataset, BlueprintSubset
-from library.data.captions import caption_for_image, metadata_caption
-from library.data.images import IMAGE_EXTENSIONS, list_images
+from library.data.captions import caption_file_name, metadata_caption, read_caption_file
+from library.data.images import IMAGE_EXTENSIONS, is_image_file
 from library.data.size_index import cached_image_sizes
 from library.errors import UserError
 
@@ -24,12 +25,16 @@ logger = logging.getLogger(__name__)
 Size = tuple[int, int]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ImageEntry:
-    """One image of a dataset as training sees it (repeats already balanced for reg images)."""
+    """One image of a dataset as training sees it (repeats already balanced for reg images).
+
+    Paths are kept as strings: a dataset holds tens of thousands of entries and ``pathlib`` objects
+    cost measurable start-up time at that scale (bench/dataset_start.py).
+    """
 
     key: str                      # printed/recorded name: the image path, or the metadata key
-    path: Path | None             # the image file (None: only pre-computed latents exist)
+    path: str | None              # the image file (None: only pre-computed latents exist)
     caption: str                  # the source caption, before per-draw processing
     subset_index: int
     is_reg: bool = False
@@ -61,18 +66,33 @@ class ScanReport:
 
 
 def dreambooth_entries(subset: BlueprintSubset, subset_index: int, report: ScanReport) -> list[ImageEntry]:
-    """Entries of a DreamBooth-style subset: every image of ``image_dir`` with its caption."""
-    folder = Path(subset.image_dir or "")
-    images = list_images(folder)
+    """Entries of a DreamBooth-style subset: every image of ``image_dir`` (sorted by name) with its caption.
+
+    The folder is listed once; caption files are found by name in that listing rather than by asking
+    the file system once per image.
+    """
+    folder = subset.image_dir or ""
+    try:
+        with os.scandir(folder) as it:
+            names = {e.name for e in it if e.is_file()}
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot list image folder ({exc.strerror})") from None
+    images = sorted(n for n in names if is_image_file(n))
     if not images:
         report.empty_subsets.append(str(folder))
         return []
     entries = []
-    for path in images:
-        caption, origin = caption_for_image(path, subset.caption_extension, subset.class_tokens)
-        if origin == "none":
+    for name in images:
+        caption_name = caption_file_name(name, subset.caption_extension, names)
+        if caption_name is not None:
+            caption = read_caption_file(os.path.join(folder, caption_name))
+        elif subset.class_tokens:
+            caption = subset.class_tokens
+        else:
+            caption = ""
             report.no_caption += 1
-        entries.append(ImageEntry(key=str(path), path=path, caption=caption, subset_index=subset_index,
+        path = os.path.join(folder, name)
+        entries.append(ImageEntry(key=path, path=path, caption=caption, subset_index=subset_index,
                                   is_reg=subset.is_reg, num_repeats=subset.num_repeats))
     return entries
 
@@ -119,7 +139,7 @@ def finetuning_entries(subset: BlueprintSubset, subset_index: int, report: ScanR
             continue
         reso = info.get("train_resolution")
         entries.append(ImageEntry(
-            key=key, path=path, caption=metadata_caption(info.get("caption"), info.get("tags")),
+            key=key, path=None if path is None else str(path), caption=metadata_caption(info.get("caption"), info.get("tags")),
             subset_index=subset_index, num_repeats=subset.num_repeats,
             train_resolution=(int(reso[0]), int(reso[1])) if isinstance(reso, (list, tuple)) and len(reso) == 2
             else None, latents_npz=npz))
@@ -155,7 +175,12 @@ def balance_reg_entries(train: list[ImageEntry], reg: list[ImageEntry]) -> list[
                 break
             repeats[i] += 1
             count += 1
-    return [replace(e, num_repeats=r) for e, r in zip(reg, repeats) if r > 0]
+    balanced = []
+    for entry, count in zip(reg, repeats):
+        if count > 0:
+            entry.num_repeats = count
+            balanced.append(entry)
+    return balanced
 
 
 def dataset_entries(dataset: BlueprintDataset, report: ScanReport) -> list[ImageEntry]:
@@ -178,14 +203,18 @@ def attach_sizes(per_dataset: list[list[ImageEntry]], report: ScanReport,
     persisted size index); entries whose image cannot be read are left out and recorded in ``report``."""
     paths = list(dict.fromkeys(e.path for entries in per_dataset for e in entries if e.path is not None))
     sizes, failures = cached_image_sizes(paths, use_index=use_index)
-    report.unreadable.update(failures)
+    report.unreadable.update({Path(p): why for p, why in failures.items()})
     out = []
     for entries in per_dataset:
         kept = []
         for entry in entries:
             if entry.path is None:
-                kept.append(replace(entry, size=entry.train_resolution))
-            elif entry.path in sizes:
-                kept.append(replace(entry, size=sizes[entry.path]))
+                entry.size = entry.train_resolution
+                kept.append(entry)
+            else:
+                size = sizes.get(entry.path)
+                if size is not None:
+                    entry.size = size
+                    kept.append(entry)
         out.append(kept)
     return out

@@ -61,24 +61,26 @@ def _save_index(path: Path, folder: Path, entries: dict[str, list[int]]) -> None
         logger.debug("could not write the image size index %s: %s", path, exc)
 
 
-def cached_image_sizes(paths: Iterable[Path], *, use_index: bool = True,
-                       workers: int | None = None) -> tuple[dict[Path, Size], dict[Path, str]]:
+def cached_image_sizes(paths: Iterable[str | os.PathLike], *, use_index: bool = True,
+                       workers: int | None = None) -> tuple[dict[str, Size], dict[str, str]]:
     """Sizes of ``paths`` like :func:`library.data.images.read_image_sizes`, reusing the persisted index.
 
-    Returns ``(sizes, failures)``; with ``use_index=False`` every header is read and nothing is stored.
+    Returns ``(sizes, failures)`` keyed by the paths as strings; with ``use_index=False`` every header
+    is read and nothing is stored.
     """
-    paths = list(paths)
+    paths = [os.fspath(p) for p in paths]
     if not use_index:
-        return read_image_sizes(paths, workers=workers)
-    by_folder: dict[Path, list[Path]] = defaultdict(list)
+        sizes, failures = read_image_sizes(paths, workers=workers)
+        return {os.fspath(p): s for p, s in sizes.items()}, {os.fspath(p): r for p, r in failures.items()}
+    by_folder: dict[str, list[str]] = defaultdict(list)
     for p in paths:
-        by_folder[p.parent].append(p)
-    sizes: dict[Path, Size] = {}
-    stamps: dict[Path, list[int]] = {}
-    to_read: list[Path] = []
-    indexes: dict[Path, dict[str, list[int]]] = {}
+        by_folder[os.path.dirname(p)].append(p)
+    sizes: dict[str, Size] = {}
+    stamps: dict[str, list[int]] = {}
+    to_read: list[str] = []
+    indexes: dict[str, dict[str, list[int]]] = {}
     for folder, members in by_folder.items():
-        index = _load_index(index_path(folder), folder)
+        index = _load_index(index_path(Path(folder)), Path(folder))
         indexes[folder] = index
         for p in members:
             try:
@@ -88,21 +90,23 @@ def cached_image_sizes(paths: Iterable[Path], *, use_index: bool = True,
                 continue
             stamp = [st.st_mtime_ns, st.st_size]
             stamps[p] = stamp
-            hit = index.get(p.name)
+            hit = index.get(os.path.basename(p))
             if hit is not None and hit[:2] == stamp:
                 sizes[p] = (hit[2], hit[3])
             else:
                 to_read.append(p)
-    failures: dict[Path, str] = {}
+    failures: dict[str, str] = {}
     if to_read:
-        fresh, failures = read_image_sizes(to_read, workers=workers)
-        sizes.update(fresh)
-        changed = defaultdict(bool)
-        for p, (w, h) in fresh.items():
+        fresh, failed = read_image_sizes(to_read, workers=workers)
+        failures = {os.fspath(p): r for p, r in failed.items()}
+        changed = set()
+        for path, (w, h) in fresh.items():
+            p = os.fspath(path)
+            sizes[p] = (w, h)
             if p in stamps:
-                indexes[p.parent][p.name] = stamps[p] + [w, h]
-                changed[p.parent] = True
+                folder = os.path.dirname(p)
+                indexes[folder][os.path.basename(p)] = stamps[p] + [w, h]
+                changed.add(folder)
         for folder in changed:
-            _save_index(index_path(folder), folder, indexes[folder])
-    ordered = {p: sizes[p] for p in paths if p in sizes}
-    return ordered, failures
+            _save_index(index_path(Path(folder)), Path(folder), indexes[folder])
+    return {p: sizes[p] for p in paths if p in sizes}, failures
