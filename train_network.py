@@ -1,12 +1,126 @@
-"""LoRA training (train_network.py): entry script. Training arrives in a later version; --debug_dataset works now."""
+"""Train a LoRA-family network (networks.lora, networks.dylora, ...) on a Stable Diffusion 1.x/2.x model.
 
+    accelerate launch train_network.py --pretrained_model_name_or_path model.safetensors \\
+        --dataset_config data.toml --output_dir out --network_module networks.lora --network_dim 8 ...
+
+See docs/train_network.md for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from typing import Sequence
 
 from library.cli import run_main
-from library.staged import staged_main
 
-main = staged_main("train_network.py", "LoRA training", support_dreambooth=True, support_caption=True,
-                   support_caption_dropout=True)
+
+def build_parser() -> argparse.ArgumentParser:
+    """All options of train_network.py (kohya names)."""
+    from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
+    from library.training import args as training_args
+
+    parser = argparse.ArgumentParser(prog="train_network.py", description=__doc__.strip().splitlines()[0])
+    add_model_arguments(parser)
+    add_data_loading_arguments(parser)
+    add_dataset_group(parser, support_dreambooth=True, support_caption=True, support_caption_dropout=True)
+    training_args.add_training_arguments(parser, support_dreambooth=True)
+    training_args.add_optimizer_arguments(parser)
+    training_args.add_saving_arguments(parser, model_formats=("safetensors", "ckpt", "pt"),
+                                       default_format="safetensors")
+    training_args.add_logging_arguments(parser)
+    training_args.add_network_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, set up, train, and say where the network went."""
+    args = build_parser().parse_args(argv)
+    from library.methods.network import NetworkMethod, import_network_module, parse_network_args
+    from library.methods.network_metadata import RunMetadata, model_hash_jobs, network_metadata
+    from library.models.save import precision_dtype
+    from library.models.tokenizer import load_tokenizer
+    from library.staged import debug_dataset
+    from library.training import session
+    from library.training.args import validate_training_args
+    from library.training.lr import build_lr_scheduler
+    from library.training.optim import build_optimizer
+    from library.training.trainer import Trainer
+    import torch
+
+    validate_training_args(args)
+    if args.debug_dataset:
+        return debug_dataset(args, support_dreambooth=True, support_caption=True)
+    network_module = import_network_module(args.network_module)
+    network_kwargs = parse_network_args(args.network_args)
+    save_dtype = precision_dtype(args.save_precision)
+    accelerator, logging_enabled = session.make_accelerator(args, "network_train")
+    seed = session.choose_seed(args)
+    tokenizer = load_tokenizer(args.v2, args.tokenizer_cache_dir)
+    blueprint, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=True, support_finetuning=True)
+    weight_dtype = session.DTYPES[args.mixed_precision]
+    model = session.load_base_model(args, weight_dtype)
+    session.set_attention(model.unet, args)
+    session.cache_latents(args, group, model.vae, accelerator, weight_dtype)
+
+    train_unet, train_te = not args.network_train_text_encoder_only, not args.network_train_unet_only
+    unet, te = model.unet, model.text_encoder
+    for module in (unet, te, model.vae):
+        module.requires_grad_(False)
+        module.eval()
+    if args.network_weights and args.dim_from_weights:
+        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, model.vae, te, unet,
+                                                                **network_kwargs)
+    else:
+        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, model.vae, te, unet,
+                                                neuron_dropout=args.network_dropout, **network_kwargs)
+    network.apply_to(te, unet, train_te, train_unet)
+    if args.network_weights and not args.dim_from_weights:
+        network.load_weights(args.network_weights)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        te.gradient_checkpointing_enable()
+        unet.train()
+        te.train()
+        network.enable_gradient_checkpointing()
+    session.place(unet, accelerator.device, weight_dtype)
+    session.place(te, accelerator.device, torch.float32)
+    session.place(model.vae, accelerator.device, weight_dtype)
+    network.to(accelerator.device)
+    if hasattr(network, "prepare_grad_etc"):
+        network.prepare_grad_etc(te, unet)
+
+    plan = session.run_plan(args, group, accelerator)
+    method_kwargs = dict(model=model, network=network, train_unet=train_unet, train_text_encoder=train_te,
+                         clip_skip=args.clip_skip, max_token_length=args.max_token_length,
+                         weighted_captions=args.weighted_captions, save_format=args.save_model_as,
+                         save_dtype=save_dtype, device=accelerator.device)
+    method = NetworkMethod(text_encoder_lr=args.text_encoder_lr, unet_lr=args.unet_lr,
+                           learning_rate=args.learning_rate, metadata=lambda *a: {}, **method_kwargs)
+    built = build_optimizer(args.optimizer_type, method.param_groups(), args.learning_rate, args.optimizer_args,
+                            use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer,
+                            max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler)
+    scheduler = build_lr_scheduler(built.lr_scheduler or args.lr_scheduler, built.optimizer,
+                                   max_train_steps=plan.max_train_steps, num_warmup_steps=args.lr_warmup_steps,
+                                   num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
+                                   scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
+    trainer = Trainer(accelerator=accelerator, model=model, group=group, method=method, optimizer=built.optimizer,
+                      lr_scheduler=scheduler, plan=plan,
+                      step=session.step_settings(args, model.v_parameterization, weight_dtype),
+                      save=session.save_settings(args, plan), seed=seed, num_workers=session.loader_workers(args),
+                      persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled)
+    if args.resume:
+        trainer.resume(args.resume)
+    base = network_metadata(args, group=group, blueprint=blueprint, plan=plan, seed=seed,
+                            session_id=trainer.progress.session_id, started_at=trainer.progress.started_at,
+                            optimizer_name=built.description, v2=model.v2)
+    method.metadata = RunMetadata(base, {} if args.no_metadata else model_hash_jobs(args), args.no_metadata)
+    session.start_summary(group, plan, f"{args.network_module}, dim {args.network_dim}").log(accelerator)
+    result = trainer.run()
+    if result is not None and accelerator.is_main_process:
+        print(f"saved the trained network to {result}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -1,0 +1,133 @@
+"""LoRA-family network training: the UNet and text encoder stay frozen; a ``networks/`` module trains."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from library.data.tokens import encode_tokens, encode_weighted_tokens, apply_token_weights
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SAVE_EXTENSIONS = {"safetensors": ".safetensors", "ckpt": ".ckpt", "pt": ".pt"}
+
+
+def import_network_module(name: str | None) -> Any:
+    """Import ``--network_module`` (e.g. ``networks.lora``); it must provide ``create_network``."""
+    if not name:
+        raise UserError("--network_module is required (e.g. networks.lora or networks.dylora)")
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        raise UserError(f"--network_module {name}: cannot import it ({exc})") from None
+    if not hasattr(module, "create_network"):
+        raise UserError(f"--network_module {name}: the module has no create_network()")
+    return module
+
+
+def parse_network_args(items: list[str] | None) -> dict[str, str]:
+    """``--network_args key=value ...`` → dict of strings (values are converted by the module)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or "=" in value:
+            raise UserError(f"--network_args {item!r}: expected key=value (one '=')")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class NetworkMethod:
+    """Train a network (LoRA, DyLoRA, ...) applied to a frozen model."""
+
+    name = "network"
+
+    def __init__(self, *, model: Any, network: Any, train_unet: bool, train_text_encoder: bool,
+                 text_encoder_lr: float | None, unet_lr: float | None, learning_rate: float,
+                 clip_skip: int | None, max_token_length: int | None, weighted_captions: bool,
+                 save_format: str, save_dtype: torch.dtype | None, device: torch.device,
+                 metadata: Callable[[int, int, bool], dict[str, str]]):
+        """``metadata(epoch, step, final)`` returns the ``ss_*`` header for a save."""
+        self.model, self.network = model, network
+        self.train_unet, self.train_text_encoder = train_unet, train_text_encoder
+        self.clip_skip, self.max_token_length = clip_skip, max_token_length
+        self.weighted_captions = weighted_captions
+        self.save_format, self.save_dtype = save_format, save_dtype
+        self.device = device
+        self.metadata = metadata
+        groups = network.prepare_optimizer_params(text_encoder_lr, unet_lr, learning_rate)
+        self.groups = groups if isinstance(groups[0], dict) else [{"params": list(groups)}]
+        self._group_names = self._name_groups()
+
+    def _name_groups(self) -> list[str]:
+        if len(self.groups) == 1:
+            return ["lr/textencoder" if self.train_text_encoder and not self.train_unet else "lr/unet"]
+        names = []
+        for i, _ in enumerate(self.groups):
+            if i == 0 and self.train_text_encoder:
+                names.append("lr/textencoder")
+            elif len(self.groups) == 2 and self.train_text_encoder:
+                names.append("lr/unet")
+            else:
+                names.append(f"lr/group{i}")
+        return names
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The network's parameter groups (text encoder, UNet or per-block)."""
+        return self.groups
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Every trainable network parameter."""
+        return [p for g in self.groups for p in g["params"]]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The network's weights."""
+        return self.network.state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the network's weights exactly."""
+        self.network.load_state_dict(state, strict=True)
+
+    def set_train(self, training: bool) -> None:
+        """Network modules train (dropout active); the base model stays in eval mode."""
+        self.network.train(training)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Forward to the network's hook."""
+        hook = getattr(self.network, "on_epoch_start", None)
+        if hook is not None:
+            hook(self.model.text_encoder, self.model.unet)
+
+    def conditioning(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Text-encoder output; gradients only when text-encoder modules train."""
+        ids = batch["input_ids"].to(self.device)
+        te = self.model.text_encoder
+        with torch.set_grad_enabled(self.train_text_encoder):
+            if self.weighted_captions:
+                hidden = encode_weighted_tokens(te, ids, self.clip_skip)
+                return apply_token_weights(hidden, batch["token_weights"].to(self.device))
+            return encode_tokens(te, ids, self.clip_skip, self.max_token_length)
+
+    def after_step(self, global_step: int) -> None:
+        """Nothing to do after a step for networks."""
+
+    def learning_rates(self, optimizer: Any) -> dict[str, float]:
+        """Current lr per group, named as the reference logs them."""
+        out = {}
+        for name, group in zip(self._group_names, optimizer.param_groups):
+            out[name] = float(group["lr"]) if group.get("lr") is not None else 0.0
+            if "d" in group:  # D-Adaptation / Prodigy
+                out[name.replace("lr/", "lr/d*lr/")] = float(group["d"] * group["lr"])
+        return out
+
+    def save(self, output_dir: Path, name: str, *, epoch: int, step: int, final: bool) -> Path:
+        """Write ``output_dir/name.<ext>`` with the ``ss_*`` metadata (safetensors only)."""
+        path = Path(output_dir) / f"{name}{SAVE_EXTENSIONS[self.save_format]}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = self.metadata(epoch, step, final) if self.save_format == "safetensors" else None
+        self.network.save_weights(str(path), self.save_dtype, metadata)
+        return path

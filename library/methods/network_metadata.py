@@ -1,0 +1,194 @@
+"""The ``ss_*`` training metadata written into a LoRA's safetensors header (kohya's keys and formats)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from library.training.plan import RunPlan
+
+
+def _legacy_file_hash(path: Path) -> str:
+    """A1111's legacy model hash: SHA-256 of 64 KiB at offset 1 MiB, first 8 hex digits."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _subset_name(subset: Any) -> str:
+    return os.path.basename(os.path.normpath(subset.metadata_file or subset.image_dir or ""))
+
+
+def tag_frequency(group: Any) -> dict[str, dict[str, int]]:
+    """``{folder or metadata basename: {tag: count}}`` over every image's source caption (no repeats)."""
+    freq: dict[str, Counter] = {}
+    for ds in group.datasets:
+        for entry in ds.entries:
+            name = _subset_name(ds.blueprint.subsets[entry.subset_index])
+            tags = [t.strip().lower() for t in entry.caption.split(",")]
+            freq.setdefault(name, Counter()).update(t for t in tags if t)
+    return {k: dict(v) for k, v in freq.items()}
+
+
+def _dirs(group: Any, reg: bool) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for ds in group.datasets:
+        for index, subset in enumerate(ds.blueprint.subsets):
+            if subset.is_reg != reg:
+                continue
+            count = sum(1 for e in ds.entries if e.subset_index == index)
+            name, n = _subset_name(subset), 2
+            base = name
+            while name in out:
+                name, n = f"{base} ({n})", n + 1
+            out[name] = {"n_repeats": subset.num_repeats, "img_count": count}
+    return out
+
+
+def _bucket_info(ds: Any) -> dict[str, Any] | None:
+    if not ds.settings.enable_bucket:
+        return None
+    errors = [abs(a.ar_error) for a in ds.assignments]
+    return {"buckets": {str(i): {"resolution": list(reso), "count": len(items)}
+                        for i, (reso, items) in enumerate(ds.buckets.items())},
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+
+
+def dataset_metadata(group: Any, blueprint: Any, args: argparse.Namespace, plan: RunPlan) -> dict[str, str]:
+    """The dataset description: legacy keys without ``--dataset_config``, ``ss_datasets`` with it."""
+    meta = {"ss_tag_frequency": json.dumps(tag_frequency(group)),
+            "ss_dataset_dirs": json.dumps(_dirs(group, reg=False))}
+    if blueprint.source is None:
+        ds = group.datasets[0]
+        bp = ds.blueprint
+        sub = bp.subsets[0]
+        meta.update({
+            "ss_batch_size_per_device": str(args.train_batch_size), "ss_total_batch_size": str(plan.total_batch_size),
+            "ss_resolution": str(bp.resolution), "ss_color_aug": str(sub.color_aug), "ss_flip_aug": str(sub.flip_aug),
+            "ss_random_crop": str(sub.random_crop), "ss_shuffle_caption": str(sub.shuffle_caption),
+            "ss_keep_tokens": str(sub.keep_tokens), "ss_enable_bucket": str(bp.enable_bucket),
+            "ss_bucket_no_upscale": str(bp.bucket_no_upscale),
+            "ss_min_bucket_reso": str(bp.min_bucket_reso if bp.enable_bucket else None),
+            "ss_max_bucket_reso": str(bp.max_bucket_reso if bp.enable_bucket else None),
+            "ss_reg_dataset_dirs": json.dumps(_dirs(group, reg=True)),
+            "ss_bucket_info": json.dumps(_bucket_info(ds)),
+        })
+    else:
+        datasets = []
+        for ds in group.datasets:
+            bp = ds.blueprint
+            subsets = []
+            for index, sub in enumerate(bp.subsets):
+                item = {"img_count": sum(1 for e in ds.entries if e.subset_index == index),
+                        "num_repeats": sub.num_repeats, "color_aug": sub.color_aug, "flip_aug": sub.flip_aug,
+                        "random_crop": sub.random_crop, "shuffle_caption": sub.shuffle_caption,
+                        "keep_tokens": sub.keep_tokens}
+                if sub.image_dir:
+                    item["image_dir"] = os.path.basename(os.path.normpath(sub.image_dir))
+                if sub.is_finetuning:
+                    item["metadata_file"] = os.path.basename(sub.metadata_file)
+                else:
+                    item.update(class_tokens=sub.class_tokens, is_reg=sub.is_reg)
+                subsets.append(item)
+            datasets.append({
+                "is_dreambooth": bp.is_dreambooth, "batch_size_per_device": bp.batch_size,
+                "num_train_images": sum(e.num_repeats for e in ds.entries if not e.is_reg),
+                "num_reg_images": sum(e.num_repeats for e in ds.entries if e.is_reg),
+                "resolution": list(ds.settings.resolution), "enable_bucket": bp.enable_bucket,
+                "min_bucket_reso": bp.min_bucket_reso, "max_bucket_reso": bp.max_bucket_reso,
+                "tag_frequency": tag_frequency(group), "bucket_info": _bucket_info(ds), "subsets": subsets})
+        meta["ss_datasets"] = json.dumps(datasets)
+    return meta
+
+
+def network_metadata(args: argparse.Namespace, *, group: Any, blueprint: Any, plan: RunPlan, seed: int,
+                     session_id: int, started_at: float, optimizer_name: str, v2: bool) -> dict[str, str]:
+    """The metadata fixed for the run (per-save keys are added by :func:`for_save`)."""
+    minimal = {"ss_network_module": str(args.network_module), "ss_network_dim": str(args.network_dim),
+               "ss_network_alpha": str(args.network_alpha)}
+    if args.network_args:
+        minimal["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in args.network_args))
+    if args.no_metadata:
+        return minimal
+    n_train = sum(e.num_repeats for ds in group.datasets for e in ds.entries if not e.is_reg)
+    n_reg = sum(ds.blueprint.subsets[e.subset_index].num_repeats for ds in group.datasets for e in ds.entries
+                if e.is_reg)
+    meta = {
+        "ss_session_id": str(session_id), "ss_training_started_at": str(started_at),
+        "ss_output_name": str(args.output_name), "ss_learning_rate": str(args.learning_rate),
+        "ss_text_encoder_lr": str(args.text_encoder_lr), "ss_unet_lr": str(args.unet_lr),
+        "ss_num_train_images": str(n_train), "ss_num_reg_images": str(n_reg),
+        "ss_num_batches_per_epoch": str(plan.batches_per_epoch), "ss_num_epochs": str(plan.num_epochs),
+        "ss_max_train_steps": str(plan.max_train_steps),
+        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_lr_warmup_steps": str(args.lr_warmup_steps), "ss_lr_scheduler": str(args.lr_scheduler),
+        "ss_mixed_precision": str(args.mixed_precision), "ss_full_fp16": str(args.full_fp16), "ss_v2": str(v2),
+        "ss_clip_skip": str(args.clip_skip), "ss_max_token_length": str(args.max_token_length),
+        "ss_cache_latents": str(args.cache_latents), "ss_seed": str(seed), "ss_lowram": str(args.lowram),
+        "ss_noise_offset": str(args.noise_offset), "ss_multires_noise_iterations": str(args.multires_noise_iterations),
+        "ss_multires_noise_discount": str(args.multires_noise_discount), "ss_min_snr_gamma": str(args.min_snr_gamma),
+        "ss_prior_loss_weight": str(args.prior_loss_weight), "ss_max_grad_norm": str(args.max_grad_norm),
+        "ss_caption_dropout_rate": str(getattr(args, "caption_dropout_rate", 0.0)),
+        "ss_caption_dropout_every_n_epochs": str(getattr(args, "caption_dropout_every_n_epochs", 0)),
+        "ss_caption_tag_dropout_rate": str(getattr(args, "caption_tag_dropout_rate", 0.0)),
+        "ss_face_crop_aug_range": str(args.face_crop_aug_range), "ss_training_comment": str(args.training_comment),
+        "ss_sd_scripts_commit_hash": "(unknown)", "ss_optimizer": optimizer_name,
+    }
+    meta.update(minimal)
+    meta.update(dataset_metadata(group, blueprint, args, plan))
+    return meta
+
+
+def model_hash_jobs(args: argparse.Namespace) -> dict[str, Future]:
+    """Start hashing the base model and VAE files in a background thread (hashlib releases the GIL), so a
+    multi-GB checkpoint does not delay the first step; :class:`RunMetadata` collects the results."""
+    jobs: dict[str, Any] = {}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
+    for option, prefix in ((args.pretrained_model_name_or_path, "sd_model"), (args.vae, "vae")):
+        if not option:
+            continue
+        path = Path(option)
+        jobs[f"ss_{prefix}_name"] = path.name if path.exists() else str(option)
+        if path.is_file():
+            jobs[f"ss_{prefix}_hash"] = pool.submit(_legacy_file_hash, path)
+            jobs[f"ss_new_{prefix}_hash"] = pool.submit(_file_sha256, path)
+    pool.shutdown(wait=False)
+    return jobs
+
+
+class RunMetadata:
+    """The run's metadata plus per-save keys; background hashes are joined at the first save."""
+
+    def __init__(self, base: dict[str, str], jobs: dict[str, Any], minimal: bool):
+        """``jobs`` maps keys to strings or futures of strings."""
+        self.base, self.jobs, self.minimal = base, jobs, minimal
+
+    def __call__(self, epoch: int, step: int, final: bool) -> dict[str, str]:
+        """The header for one save."""
+        meta = dict(self.base)
+        if self.minimal:
+            return meta
+        for key, value in self.jobs.items():
+            meta[key] = value.result() if isinstance(value, Future) else value
+        return for_save(meta, epoch=epoch, step=step)
+
+
+def for_save(base: dict[str, str], *, epoch: int, step: int) -> dict[str, str]:
+    """The header for one save: the run's metadata plus epoch, step and finish time."""
+    return dict(base, ss_training_finished_at=str(time.time()), ss_epoch=str(epoch), ss_steps=str(step))

@@ -1,0 +1,137 @@
+"""Training option groups (kohya flag names, defaults and meanings) and the checks run before training.
+
+``add_*`` register argparse groups; :func:`validate_training_args` reports every inconsistency in one
+UserError before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from library.errors import UserError
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreambooth: bool) -> None:
+    """Steps, precision, memory, noise and loss options shared by every method."""
+    g = parser.add_argument_group("training")
+    a = g.add_argument
+    a("--output_name", type=str, default=None, help="base name of saved files (defaults: last / epoch / at)")
+    a("--max_train_steps", type=int, default=1600, help="optimizer steps to train (default 1600)")
+    a("--max_train_epochs", type=int, default=None, help="train this many epochs (overrides --max_train_steps)")
+    a("--gradient_checkpointing", action="store_true", help="activation checkpointing in UNet and text encoder")
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="autocast precision")
+    a("--full_fp16", action="store_true", help="keep trainable weights and gradients in fp16 (needs fp16)")
+    a("--full_bf16", action="store_true", help="keep trainable weights and gradients in bf16 (needs bf16)")
+    a("--clip_skip", type=int, default=None, help="use the n-th text-encoder layer from the end (2 = penultimate)")
+    a("--xformers", action="store_true", help="xformers memory-efficient attention in the UNet")
+    a("--mem_eff_attn", action="store_true", help="memory-efficient (sliced) attention in the UNet")
+    a("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    a("--lowram", action="store_true", help="load weights straight to the accelerator (accepted; loading is lazy)")
+    a("--noise_offset", type=float, default=None, help="offset-noise strength (about 0.1)")
+    a("--adaptive_noise_scale", type=float, default=None, help="add scale*|latent mean| to the noise offset")
+    a("--multires_noise_iterations", type=int, default=None, help="pyramid-noise levels (6-10)")
+    a("--multires_noise_discount", type=float, default=0.3, help="pyramid-noise per-level discount")
+    a("--min_snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5 recommended)")
+    if support_dreambooth:
+        pass  # --prior_loss_weight lives in the data-loading group (read by the datasets)
+
+
+def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Optimizer and learning-rate scheduler options."""
+    g = parser.add_argument_group("optimizer")
+    a = g.add_argument
+    a("--optimizer_type", type=str, default="", help="AdamW (default), AdamW8bit, Lion, Lion8bit, SGDNesterov, "
+      "SGDNesterov8bit, DAdaptation/DAdaptAdam/..., Prodigy, AdaFactor, or module.Class")
+    a("--use_8bit_adam", action="store_true", help="legacy alias of --optimizer_type AdamW8bit")
+    a("--use_lion_optimizer", action="store_true", help="legacy alias of --optimizer_type Lion")
+    a("--learning_rate", type=float, default=2e-6, help="learning rate (default 2e-6)")
+    a("--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping; 0 disables (default 1.0)")
+    a("--optimizer_args", type=str, default=None, nargs="*", help="optimizer key=value arguments")
+    a("--lr_scheduler_type", type=str, default="", help="module.Class of a custom scheduler")
+    a("--lr_scheduler_args", type=str, default=None, nargs="*", help="custom scheduler key=value arguments")
+    a("--lr_scheduler", type=str, default="constant", help="linear, cosine, cosine_with_restarts, polynomial, "
+      "constant (default), constant_with_warmup, adafactor")
+    a("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
+    a("--lr_scheduler_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts")
+    a("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
+
+
+def add_saving_arguments(parser: argparse.ArgumentParser, *, model_formats: tuple[str, ...], default_format: str | None
+                         ) -> None:
+    """Save cadence, retention, precision, state and resume options."""
+    g = parser.add_argument_group("saving")
+    a = g.add_argument
+    a("--save_model_as", type=str, default=default_format, choices=list(model_formats),
+      help=f"file format of saved models ({', '.join(model_formats)}; default {default_format})")
+    a("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"],
+      help="dtype of saved weights (default: as trained)")
+    a("--save_every_n_epochs", type=int, default=None, help="save every N epochs")
+    a("--save_n_epoch_ratio", type=int, default=None, help="save about N times over the run (overrides the above)")
+    a("--save_every_n_steps", type=int, default=None, help="save every N steps")
+    a("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch saves")
+    a("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
+    a("--save_last_n_steps", type=int, default=None, help="keep only step saves of roughly the last N steps")
+    a("--save_last_n_steps_state", type=int, default=None, help="the same for step states")
+    a("--save_state", action="store_true", help="also save the training state (for --resume) with every save")
+    a("--resume", type=str, default=None, help="resume from a saved state folder (exactly where it stopped)")
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """TensorBoard / W&B logging options."""
+    g = parser.add_argument_group("logging")
+    a = g.add_argument
+    a("--logging_dir", type=str, default=None, help="enables logging: runs go to <logging_dir>/<prefix><time>")
+    a("--log_prefix", type=str, default=None, help="prefix of the run folder name")
+    a("--log_with", type=str, default=None, choices=[None, "tensorboard", "wandb", "all"],
+      help="tensorboard (default with --logging_dir), wandb or all")
+    a("--log_tracker_name", type=str, default=None, help="tracker / project name")
+    a("--wandb_api_key", type=str, default=None, help="W&B API key (never written to files)")
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """train_network.py's own options."""
+    g = parser.add_argument_group("network")
+    a = g.add_argument
+    a("--network_module", type=str, default=None, help="module with create_network(), e.g. networks.lora")
+    a("--network_dim", type=int, default=None, help="rank (module default: 4)")
+    a("--network_alpha", type=float, default=1, help="alpha; scale = alpha/dim (default 1; 0 = dim)")
+    a("--network_dropout", type=float, default=None, help="neuron dropout on the LoRA down output")
+    a("--network_args", type=str, default=None, nargs="*", help="extra key=value arguments for create_network")
+    a("--network_weights", type=str, default=None, help="start from these network weights")
+    a("--dim_from_weights", action="store_true", help="take dims/alphas from --network_weights")
+    a("--network_train_unet_only", action="store_true", help="train only the UNet modules")
+    a("--network_train_text_encoder_only", action="store_true", help="train only the text-encoder modules")
+    a("--unet_lr", type=float, default=None, help="learning rate of the UNet modules")
+    a("--text_encoder_lr", type=float, default=None, help="learning rate of the text-encoder modules")
+    a("--no_metadata", action="store_true", help="write only minimal metadata into the saved file")
+    a("--training_comment", type=str, default=None, help="stored as ss_training_comment")
+
+
+def validate_training_args(args: argparse.Namespace) -> None:
+    """Check option combinations up front; every problem is reported together in one UserError."""
+    problems = []
+    if args.noise_offset is not None and args.multires_noise_iterations is not None:
+        problems.append("--noise_offset and --multires_noise_iterations cannot be combined")
+    if args.adaptive_noise_scale is not None and args.noise_offset is None:
+        problems.append("--adaptive_noise_scale needs --noise_offset")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        problems.append("--full_fp16 needs --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        problems.append("--full_bf16 needs --mixed_precision bf16")
+    if args.gradient_accumulation_steps < 1:
+        problems.append("--gradient_accumulation_steps must be at least 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1 and not args.max_train_epochs:
+        problems.append("--max_train_steps must be at least 1")
+    if args.clip_skip is not None and args.clip_skip < 1:
+        problems.append("--clip_skip must be at least 1")
+    if getattr(args, "log_with", None) in ("tensorboard", "all") and not args.logging_dir:
+        problems.append(f"--log_with {args.log_with} needs --logging_dir")
+    if args.xformers:
+        try:
+            import xformers  # noqa: F401  (only checking that it is installed)
+        except ImportError:
+            problems.append("--xformers needs the package 'xformers' (pip install xformers); "
+                            "without it PyTorch's scaled-dot-product attention is used by default")
+    if problems:
+        raise UserError("; ".join(problems))

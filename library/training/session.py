@@ -1,0 +1,194 @@
+"""Setting up a training run, shared by every entry script: accelerate, seed, datasets, model, latents,
+optimizer, schedule and the trainer. Each function says which options it reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import UserError
+from library.training.plan import RunPlan, make_plan, save_every_n_epochs
+from library.training.trainer import SaveSettings, StepSettings
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(args: argparse.Namespace, tracker_name: str):
+    """An Accelerator for ``--mixed_precision`` and ``--logging_dir`` / ``--log_with`` (run folder
+    ``<logging_dir>/<log_prefix><YYYYmmddHHMMSS>``)."""
+    import time
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = None
+    project = None
+    if args.logging_dir:
+        log_with = args.log_with or "tensorboard"
+        run_dir = Path(args.logging_dir) / f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
+        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir))
+        if log_with in ("wandb", "all"):
+            os.environ.setdefault("WANDB_DIR", str(run_dir))
+    elif args.log_with == "wandb":
+        log_with = "wandb"
+    if log_with == "all":
+        log_with = ["tensorboard", "wandb"]
+    if log_with and "wandb" in (log_with if isinstance(log_with, list) else [log_with]):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--log_with wandb needs the package 'wandb' (pip install wandb)") from None
+        if args.wandb_api_key:
+            wandb.login(key=args.wandb_api_key)
+    mixed = args.mixed_precision
+    if mixed == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_config=project)
+    if log_with:
+        accelerator.init_trackers(args.log_tracker_name or tracker_name)
+    return accelerator, bool(log_with)
+
+
+def choose_seed(args: argparse.Namespace) -> int:
+    """``--seed``, or a random one (recorded in the metadata) so every run is reproducible afterwards."""
+    from accelerate.utils import set_seed
+
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    set_seed(seed)
+    return seed
+
+
+def load_datasets(args: argparse.Namespace, tokenizer: Any, seed: int, *, support_dreambooth: bool,
+                  support_finetuning: bool):
+    """The dataset group from ``--dataset_config`` or the legacy options."""
+    from library.config import load_dataset_blueprint
+    from library.data.dataset import build_dataset_group, check_cache_compatibility
+
+    blueprint = load_dataset_blueprint(args, args.dataset_config, support_dreambooth=support_dreambooth,
+                                       support_finetuning=support_finetuning)
+    if args.cache_latents_to_disk:
+        args.cache_latents = True
+    check_cache_compatibility(blueprint, args.cache_latents)
+    group = build_dataset_group(blueprint, seed=seed, tokenizer=tokenizer, max_token_length=args.max_token_length,
+                                weighted_captions=getattr(args, "weighted_captions", False))
+    if len(group) == 0:
+        raise UserError("no training images found (with --train_data_dir, give the parent of the "
+                        "<repeats>_<name> folders)")
+    return blueprint, group
+
+
+def load_base_model(args: argparse.Namespace, weight_dtype: torch.dtype):
+    """The model of ``--pretrained_model_name_or_path`` (+ ``--vae``), loaded in fp32."""
+    from library.models.load import load_model
+
+    if args.v_parameterization and not args.v2:
+        logger.warning("--v_parameterization is meant for SD2 768-v models (--v2 not given)")
+    if args.v2 and args.clip_skip:
+        logger.warning("--clip_skip with SD2: the SD2 text encoder already ends at the penultimate layer")
+    return load_model(args.pretrained_model_name_or_path, v2=args.v2, v_parameterization=args.v_parameterization,
+                      vae=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir,
+                      reference_model=getattr(args, "reference_model", None), dtype=torch.float32)
+
+
+def place(module: Any, device: Any, dtype: torch.dtype) -> None:
+    """Move a model to ``device`` and cast it only when its dtype differs (diffusers warns on any cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+
+
+def set_attention(unet: Any, args: argparse.Namespace) -> None:
+    """PyTorch SDPA by default (diffusers' processor); ``--xformers`` or ``--mem_eff_attn`` on request."""
+    if args.xformers:
+        unet.enable_xformers_memory_efficient_attention()
+    elif args.mem_eff_attn:
+        unet.set_attention_slice("auto")
+
+
+def cache_latents(args: argparse.Namespace, group: Any, vae: Any, accelerator: Any, weight_dtype: torch.dtype) -> None:
+    """``--cache_latents`` / ``--cache_latents_to_disk``: encode every image once before training."""
+    if not args.cache_latents:
+        return
+    from library.data.latents import cache_group_latents
+
+    vae.to(accelerator.device, dtype=weight_dtype)
+    cache_group_latents(group, vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
+                        workers=min(args.max_data_loader_n_workers, max(0, (os.cpu_count() or 1) - 1)),
+                        main_process=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if args.cache_latents_to_disk and not accelerator.is_main_process:
+        cache_group_latents(group, vae, to_disk=True, batch_size=args.vae_batch_size, workers=0,
+                            main_process=True)  # every file exists now: this only loads them
+
+
+def run_plan(args: argparse.Namespace, group: Any, accelerator: Any) -> RunPlan:
+    """Steps and epochs for this run (``--max_train_steps`` / ``--max_train_epochs``)."""
+    plan = make_plan(len(group), num_processes=accelerator.num_processes,
+                     gradient_accumulation_steps=args.gradient_accumulation_steps, batch_size=args.train_batch_size,
+                     max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs)
+    group.set_max_train_steps(plan.max_train_steps)
+    return plan
+
+
+def step_settings(args: argparse.Namespace, v_parameterization: bool, weight_dtype: torch.dtype) -> StepSettings:
+    """The per-step options."""
+    return StepSettings(v_parameterization=v_parameterization, noise_offset=args.noise_offset,
+                        adaptive_noise_scale=args.adaptive_noise_scale,
+                        multires_noise_iterations=args.multires_noise_iterations,
+                        multires_noise_discount=args.multires_noise_discount, min_snr_gamma=args.min_snr_gamma,
+                        max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype)
+
+
+def save_settings(args: argparse.Namespace, plan: RunPlan) -> SaveSettings:
+    """The saving options; ``--output_dir`` is required."""
+    if not args.output_dir:
+        raise UserError("--output_dir is required (where trained files are written)")
+    return SaveSettings(output_dir=Path(args.output_dir), output_name=args.output_name,
+                        every_n_epochs=save_every_n_epochs(plan.num_epochs, args.save_every_n_epochs,
+                                                           args.save_n_epoch_ratio),
+                        every_n_steps=args.save_every_n_steps, last_n_epochs=args.save_last_n_epochs,
+                        last_n_epochs_state=args.save_last_n_epochs_state, last_n_steps=args.save_last_n_steps,
+                        last_n_steps_state=args.save_last_n_steps_state, save_state=args.save_state)
+
+
+def loader_workers(args: argparse.Namespace) -> int:
+    """DataLoader workers: min(--max_data_loader_n_workers, CPUs − 1)."""
+    return max(0, min(args.max_data_loader_n_workers, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class StartSummary:
+    """What is printed before the first step."""
+
+    lines: list[str]
+
+    def log(self, accelerator: Any) -> None:
+        """Print on the main process."""
+        if accelerator.is_main_process:
+            for line in self.lines:
+                logger.info("%s", line)
+
+
+def start_summary(group: Any, plan: RunPlan, method_name: str) -> StartSummary:
+    """Images, repeats, epochs, steps, batch sizes and buckets, as users expect to see them at start."""
+    n_train = sum(e.num_repeats for ds in group.datasets for e in ds.entries if not e.is_reg)
+    n_reg = sum(e.num_repeats for ds in group.datasets for e in ds.entries if e.is_reg)
+    lines = [f"running training ({method_name})",
+             f"  images: {group.num_images} ({n_train} training samples and {n_reg} regularization samples per "
+             f"epoch, repeats included)",
+             f"  batches per epoch (per process): {plan.batches_per_epoch}",
+             f"  epochs: {plan.num_epochs}",
+             f"  batch size per device: {plan.batch_size}; processes: {plan.num_processes}; gradient accumulation: "
+             f"{plan.gradient_accumulation_steps}; total batch size: {plan.total_batch_size}",
+             f"  optimizer steps: {plan.max_train_steps} ({plan.steps_per_epoch} per epoch)"]
+    return StartSummary(lines)

@@ -1,0 +1,67 @@
+"""Progress and logs: a tqdm bar with loss and learning rate, TensorBoard / W&B through accelerate."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class LossAverage:
+    """Moving average of the loss over the last epoch's worth of steps (what the bar shows)."""
+
+    def __init__(self, window: int):
+        """Average over at most ``window`` values."""
+        self.values: deque[float] = deque(maxlen=max(1, window))
+
+    def add(self, value: float) -> float:
+        """Record a value; return the current average."""
+        self.values.append(value)
+        return self.average
+
+    @property
+    def average(self) -> float:
+        """The mean of the recorded values (0 when empty)."""
+        return sum(self.values) / len(self.values) if self.values else 0.0
+
+
+class Tracker:
+    """The progress bar (main process only) and scalar logging through accelerate's trackers."""
+
+    def __init__(self, accelerator: Any, *, total_steps: int, initial_step: int, enabled_logging: bool):
+        """Create the bar at ``initial_step`` of ``total_steps``."""
+        self.accelerator = accelerator
+        self.logging = enabled_logging
+        self.bar = tqdm(total=total_steps, initial=initial_step, smoothing=0, desc="steps",
+                        disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+        self.started = time.perf_counter()
+
+    def step(self, global_step: int, logs: dict[str, float]) -> None:
+        """Advance the bar by one optimizer step and log the scalars."""
+        self.bar.update(1)
+        shown = {k.split("/")[-1] if k.startswith("loss") else k: v for k, v in logs.items()
+                 if k in ("loss/current", "loss/average") or k.startswith("lr/")}
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        if self.logging:
+            self.accelerator.log(logs, step=global_step)
+
+    def log(self, logs: dict[str, float], step: int) -> None:
+        """Log scalars that are not tied to a bar update (e.g. epoch averages)."""
+        if self.logging:
+            self.accelerator.log(logs, step=step)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the bar."""
+        if self.accelerator.is_local_main_process:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        """Close the bar and the trackers."""
+        self.bar.close()
+        if self.logging:
+            self.accelerator.end_training()

@@ -1,0 +1,333 @@
+"""THE training loop: one loop for LoRA, DreamBooth, fine-tuning and Textual Inversion.
+
+accelerate provides the processes, devices, autocast and trackers. The step mechanics are explicit:
+gradient accumulation, the gradient all-reduce across processes, clipping, the optimizer and scheduler
+steps. So the loop knows exactly where it is, and a state saved at any optimizer step resumes to
+bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.data.dataset import BatchSpec, DatasetGroup
+from library.errors import UserError
+from library.methods.base import Method
+from library.training import diffusion
+from library.training.checkpoint import (TrainProgress, epoch_name, epoch_to_remove, final_name, load_state,
+                                         remove_output, restore_rng_states, save_state, step_name, step_to_remove)
+from library.training.plan import RunPlan
+from library.training.tracking import LossAverage, Tracker
+
+logger = logging.getLogger(__name__)
+
+LATENT_SCALE = 0.18215
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one training step does (from the command line, validated)."""
+
+    v_parameterization: bool = False
+    noise_offset: float | None = None
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    min_snr_gamma: float | None = None
+    max_grad_norm: float = 1.0
+    weight_dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class SaveSettings:
+    """When and where results and states are written."""
+
+    output_dir: Path
+    output_name: str | None = None
+    every_n_epochs: int | None = None
+    every_n_steps: int | None = None
+    last_n_epochs: int | None = None
+    last_n_epochs_state: int | None = None
+    last_n_steps: int | None = None
+    last_n_steps_state: int | None = None
+    save_state: bool = False
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """This process's batches of one epoch, built on demand (in DataLoader workers when there are any)."""
+
+    def __init__(self, group: DatasetGroup, epoch: int, items: list[tuple[int, BatchSpec, bool]],
+                 first_step: int, accumulation: int):
+        """``items`` are ``(position in the epoch, spec, is_padding)``; ``first_step`` drives token warm-up."""
+        self.group, self.epoch, self.items = group, epoch, items
+        self.first_step, self.accumulation = first_step, accumulation
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        position, spec, padding = self.items[index]
+        batch = self.group.load_batch(spec, self.epoch, position, step=self.first_step + index // self.accumulation)
+        if batch is not None and padding:
+            batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
+        return batch
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def process_share(specs: list[BatchSpec], rank: int, world: int) -> list[tuple[int, BatchSpec, bool]]:
+    """Batches of ``rank``: every ``world``-th from ``rank`` on. When the epoch does not divide evenly, the
+    ranks that come up short repeat their first batch with zero loss weight, so every process takes the
+    same number of steps while every sample still counts exactly once."""
+    share = [(p, s, False) for p, s in enumerate(specs) if p % world == rank]
+    per_rank = math.ceil(len(specs) / world)
+    while len(share) < per_rank:
+        share.append((share[0][0], share[0][1], True))
+    return share
+
+
+class Trainer:
+    """Runs a method over a dataset group for a planned number of steps."""
+
+    def __init__(self, *, accelerator: Any, model: Any, group: DatasetGroup, method: Method, optimizer: Any,
+                 lr_scheduler: Any, plan: RunPlan, step: StepSettings, save: SaveSettings, seed: int,
+                 num_workers: int = 0, persistent_workers: bool = False, logging_enabled: bool = False):
+        """Wire the pieces together; nothing runs until :meth:`run`."""
+        self.accelerator, self.model, self.group, self.method = accelerator, model, group, method
+        self.optimizer, self.lr_scheduler, self.plan = optimizer, lr_scheduler, plan
+        self.step_settings, self.save_settings = step, save
+        self.num_workers, self.persistent_workers = num_workers, persistent_workers
+        self.logging_enabled = logging_enabled
+        self.device = accelerator.device
+        self.noise_scheduler = diffusion.make_noise_scheduler(step.v_parameterization)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + accelerator.process_index)
+        self.progress = TrainProgress(session_id=int(torch.randint(0, 2**31 - 1, (1,)).item()),
+                                      started_at=time.time(), seed=seed)
+        self.stop_requested: str | None = None
+        self.last_saved: Path | None = None
+        self.params = method.trainable_parameters()
+
+    # ---- resume ---------------------------------------------------------------------------------
+
+    def resume(self, folder: str) -> None:
+        """Restore weights, optimizer, scheduler, RNGs and the exact position from a state folder."""
+        payload = load_state(folder)
+        self.method.load_trainable_state_dict(payload["trainable"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.lr_scheduler.load_state_dict(payload["scheduler"])
+        rng = payload["rng"]
+        per_rank = payload["extra"].get("noise_per_rank")
+        if per_rank and self.accelerator.process_index < len(per_rank):
+            rng = dict(rng, noise=per_rank[self.accelerator.process_index])
+        restore_rng_states(rng, self.generator)
+        self.progress = payload["progress"]
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.progress.global_step,
+                    self.progress.epoch, self.progress.position)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        if batch.get("latents") is not None:
+            latents = batch["latents"].to(self.device)
+        else:
+            vae = self.model.vae
+            with torch.no_grad():
+                images = batch["images"].to(self.device, dtype=vae.dtype)
+                dist = vae.encode(images).latent_dist
+                latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.generator,
+                                                             dtype=dist.mean.dtype).to(self.device)
+        return latents.to(self.step_settings.weight_dtype) * LATENT_SCALE
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The diffusion loss of one batch (documented order: text, noise, timesteps)."""
+        s = self.step_settings
+        latents = self._latents(batch)
+        cond = self.method.conditioning(batch)
+        noise = diffusion.sample_noise(latents, self.generator, noise_offset=s.noise_offset,
+                                       adaptive_noise_scale=s.adaptive_noise_scale,
+                                       multires_iterations=s.multires_noise_iterations,
+                                       multires_discount=s.multires_noise_discount)
+        timesteps = diffusion.sample_timesteps(latents.shape[0], self.generator).to(self.device)
+        noisy = diffusion.add_noise(self.noise_scheduler, latents, noise, timesteps)
+        with self.accelerator.autocast():
+            pred = self.model.unet(noisy, timesteps, cond.to(s.weight_dtype)).sample
+        target = diffusion.target_for(self.noise_scheduler, latents, noise, timesteps, s.v_parameterization)
+        return diffusion.diffusion_loss(pred.float(), target.float(),
+                                        loss_weights=batch["loss_weights"].to(self.device), timesteps=timesteps,
+                                        scheduler=self.noise_scheduler, min_snr_gamma=s.min_snr_gamma,
+                                        v_parameterization=s.v_parameterization)
+
+    def _sync_and_step(self) -> None:
+        world = self.accelerator.num_processes
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if world > 1 and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if self.step_settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.step_settings.max_grad_norm)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- saving ---------------------------------------------------------------------------------
+
+    def _save(self, name: str, *, epoch: int, final: bool, remove: str | None, remove_state: str | None,
+              with_state: bool) -> None:
+        cfg = self.save_settings
+        if self.accelerator.is_main_process:
+            self.last_saved = self.method.save(cfg.output_dir, name, epoch=epoch, step=self.progress.global_step,
+                                               final=final)
+            logger.info("saved %s", self.last_saved)
+            if remove:
+                for path in cfg.output_dir.glob(f"{remove}*"):
+                    if path.name.split(".")[0] == remove:
+                        remove_output(path)
+        if with_state:
+            self.save_training_state(cfg.output_dir / f"{name}-state")
+            if remove_state and self.accelerator.is_main_process:
+                remove_output(cfg.output_dir / f"{remove_state}-state")
+
+    def save_training_state(self, folder: Path) -> None:
+        """Write the training state (all processes take part: their noise RNGs are gathered)."""
+        from accelerate.utils import gather_object
+
+        states = gather_object([self.generator.get_state()]) if self.accelerator.num_processes > 1 else \
+            [self.generator.get_state()]
+        if self.accelerator.is_main_process:
+            save_state(folder, progress=self.progress, trainable=self.method.trainable_state_dict(),
+                       optimizer=self.optimizer, scheduler=self.lr_scheduler, generator=self.generator,
+                       scaler=self.accelerator.scaler, extra={"noise_per_rank": states})
+        self.accelerator.wait_for_everyone()
+
+    def _after_optimizer_step(self, epoch: int) -> None:
+        cfg = self.save_settings
+        step = self.progress.global_step
+        if cfg.every_n_steps and step % cfg.every_n_steps == 0 and step < self.plan.max_train_steps:
+            old = step_to_remove(step, cfg.every_n_steps, cfg.last_n_steps)
+            old_state = step_to_remove(step, cfg.every_n_steps, cfg.last_n_steps_state or cfg.last_n_steps)
+            self._save(step_name(cfg.output_name, step), epoch=epoch - 1, final=False,
+                       remove=step_name(cfg.output_name, old) if old else None,
+                       remove_state=step_name(cfg.output_name, old_state) if old_state else None,
+                       with_state=cfg.save_state)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        specs = self.group.epoch_batches(epoch)
+        share = process_share(specs, self.accelerator.process_index, self.accelerator.num_processes)
+        start = self.progress.position
+        first_step = (epoch - 1) * self.plan.steps_per_epoch + start // self.plan.gradient_accumulation_steps
+        dataset = EpochBatches(self.group, epoch, share[start:], first_step, self.plan.gradient_accumulation_steps)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                                           collate_fn=_identity,
+                                           persistent_workers=self.persistent_workers and self.num_workers > 0)
+
+    def _install_signal_handlers(self) -> dict:
+        def request_stop(signum, _frame):
+            self.stop_requested = signal.Signals(signum).name
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                pass
+        return previous
+
+    def run(self) -> Path | None:
+        """Train to ``plan.max_train_steps``; returns the final saved path (None when interrupted)."""
+        plan, cfg, acc = self.plan, self.save_settings, self.accelerator
+        previous_handlers = self._install_signal_handlers()
+        tracker = Tracker(acc, total_steps=plan.max_train_steps, initial_step=self.progress.global_step,
+                          enabled_logging=self.logging_enabled)
+        average = LossAverage(plan.steps_per_epoch)
+        ga = plan.gradient_accumulation_steps
+        try:
+            for epoch in range(self.progress.epoch, plan.num_epochs + 1):
+                if self.progress.global_step >= plan.max_train_steps:
+                    break
+                self.progress.epoch = epoch
+                self.method.on_epoch_start(epoch)
+                self.method.set_train(True)
+                loader = self._loader(epoch)
+                micro, accumulated, batches_done = 0, 0.0, 0
+                for index, batch in enumerate(loader):
+                    position = self.progress.position + index
+                    if batch is not None:
+                        loss = self.loss(batch)
+                        if not torch.isfinite(loss):
+                            where = f"; last saved: {self.last_saved}" if self.last_saved else ""
+                            raise UserError(f"the loss became {loss.item()} at step {self.progress.global_step + 1} "
+                                            f"(epoch {epoch}, images {', '.join(batch['keys'][:4])}){where}")
+                        acc.backward(loss / ga)
+                        accumulated += loss.detach().item()
+                        batches_done += 1
+                    micro += 1
+                    last_of_epoch = index == len(loader) - 1
+                    if micro < ga and not last_of_epoch:
+                        continue
+                    self._sync_and_step()
+                    self.progress.global_step += 1
+                    self.progress.position = position + 1
+                    self.method.after_step(self.progress.global_step)
+                    current = accumulated / max(1, batches_done)
+                    logs = {"loss/current": current, "loss/average": average.add(current)}
+                    logs.update(self.method.learning_rates(self.optimizer))
+                    tracker.step(self.progress.global_step, logs)
+                    micro, accumulated, batches_done = 0, 0.0, 0
+                    self._after_optimizer_step(epoch)
+                    if self.stop_requested:
+                        return self._interrupted(tracker)
+                    if self.progress.global_step >= plan.max_train_steps:
+                        break
+                tracker.log({"loss/epoch": average.average}, step=epoch)
+                self.progress.epoch, self.progress.position = epoch + 1, 0
+                acc.wait_for_everyone()
+                every = cfg.every_n_epochs
+                if every and epoch % every == 0 and epoch < plan.num_epochs:
+                    old = epoch_to_remove(epoch, every, cfg.last_n_epochs)
+                    old_state = epoch_to_remove(epoch, every, cfg.last_n_epochs_state or cfg.last_n_epochs)
+                    self._save(epoch_name(cfg.output_name, epoch), epoch=epoch, final=False,
+                               remove=epoch_name(cfg.output_name, old) if old else None,
+                               remove_state=epoch_name(cfg.output_name, old_state) if old_state else None,
+                               with_state=cfg.save_state)
+            self.method.set_train(False)
+            self._save(final_name(cfg.output_name), epoch=plan.num_epochs, final=True, remove=None,
+                       remove_state=None, with_state=cfg.save_state)
+            return self.last_saved
+        finally:
+            tracker.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def _interrupted(self, tracker: Tracker) -> None:
+        step = self.progress.global_step
+        if self.save_settings.save_state:
+            folder = self.save_settings.output_dir / f"{step_name(self.save_settings.output_name, step)}-state"
+            self.save_training_state(folder)
+            tracker.write(f"stopped by {self.stop_requested} at step {step}; resume with --resume {folder}")
+        else:
+            tracker.write(f"stopped by {self.stop_requested} at step {step}; no state saved (use --save_state)")
+        return None
