@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     weight_dtype = session.DTYPES[args.mixed_precision]
     model = session.load_base_model(args, weight_dtype)
     session.set_attention(model.unet, args)
-    session.cache_latents(args, group, model.vae, accelerator, weight_dtype)
+    session.cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
 
     train_unet, train_te = not args.network_train_text_encoder_only, not args.network_train_unet_only
     unet, te = model.unet, model.text_encoder

@@ -281,6 +281,18 @@ def test_results_do_not_depend_on_workers_batch_size_or_order(tmp_path, vae):
         np.testing.assert_allclose(af, bf, rtol=1e-5, atol=1e-5)
 
 
+def test_workers_after_threaded_resize_in_parent(tmp_path, vae):
+    import cv2
+
+    cv2.resize(np.zeros((1200, 1200, 3), np.uint8), (300, 300), interpolation=cv2.INTER_AREA)  # start cv2's pool
+    images = [_write_image(tmp_path / f"{i}.png", (200, 128), i) for i in range(3)]
+    requests = [_request(p, bucket=(96, 64), resized=(100, 64), disk=False) for p in images]
+    base, _ = _cache(requests, vae, workers=0)
+    parallel, stats = _cache(requests, vae, workers=2)
+    assert stats.encoded == 3
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(base, parallel))
+
+
 @pytest.mark.parametrize("loader", ["process", "thread"])
 def test_alternative_loaders_match(tmp_path, vae, loader):
     images = [_write_image(tmp_path / f"{i}.png", (64, 64), i) for i in range(3)]

@@ -174,6 +174,10 @@ class DatasetGroup:
         rng.shuffle(batches)
         return batches
 
+    def mark_failed(self, key: str) -> None:
+        """Leave an image out from now on (it failed to load or encode)."""
+        self._failed.add(key)
+
     def summary_lines(self) -> list[str]:
         """Start-up report for every dataset."""
         return [line for i, ds in enumerate(self.datasets) for line in ds.summary_lines(i)]

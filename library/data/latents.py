@@ -382,15 +382,12 @@ def _identity(item: Any) -> Any:
     return item
 
 
-def _worker_init(*_: Any) -> None:
-    """Loader workers decode one image at a time: keep OpenCV single-threaded (no oversubscription)."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def _mp_context() -> multiprocessing.context.BaseContext:
-    """``fork`` where available (cheap start, nothing re-imported), else the platform default."""
+    """``fork`` where available (cheap start, nothing re-imported), else the platform default.
+
+    Workers must not reconfigure OpenCV: ``cv2.setNumThreads`` in a forked child tears down the thread
+    pool inherited from the parent and deadlocks once the parent has resized an image (seen here).
+    """
     if "fork" in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context()
@@ -420,11 +417,11 @@ def _iter_loaded(batches: list[list[_Item]], workers: int, loader: str, pin_memo
     if loader == "dataloader":
         return iter(torch.utils.data.DataLoader(
             _BatchDataset(batches), batch_size=None, shuffle=False, num_workers=workers,
-            collate_fn=_identity, prefetch_factor=2, worker_init_fn=_worker_init,
+            collate_fn=_identity, prefetch_factor=2,
             multiprocessing_context=_mp_context(), pin_memory=pin_memory,
         ))
     if loader == "process":
-        pool: Executor = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_worker_init)
+        pool: Executor = ProcessPoolExecutor(workers, mp_context=_mp_context())
     elif loader == "thread":
         pool = ThreadPoolExecutor(workers)
     else:

@@ -128,9 +128,9 @@ def validate_training_args(args: argparse.Namespace) -> None:
     if getattr(args, "log_with", None) in ("tensorboard", "all") and not args.logging_dir:
         problems.append(f"--log_with {args.log_with} needs --logging_dir")
     if args.xformers:
-        try:
-            import xformers  # noqa: F401  (only checking that it is installed)
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
             problems.append("--xformers needs the package 'xformers' (pip install xformers); "
                             "without it PyTorch's scaled-dot-product attention is used by default")
     if problems:

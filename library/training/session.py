@@ -115,20 +115,24 @@ def set_attention(unet: Any, args: argparse.Namespace) -> None:
         unet.set_attention_slice("auto")
 
 
-def cache_latents(args: argparse.Namespace, group: Any, vae: Any, accelerator: Any, weight_dtype: torch.dtype) -> None:
-    """``--cache_latents`` / ``--cache_latents_to_disk``: encode every image once before training."""
+def cache_latents(args: argparse.Namespace, group: Any, vae: Any, accelerator: Any, weight_dtype: torch.dtype,
+                  seed: int) -> None:
+    """``--cache_latents`` / ``--cache_latents_to_disk``: encode every image once before training.
+
+    In memory every process encodes for itself; on disk the main process writes the files first and the
+    others then load them."""
     if not args.cache_latents:
         return
-    from library.data.latents import cache_group_latents
+    from library.data.group_latents import cache_group_latents
 
-    vae.to(accelerator.device, dtype=weight_dtype)
-    cache_group_latents(group, vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
-                        workers=min(args.max_data_loader_n_workers, max(0, (os.cpu_count() or 1) - 1)),
-                        main_process=accelerator.is_main_process)
+    place(vae, accelerator.device, weight_dtype)
+    workers = max(0, min(args.max_data_loader_n_workers, (os.cpu_count() or 1) - 1))
+    if not args.cache_latents_to_disk or accelerator.is_main_process:
+        cache_group_latents(group, vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
+                            workers=workers, seed=seed)
     accelerator.wait_for_everyone()
     if args.cache_latents_to_disk and not accelerator.is_main_process:
-        cache_group_latents(group, vae, to_disk=True, batch_size=args.vae_batch_size, workers=0,
-                            main_process=True)  # every file exists now: this only loads them
+        cache_group_latents(group, vae, to_disk=True, batch_size=args.vae_batch_size, workers=0, seed=seed)
 
 
 def run_plan(args: argparse.Namespace, group: Any, accelerator: Any) -> RunPlan:

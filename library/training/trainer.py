@@ -240,8 +240,9 @@ class Trainer:
         start = self.progress.position
         first_step = (epoch - 1) * self.plan.steps_per_epoch + start // self.plan.gradient_accumulation_steps
         dataset = EpochBatches(self.group, epoch, share[start:], first_step, self.plan.gradient_accumulation_steps)
+        # its own generator: creating an iterator must not draw from the global RNG (exact resume)
         return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                                           collate_fn=_identity,
+                                           collate_fn=_identity, generator=torch.Generator().manual_seed(epoch),
                                            persistent_workers=self.persistent_workers and self.num_workers > 0)
 
     def _install_signal_handlers(self) -> dict:
@@ -272,9 +273,10 @@ class Trainer:
                 self.method.on_epoch_start(epoch)
                 self.method.set_train(True)
                 loader = self._loader(epoch)
+                start = self.progress.position
                 micro, accumulated, batches_done = 0, 0.0, 0
                 for index, batch in enumerate(loader):
-                    position = self.progress.position + index
+                    position = start + index
                     if batch is not None:
                         loss = self.loss(batch)
                         if not torch.isfinite(loss):

@@ -1,0 +1,42 @@
+"""``--cache_latents`` / ``--cache_latents_to_disk`` for a whole dataset group."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from library.data.latents import LatentRequest, cache_latents, npz_paths
+
+logger = logging.getLogger(__name__)
+
+
+def cache_group_latents(group: Any, vae: Any, *, to_disk: bool, batch_size: int = 1, workers: int | None = None,
+                        seed: int = 0) -> None:
+    """Encode every image of ``group`` once (centre crop of its bucket, plus the mirrored crop for subsets
+    with flip_aug) and keep the latents in ``group.latents``; with ``to_disk`` also write/reuse the
+    ``.npz`` files beside the images. Images that fail to load are left out of training."""
+    keys: list[tuple[int, int]] = []
+    requests: list[LatentRequest] = []
+    for di, ds in enumerate(group.datasets):
+        for ei, (entry, assignment) in enumerate(zip(ds.entries, ds.assignments)):
+            if entry.path is None or group.uses_latents(di, ei):
+                continue
+            subset = ds.blueprint.subsets[entry.subset_index]
+            path = Path(entry.path)
+            requests.append(LatentRequest(image_path=path, bucket_reso=assignment.bucket,
+                                          resized_size=assignment.resized_size, flip=subset.flip_aug,
+                                          npz_path=npz_paths(path)[0] if to_disk else None))
+            keys.append((di, ei))
+    if not requests:
+        return
+    results, stats = cache_latents(requests, vae, batch_size=batch_size, workers=workers, seed=seed)
+    for key, result in zip(keys, results):
+        if result is not None:
+            group.latents[key] = result
+        else:
+            group.mark_failed(group.datasets[key[0]].entries[key[1]].key)
+    logger.info("%s", stats.summary())
+    if stats.failed:
+        logger.warning("left out %d image(s) that could not be encoded: %s", len(stats.failed),
+                       "; ".join(f"{p}: {why}" for p, why in stats.failed[:10]))
