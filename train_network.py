@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         network = network_module.create_network(1.0, args.network_dim, args.network_alpha, model.vae, te, unet,
                                                 neuron_dropout=args.network_dropout, **network_kwargs)
     network.apply_to(te, unet, train_te, train_unet)
-    if args.network_weights and not args.dim_from_weights:
+    if args.network_weights:
         network.load_weights(args.network_weights)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -96,7 +96,7 @@ class DyLoRAModule(LoRAModule):
         r = random.randint(0, self.lora_dim - 1)
         return r - r % self.unit
 
-    def _apply(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def _low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         x = match_dtype(x, down)
         if self.is_conv:
             h = torch.nn.functional.conv2d(x, down, **self._conv_args)
@@ -126,7 +126,7 @@ class DyLoRAModule(LoRAModule):
         else:
             down, up = self.get_weights()
             scale = self.scale
-        return self._apply(x, down, up) * (self.multiplier * scale)
+        return self._low_rank(x, down, up) * (self.multiplier * scale)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``org(x) + update`` (see :meth:`lora_forward`)."""

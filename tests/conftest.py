@@ -37,3 +37,12 @@ def reference_fixtures() -> Path:
     if not path.is_dir():
         pytest.skip("shared/fixtures/reference is not present beside the repository")
     return path
+
+
+def pytest_configure(config):
+    """One torch thread per xdist worker: two workers on two cores must not oversubscribe them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)

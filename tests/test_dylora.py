@@ -167,3 +167,15 @@ def test_create_network_from_weights_round_trip(tiny, tmp_path):
 def test_bad_network_args(tiny, kwargs, match):
     with pytest.raises(UserError, match=f"--network_args {match}"):
         dylora.create_network(1.0, 4, 1, None, tiny.text_encoder, tiny.unet, **kwargs)
+
+
+def test_dylora_network_moves_between_devices_and_dtypes():
+    """nn.Module.to() must work (a method named _apply once shadowed torch's own)."""
+    from library.models.random_model import build_random_model
+    from networks.dylora import create_network
+
+    m = build_random_model("tiny-sd1", seed=0)
+    net = create_network(1.0, 4, 1, m.vae, m.text_encoder, m.unet, unit="2")
+    net.apply_to(m.text_encoder, m.unet)
+    net.to("cpu").to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in net.parameters())

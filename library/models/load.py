@@ -335,5 +335,7 @@ def load_model(path: str | os.PathLike | None, *, v2: bool | None = None, v_para
         vae_m = load_vae(vae, configs, dtype)
         logger.info("using VAE from %s", vae)
     tokenizer = load_tokenizer(configs.v2, tokenizer_cache_dir)
+    for module in (unet, vae_m, te):
+        module.eval()
     return StableDiffusionModel(unet, vae_m, te, tokenizer, configs, str(local) if local.exists() else spec,
                                 source_format, sched)

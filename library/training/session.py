@@ -53,6 +53,10 @@ def make_accelerator(args: argparse.Namespace, tracker_name: str):
     mixed = args.mixed_precision
     if mixed == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    from accelerate.state import AcceleratorState
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state(reset_partial_state=True)  # a fresh run in this process (tests, notebooks)
     accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_config=project)
     if log_with:
         accelerator.init_trackers(args.log_tracker_name or tracker_name)

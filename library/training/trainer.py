@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -76,8 +77,10 @@ class EpochBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         position, spec, padding = self.items[index]
         batch = self.group.load_batch(spec, self.epoch, position, step=self.first_step + index // self.accumulation)
-        if batch is not None and padding:
-            batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
+        if batch is not None:
+            batch["padding"] = padding
+            if padding:
+                batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
         return batch
 
 
@@ -116,6 +119,9 @@ class Trainer:
         self.stop_requested: str | None = None
         self.last_saved: Path | None = None
         self.params = method.trainable_parameters()
+        # test hook: with SDTRAIN_DEBUG_DIR set, every process records the images it trained on and its weights
+        self.debug_dir = os.environ.get("SDTRAIN_DEBUG_DIR")
+        self.seen_keys: dict[int, list[str]] = {}
 
     # ---- resume ---------------------------------------------------------------------------------
 
@@ -284,6 +290,8 @@ class Trainer:
                             raise UserError(f"the loss became {loss.item()} at step {self.progress.global_step + 1} "
                                             f"(epoch {epoch}, images {', '.join(batch['keys'][:4])}){where}")
                         acc.backward(loss / ga)
+                        if self.debug_dir and not batch["padding"]:
+                            self.seen_keys.setdefault(epoch, []).extend(batch["keys"])
                         accumulated += loss.detach().item()
                         batches_done += 1
                     micro += 1
@@ -318,6 +326,9 @@ class Trainer:
             self.method.set_train(False)
             self._save(final_name(cfg.output_name), epoch=plan.num_epochs, final=True, remove=None,
                        remove_state=None, with_state=cfg.save_state)
+            if self.debug_dir:
+                torch.save({"keys": self.seen_keys, "weights": self.method.trainable_state_dict()},
+                           Path(self.debug_dir) / f"rank{acc.process_index}.pt")
             return self.last_saved
         finally:
             tracker.close()

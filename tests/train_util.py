@@ -1,0 +1,29 @@
+"""Helpers for end-to-end training tests: tiny models, small datasets, running a script in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from library.cli import run_main
+
+
+def make_dataset(root: Path, folder: str = "5_sks dog", count: int = 4, size: tuple[int, int] = (64, 64),
+                 captions: dict[int, str] | None = None) -> Path:
+    """``root/<folder>/`` with ``count`` random images (and optional caption files); returns ``root``."""
+    target = root / folder
+    target.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rng = np.random.default_rng(i + 17)
+        Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(target / f"img{i}.png")
+    for i, text in (captions or {}).items():
+        (target / f"img{i}.caption").write_text(text, encoding="utf-8")
+    return root
+
+
+def run_script(main, argv: Sequence[str | Path]) -> int:
+    """Run an entry script's main() in this process, as the command line would."""
+    return run_main(main, [str(a) for a in argv])
