@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo clean
 
 $(VENV)/.installed: setup.py requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,5 +24,16 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
+# A LoRA trained on a tiny random model and generated images, through the real accelerate launch path.
+DEMO ?= demo_output
+demo: setup
+	$(PY) tools/make_demo_data.py $(DEMO)
+	ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no train_network.py \
+		--pretrained_model_name_or_path $(DEMO)/models/tiny-sd1.safetensors --dataset_config $(DEMO)/dataset.toml \
+		--output_dir $(DEMO)/lora --output_name demo_lora --network_module networks.lora --network_dim 8 \
+		--network_alpha 4 --learning_rate 1e-3 --max_train_epochs 10 --save_every_n_epochs 5 --seed 42 \
+		--logging_dir $(DEMO)/logs --max_data_loader_n_workers 1
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(DEMO)

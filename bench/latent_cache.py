@@ -55,10 +55,11 @@ def generate(folder: Path, count: int, seed: int = 0) -> None:
 
 
 def build_requests(folder: Path, count: int, resolution: int) -> list[LatentRequest]:
-    """Memory-only requests with buckets for ``resolution`` (bucketing on, steps of 64)."""
+    """Memory-only requests with buckets for ``resolution`` (bucketing on, steps of 64 or less)."""
+    steps = max(8, min(64, resolution // 4) // 8 * 8)
     settings = BucketSettings(
         resolution=(resolution, resolution), enable_bucket=True,
-        min_size=max(64, resolution // 2), max_size=resolution * 2, reso_steps=64,
+        min_size=max(steps, resolution // 2), max_size=resolution * 2, reso_steps=steps,
     )
     resos = settings.candidate_resos()
     requests = []

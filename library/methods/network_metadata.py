@@ -8,7 +8,6 @@ import json
 import os
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -155,28 +154,54 @@ def network_metadata(args: argparse.Namespace, *, group: Any, blueprint: Any, pl
     return meta
 
 
-def model_hash_jobs(args: argparse.Namespace) -> dict[str, Future]:
-    """Start hashing the base model and VAE files in a background thread (hashlib releases the GIL), so a
-    multi-GB checkpoint does not delay the first step; :class:`RunMetadata` collects the results."""
+def cached_file_hashes(path: Path) -> tuple[str, str]:
+    """``(legacy A1111 hash, SHA-256)`` of a model file, remembered in the toolkit's cache folder by path,
+    size and modification time, so a multi-GB checkpoint is hashed once, not at every run."""
+    from library.data.size_index import cache_root
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    store = cache_root() / "file_hashes.json"
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return tuple(known[key])  # type: ignore[return-value]
+    hashes = (_legacy_file_hash(path), _file_sha256(path))
+    known[key] = list(hashes)
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known), encoding="utf-8")
+        os.replace(tmp, store)
+    except OSError:
+        pass
+    return hashes
+
+
+def model_hash_jobs(args: argparse.Namespace) -> dict[str, Any]:
+    """Names and (deferred) hashes of the base model and VAE files.
+
+    Hashing a multi-GB file must not run beside the training steps (a busy core stalls every parallel
+    torch operation on a small machine), so the hashes are computed at the first save and cached."""
     jobs: dict[str, Any] = {}
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
     for option, prefix in ((args.pretrained_model_name_or_path, "sd_model"), (args.vae, "vae")):
         if not option:
             continue
         path = Path(option)
         jobs[f"ss_{prefix}_name"] = path.name if path.exists() else str(option)
         if path.is_file():
-            jobs[f"ss_{prefix}_hash"] = pool.submit(_legacy_file_hash, path)
-            jobs[f"ss_new_{prefix}_hash"] = pool.submit(_file_sha256, path)
-    pool.shutdown(wait=False)
+            jobs[f"ss_{prefix}_hash"] = lambda p=path: cached_file_hashes(p)[0]
+            jobs[f"ss_new_{prefix}_hash"] = lambda p=path: cached_file_hashes(p)[1]
     return jobs
 
 
 class RunMetadata:
-    """The run's metadata plus per-save keys; background hashes are joined at the first save."""
+    """The run's metadata plus per-save keys; deferred values are computed at the first save."""
 
     def __init__(self, base: dict[str, str], jobs: dict[str, Any], minimal: bool):
-        """``jobs`` maps keys to strings or futures of strings."""
+        """``jobs`` maps keys to strings or zero-argument callables returning strings."""
         self.base, self.jobs, self.minimal = base, jobs, minimal
 
     def __call__(self, epoch: int, step: int, final: bool) -> dict[str, str]:
@@ -184,8 +209,10 @@ class RunMetadata:
         meta = dict(self.base)
         if self.minimal:
             return meta
-        for key, value in self.jobs.items():
-            meta[key] = value.result() if isinstance(value, Future) else value
+        for key, value in list(self.jobs.items()):
+            if callable(value):
+                value = self.jobs[key] = value()
+            meta[key] = value
         return for_save(meta, epoch=epoch, step=step)
 
 
