@@ -39,13 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from library.methods.network import NetworkMethod, import_network_module, parse_network_args
     from library.methods.network_metadata import RunMetadata, model_hash_jobs, network_metadata
     from library.models.save import precision_dtype
-    from library.models.tokenizer import load_tokenizer
     from library.staged import debug_dataset
     from library.training import session
     from library.training.args import validate_training_args
     from library.training.lr import build_lr_scheduler
     from library.training.optim import build_optimizer
     from library.training.trainer import Trainer
+    from library.errors import UserError
     import torch
 
     validate_training_args(args)
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     save_dtype = precision_dtype(args.save_precision)
     accelerator, logging_enabled = session.make_accelerator(args, "network_train")
     seed = session.choose_seed(args)
-    tokenizer = load_tokenizer(args.v2, args.tokenizer_cache_dir)
+    tokenizer = session.tokenizer_for(args)
     blueprint, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=True, support_finetuning=True)
     weight_dtype = session.DTYPES[args.mixed_precision]
     model = session.load_base_model(args, weight_dtype)
@@ -76,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 neuron_dropout=args.network_dropout, **network_kwargs)
     network.apply_to(te, unet, train_te, train_unet)
     if args.network_weights:
-        network.load_weights(args.network_weights)
+        try:
+            network.load_weights(args.network_weights)
+        except RuntimeError as exc:  # shape mismatches
+            raise UserError(f"--network_weights {args.network_weights}: does not fit this network "
+                            f"({str(exc).strip().splitlines()[-1][:200]}); try --dim_from_weights") from None
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         te.gradient_checkpointing_enable()
@@ -87,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     session.place(te, accelerator.device, torch.float32)
     session.place(model.vae, accelerator.device, weight_dtype)
     network.to(accelerator.device)
+    if args.full_fp16 or args.full_bf16:  # trainable weights and their gradients in the half dtype
+        network.to(dtype=weight_dtype)
     if hasattr(network, "prepare_grad_etc"):
         network.prepare_grad_etc(te, unet)
 
@@ -113,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer.resume(args.resume)
     base = network_metadata(args, group=group, blueprint=blueprint, plan=plan, seed=seed,
                             session_id=trainer.progress.session_id, started_at=trainer.progress.started_at,
-                            optimizer_name=built.description, v2=model.v2)
+                            optimizer_name=built.description, v2=model.v2,
+                            recorded_lrs=session.recorded_learning_rates(args, built))
     method.metadata = RunMetadata(base, {} if args.no_metadata else model_hash_jobs(args), args.no_metadata)
     session.start_summary(group, plan, f"{args.network_module}, dim {args.network_dim}").log(accelerator)
     result = trainer.run()

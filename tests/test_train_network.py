@@ -34,7 +34,8 @@ def _cache(tmp_path, monkeypatch):
 
 
 def base_args(models, data, out, *extra, model="sd1", steps=4):
-    return ["--pretrained_model_name_or_path", models[model]["safetensors"], "--train_data_dir", data,
+    flags = ["--v2", "--v_parameterization"] if model == "sd2" else []
+    return [*flags, "--pretrained_model_name_or_path", models[model]["safetensors"], "--train_data_dir", data,
             "--resolution", "64", "--output_dir", out, "--network_module", "networks.lora", "--network_dim", "4",
             "--max_train_steps", str(steps), "--learning_rate", "1e-3", "--seed", "1",
             "--max_data_loader_n_workers", "0", *extra]
@@ -96,7 +97,11 @@ def test_resume_is_bit_identical(models, data, tmp_path, stop):
     state = tmp_path / "b" / f"at-step{stop:08d}-state"
     assert (state / "state.pt").is_file() and json.loads((state / "state.json").read_text())["global_step"] == stop
     (tmp_path / "b" / "last.safetensors").unlink()
-    assert run_script(train, base_args(models, data, tmp_path / "b", *extra, "--resume", state)) == 0
+    resume_args = base_args(models, data, tmp_path / "b", *extra, "--resume", state)
+    if stop == 7:  # without --seed the resumed run takes the saved seed
+        i = resume_args.index("--seed")
+        del resume_args[i:i + 2]
+    assert run_script(train, resume_args) == 0
     a, b = _weights(tmp_path / "a" / "last.safetensors"), _weights(tmp_path / "b" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -229,10 +234,12 @@ OPTION_CASES = {
 }
 
 
+@pytest.mark.parametrize("model", ["sd1", "sd2"])
 @pytest.mark.parametrize("case", sorted(OPTION_CASES))
-def test_option(models, data, tmp_path, case):
+def test_option(models, data, tmp_path, case, model):
+    """Every option through the CLI on tiny SD1 and tiny SD2 (v-prediction)."""
     extra = [a.replace("{tmp}", str(tmp_path)) for a in OPTION_CASES[case]]
-    assert run_script(train, base_args(models, data, tmp_path / "out", *extra, steps=3)) == 0
+    assert run_script(train, base_args(models, data, tmp_path / "out", *extra, model=model, steps=3)) == 0
     out = tmp_path / "out" / "last.safetensors"
     with safe_open(str(out), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
@@ -262,8 +269,49 @@ def test_bad_options_are_one_line_errors(models, data, tmp_path, capsys):
         (["--network_args", "conv_dim"], "--network_args"),
         (["--resume", tmp_path / "missing-state"], "--resume"),
         (["--lr_scheduler", "constant", "--lr_warmup_steps", "5"], "--lr_warmup_steps"),
+        (["--network_train_unet_only", "--network_train_text_encoder_only"], "leave nothing to train"),
+        (["--network_weights", tmp_path / "wide.safetensors"], "--network_weights"),
     ]
+    assert run_script(train, base_args(models, data, tmp_path / "w", "--network_dim", "8", steps=1)) == 0
+    (tmp_path / "w" / "last.safetensors").rename(tmp_path / "wide.safetensors")
+    capsys.readouterr()
     for extra, fragment in cases:
         code = run_script(train, base_args(models, data, tmp_path / "out", *extra))
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and fragment in err[0], (extra, err)
+
+
+def test_continue_from_network_weights(models, data, tmp_path):
+    first = tmp_path / "first"
+    assert run_script(train, base_args(models, data, first, "--network_args", "conv_dim=2", "conv_alpha=1")) == 0
+    start = load_file(str(first / "last.safetensors"))
+    # --dim_from_weights: dims (incl. conv) come from the file; training continues from its values
+    argv = base_args(models, data, tmp_path / "second", "--network_weights", first / "last.safetensors",
+                     "--dim_from_weights", "--learning_rate", "0", steps=2)
+    argv.remove("--network_dim")
+    argv.remove("4")
+    assert run_script(train, argv) == 0
+    again = load_file(str(tmp_path / "second" / "last.safetensors"))
+    assert again.keys() == start.keys()
+    assert all(torch.equal(again[k], start[k]) for k in start)  # lr 0: the loaded weights come back unchanged
+
+
+def test_reg_images_and_prior_loss_weight(models, data, tmp_path):
+    reg = make_dataset(tmp_path / "reg", folder="1_dog", count=6)
+    argv = base_args(models, data, tmp_path / "out", "--reg_data_dir", reg, "--prior_loss_weight", "0.5")
+    assert run_script(train, argv) == 0
+    with safe_open(str(tmp_path / "out" / "last.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_num_reg_images"] == "6" and meta["ss_prior_loss_weight"] == "0.5"
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_dog": {"n_repeats": 1, "img_count": 6}}
+
+
+def test_sd2_model_without_v2_flag_uses_the_sd2_tokenizer(models, data, tmp_path, caplog):
+    argv = base_args(models, data, tmp_path / "out", model="sd1", steps=2)
+    argv[argv.index("--pretrained_model_name_or_path") + 1] = str(models["sd2"]["safetensors"])
+    with caplog.at_level("WARNING"):
+        assert run_script(train, argv) == 0
+    assert any("--v2 was not given" in r.message for r in caplog.records)
+    from library.models.load import peek_is_v2
+
+    assert peek_is_v2(models["sd2"]["safetensors"]) is True and peek_is_v2(models["sd1"]["safetensors"]) is False

@@ -29,6 +29,13 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _face_crop(value: Any) -> Any:
+    """The parsed ``--face_crop_aug_range`` (a tuple), as the reference records it."""
+    from library.config import parse_face_crop_option
+
+    return parse_face_crop_option(value) if isinstance(value, str) else value
+
+
 def _subset_name(subset: Any) -> str:
     return os.path.basename(os.path.normpath(subset.metadata_file or subset.image_dir or ""))
 
@@ -116,7 +123,8 @@ def dataset_metadata(group: Any, blueprint: Any, args: argparse.Namespace, plan:
 
 
 def network_metadata(args: argparse.Namespace, *, group: Any, blueprint: Any, plan: RunPlan, seed: int,
-                     session_id: int, started_at: float, optimizer_name: str, v2: bool) -> dict[str, str]:
+                     session_id: int, started_at: float, optimizer_name: str, v2: bool,
+                     recorded_lrs: dict[str, str] | None = None) -> dict[str, str]:
     """The metadata fixed for the run (per-save keys are added by :func:`for_save`)."""
     minimal = {"ss_network_module": str(args.network_module), "ss_network_dim": str(args.network_dim),
                "ss_network_alpha": str(args.network_alpha)}
@@ -146,9 +154,10 @@ def network_metadata(args: argparse.Namespace, *, group: Any, blueprint: Any, pl
         "ss_caption_dropout_rate": str(getattr(args, "caption_dropout_rate", 0.0)),
         "ss_caption_dropout_every_n_epochs": str(getattr(args, "caption_dropout_every_n_epochs", 0)),
         "ss_caption_tag_dropout_rate": str(getattr(args, "caption_tag_dropout_rate", 0.0)),
-        "ss_face_crop_aug_range": str(args.face_crop_aug_range), "ss_training_comment": str(args.training_comment),
+        "ss_face_crop_aug_range": str(_face_crop(args.face_crop_aug_range)), "ss_training_comment": str(args.training_comment),
         "ss_sd_scripts_commit_hash": "(unknown)", "ss_optimizer": optimizer_name,
     }
+    meta.update(recorded_lrs or {})
     meta.update(minimal)
     meta.update(dataset_metadata(group, blueprint, args, plan))
     return meta

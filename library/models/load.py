@@ -295,6 +295,26 @@ def _looks_like_hub_id(spec: str) -> bool:
         not Path(spec).suffix.lower() in (".ckpt", ".safetensors", ".pt", ".bin", ".pth")
 
 
+def peek_is_v2(path: str | os.PathLike | None) -> bool | None:
+    """Whether a model is SD2 from its header or configs alone (no weights read); None when unknown
+    (a Hub id, or a path that does not exist). Lets the tokenizer match the model before it loads."""
+    if not path:
+        return None
+    local = Path(os.path.expanduser(str(path)))
+    try:
+        if local.is_file():
+            from library.models.detect import detect_ldm_family
+
+            family = detect_ldm_family(open_state_dict(local).keys())
+            return True if family == "sd2" else False if family == "sd1" else None
+        if local.is_dir():
+            te = local / "text_encoder" / "config.json"
+            return is_v2_text_encoder(json.loads(te.read_text(encoding="utf-8"))) if te.is_file() else None
+    except (UserError, OSError, ValueError):
+        return None
+    return None
+
+
 def load_model(path: str | os.PathLike | None, *, v2: bool | None = None, v_parameterization: bool | None = None,
                vae: str | None = None, reference_model: str | None = None, tokenizer_cache_dir: str | None = None,
                dtype: torch.dtype | None = torch.float32) -> StableDiffusionModel:

@@ -133,5 +133,22 @@ def validate_training_args(args: argparse.Namespace) -> None:
         if importlib.util.find_spec("xformers") is None:
             problems.append("--xformers needs the package 'xformers' (pip install xformers); "
                             "without it PyTorch's scaled-dot-product attention is used by default")
+    if hasattr(args, "output_dir") and not args.output_dir and not getattr(args, "debug_dataset", False):
+        problems.append("--output_dir is required (where trained files are written)")
+    if getattr(args, "network_train_unet_only", False) and getattr(args, "network_train_text_encoder_only", False):
+        problems.append("--network_train_unet_only and --network_train_text_encoder_only leave nothing to train; "
+                        "give at most one")
     if problems:
         raise UserError("; ".join(problems))
+    _check_schedule(args)
+
+
+def _check_schedule(args: argparse.Namespace) -> None:
+    """Build the learning-rate schedule on a throwaway optimizer, so its mistakes surface before loading."""
+    from library.training.lr import lr_at_steps
+
+    if args.optimizer_type.lower() == "adafactor" or args.lr_scheduler.startswith("adafactor"):
+        return  # its schedule depends on the optimizer's own rules, checked when it is built
+    lr_at_steps(args.lr_scheduler, [0], learning_rate=args.learning_rate or 1.0, max_train_steps=max(
+        1, args.max_train_steps or 1), num_warmup_steps=args.lr_warmup_steps, num_cycles=args.lr_scheduler_num_cycles,
+        power=args.lr_scheduler_power, scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)

@@ -163,7 +163,10 @@ def build_lr_scheduler(
     ``name`` is ``--lr_scheduler`` (or the ``adafactor:<lr>`` override from the optimizer);
     a non-empty ``scheduler_type`` (``--lr_scheduler_type``) replaces it and receives the parsed
     ``scheduler_args`` (``--lr_scheduler_args``; built-in schedules ignore them). ``max_train_steps``
-    is in optimizer steps; the schedule length is scaled per §4.4. ``num_warmup_steps``
+    is in optimizer steps; the length is ``max_train_steps × num_processes × gradient_accumulation_steps``
+    (the reference's accounting, §4.4). Our training loop steps the schedule once per optimizer step and
+    passes 1 and 1, so the schedule spans exactly ``max_train_steps`` (the reference's accumulation bug is
+    not reproduced). ``num_warmup_steps``
     (``--lr_warmup_steps``) must be 0 for ``constant``, ``adafactor`` and custom classes.
     """
     if num_warmup_steps < 0:

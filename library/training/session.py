@@ -68,8 +68,27 @@ def choose_seed(args: argparse.Namespace) -> int:
     from accelerate.utils import set_seed
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    resume = getattr(args, "resume", None)
+    if resume and (Path(resume) / "state.json").is_file():
+        import json
+
+        saved = json.loads((Path(resume) / "state.json").read_text(encoding="utf-8")).get("seed")
+        if saved is not None and saved != seed:
+            if args.seed is not None:
+                logger.warning("--seed %s differs from the resumed run's seed %s; using %s so the run continues "
+                               "exactly", args.seed, saved, saved)
+            seed = saved
     set_seed(seed)
     return seed
+
+
+def tokenizer_for(args: argparse.Namespace):
+    """The SD1 or SD2 tokenizer, chosen from the model's own header when it can be read cheaply."""
+    from library.models.load import peek_is_v2
+    from library.models.tokenizer import load_tokenizer
+
+    v2 = peek_is_v2(args.pretrained_model_name_or_path)
+    return load_tokenizer(args.v2 if v2 is None else v2, args.tokenizer_cache_dir)
 
 
 def load_datasets(args: argparse.Namespace, tokenizer: Any, seed: int, *, support_dreambooth: bool,
@@ -116,7 +135,9 @@ def set_attention(unet: Any, args: argparse.Namespace) -> None:
     if args.xformers:
         unet.enable_xformers_memory_efficient_attention()
     elif args.mem_eff_attn:
-        unet.set_attention_slice("auto")
+        # sliced attention; "auto" halves the heads, which is 0 for single-head blocks: then one at a time
+        heads = [m.sliceable_head_dim for m in unet.modules() if hasattr(m, "sliceable_head_dim")]
+        unet.set_attention_slice("auto" if heads and min(heads) >= 2 else "max")
 
 
 def cache_latents(args: argparse.Namespace, group: Any, vae: Any, accelerator: Any, weight_dtype: torch.dtype,
@@ -167,6 +188,16 @@ def save_settings(args: argparse.Namespace, plan: RunPlan) -> SaveSettings:
                         every_n_steps=args.save_every_n_steps, last_n_epochs=args.save_last_n_epochs,
                         last_n_epochs_state=args.save_last_n_epochs_state, last_n_steps=args.save_last_n_steps,
                         last_n_steps_state=args.save_last_n_steps_state, save_state=args.save_state)
+
+
+def recorded_learning_rates(args: argparse.Namespace, built: Any) -> dict[str, str]:
+    """Learning-rate metadata as the optimizer left it (relative-step AdaFactor clears the lrs and sets
+    the ``adafactor:<lr>`` scheduler)."""
+    cleared = built.group_lrs_cleared
+    return {"ss_learning_rate": str(built.learning_rate),
+            "ss_unet_lr": str(None if cleared else getattr(args, "unet_lr", None)),
+            "ss_text_encoder_lr": str(None if cleared else getattr(args, "text_encoder_lr", None)),
+            "ss_lr_scheduler": str(built.lr_scheduler or args.lr_scheduler)}
 
 
 def loader_workers(args: argparse.Namespace) -> int:

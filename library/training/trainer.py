@@ -119,9 +119,20 @@ class Trainer:
         self.stop_requested: str | None = None
         self.last_saved: Path | None = None
         self.params = method.trainable_parameters()
+        self._allow_fp16_unscale()
         # test hook: with SDTRAIN_DEBUG_DIR set, every process records the images it trained on and its weights
         self.debug_dir = os.environ.get("SDTRAIN_DEBUG_DIR")
         self.seen_keys: dict[int, list[str]] = {}
+
+    def _allow_fp16_unscale(self) -> None:
+        """--full_fp16 keeps trainable weights (and so their gradients) in fp16, which torch's GradScaler
+        refuses to unscale; this run's own scaler instance is told to allow it (as the reference does)."""
+        scaler = self.accelerator.scaler
+        if scaler is None or not any(p.dtype == torch.float16 for p in self.params):
+            return
+        unscale = scaler._unscale_grads_
+        scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(
+            optimizer, inv_scale, found_inf, True)
 
     # ---- resume ---------------------------------------------------------------------------------
 
@@ -251,6 +262,16 @@ class Trainer:
                                            collate_fn=_identity, generator=torch.Generator().manual_seed(epoch),
                                            persistent_workers=self.persistent_workers and self.num_workers > 0)
 
+    def _should_stop(self) -> bool:
+        """True when any process was asked to stop (all processes agree, so none waits for the others)."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_requested is not None
+        flag = torch.tensor([1 if self.stop_requested else 0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not self.stop_requested:
+            self.stop_requested = "another process"
+        return bool(flag.item())
+
     def _install_signal_handlers(self) -> dict:
         def request_stop(signum, _frame):
             self.stop_requested = signal.Signals(signum).name
@@ -308,7 +329,7 @@ class Trainer:
                     tracker.step(self.progress.global_step, logs)
                     micro, accumulated, batches_done = 0, 0.0, 0
                     self._after_optimizer_step(epoch)
-                    if self.stop_requested:
+                    if self._should_stop():
                         return self._interrupted(tracker)
                     if self.progress.global_step >= plan.max_train_steps:
                         break
