@@ -315,3 +315,14 @@ def test_sd2_model_without_v2_flag_uses_the_sd2_tokenizer(models, data, tmp_path
     from library.models.load import peek_is_v2
 
     assert peek_is_v2(models["sd2"]["safetensors"]) is True and peek_is_v2(models["sd1"]["safetensors"]) is False
+
+
+def test_log_with_all_writes_tensorboard_and_wandb_offline(models, data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    argv = base_args(models, data, tmp_path / "out", "--logging_dir", tmp_path / "logs", "--log_with", "all",
+                     "--log_tracker_name", "lora_test", steps=2)
+    assert run_script(train, argv) == 0
+    (run,) = list((tmp_path / "logs").iterdir())
+    assert list((run / "lora_test").glob("events.out.tfevents*"))
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
