@@ -1,12 +1,97 @@
-"""DreamBooth training (train_db.py): entry script. Training arrives in a later version; --debug_dataset works now."""
+"""DreamBooth: train the whole UNet and text encoder of a Stable Diffusion 1.x/2.x model on a few images.
 
+    accelerate launch train_db.py --pretrained_model_name_or_path model.safetensors \\
+        --dataset_config data.toml --output_dir out --learning_rate 1e-6 --max_train_steps 1600 ...
+
+See docs/train_db.md for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from typing import Sequence
 
 from library.cli import run_main
-from library.staged import staged_main
 
-main = staged_main("train_db.py", "DreamBooth training", support_dreambooth=True, support_caption=False,
-                   support_caption_dropout=True)
+
+def build_parser() -> argparse.ArgumentParser:
+    """All options of train_db.py (kohya names)."""
+    from library.methods.full_model import add_full_model_saving_arguments
+    from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
+    from library.training import args as training_args
+
+    parser = argparse.ArgumentParser(prog="train_db.py", description=__doc__.strip().splitlines()[0])
+    add_model_arguments(parser)
+    add_data_loading_arguments(parser)
+    add_dataset_group(parser, support_dreambooth=True, support_caption=False, support_caption_dropout=True)
+    training_args.add_training_arguments(parser, support_dreambooth=True)
+    training_args.add_optimizer_arguments(parser)
+    add_full_model_saving_arguments(parser)
+    training_args.add_logging_arguments(parser)
+    g = parser.add_argument_group("DreamBooth")
+    g.add_argument("--stop_text_encoder_training", type=int, default=None,
+                   help="train the text encoder only for the first N steps (negative: never train it)")
+    g.add_argument("--no_token_padding", action="store_true",
+                   help="pad captions only to the batch's longest (max 77 tokens), as the original DreamBooth "
+                        "script; --max_token_length and --clip_skip are then bypassed")
+    return parser
+
+
+def text_encoder_steps(stop_text_encoder_training: int | None) -> int | None:
+    """``--stop_text_encoder_training`` as the method's policy: None = whole run, negative or 0 = never."""
+    if stop_text_encoder_training is None:
+        return None
+    return max(0, stop_text_encoder_training)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, set up, train, and say where the model went."""
+    args = build_parser().parse_args(argv)
+    from library.methods.full_model import FullModelMethod, prepare_full_model, resolve_save_format
+    from library.models.save import precision_dtype
+    from library.staged import debug_dataset
+    from library.training import session
+    from library.training.args import validate_training_args
+
+    validate_training_args(args)
+    if args.debug_dataset:
+        return debug_dataset(args, support_dreambooth=True, support_caption=False)
+    save_dtype = precision_dtype(args.save_precision)
+    te_steps = text_encoder_steps(args.stop_text_encoder_training)
+    accelerator, logging_enabled = session.make_accelerator(args, "dreambooth")
+    seed = session.choose_seed(args)
+    tokenizer = session.tokenizer_for(args)
+    _, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=True, support_finetuning=False)
+    weight_dtype = session.DTYPES[args.mixed_precision]
+    model = session.load_base_model(args, weight_dtype)
+    session.set_attention(model.unet, args)
+    session.cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    prepare_full_model(model, text_encoder_trains=te_steps != 0, gradient_checkpointing=args.gradient_checkpointing,
+                       device=accelerator.device, weight_dtype=weight_dtype,
+                       full_half=args.full_fp16 or args.full_bf16)
+
+    plan = session.run_plan(args, group, accelerator)
+    method = FullModelMethod(model=model, text_encoder_steps=te_steps, clip_skip=args.clip_skip,
+                             max_token_length=args.max_token_length, weighted_captions=args.weighted_captions,
+                             no_token_padding=args.no_token_padding,
+                             save_format=resolve_save_format(args.save_model_as, args.use_safetensors,
+                                                             model.source_format),
+                             save_dtype=save_dtype, device=accelerator.device)
+    built, scheduler = session.optimizer_and_schedule(args, method.param_groups(), plan)
+    trainer = session.make_trainer(args, accelerator=accelerator, model=model, group=group, method=method,
+                                   built=built, scheduler=scheduler, plan=plan, seed=seed, weight_dtype=weight_dtype,
+                                   logging_enabled=logging_enabled)
+    if args.resume:
+        trainer.resume(args.resume)
+        method.after_step(trainer.progress.global_step)  # a state saved after the stop step: keep it frozen
+    te_text = {None: "UNet + text encoder", 0: "UNet only"}.get(te_steps, f"UNet + text encoder for {te_steps} steps")
+    session.start_summary(group, plan, f"DreamBooth, {te_text}").log(accelerator)
+    result = trainer.run()
+    if result is not None and accelerator.is_main_process:
+        print(f"saved the trained model to {result}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

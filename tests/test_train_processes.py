@@ -75,20 +75,20 @@ def test_sigterm_saves_state_and_the_run_resumes(setup, tmp_path):
     cmd = [sys.executable, str(REPO / "train_network.py"), "--pretrained_model_name_or_path", str(model),
            "--train_data_dir", str(data), "--resolution", "64", "--output_dir", str(out), "--network_module",
            "networks.lora", "--max_train_steps", "100000", "--learning_rate", "1e-4", "--seed", "1",
-           "--max_data_loader_n_workers", "0", "--save_state", "--logging_dir", str(tmp_path / "logs")]
+           "--max_data_loader_n_workers", "0", "--save_every_n_steps", "5", "--save_last_n_steps", "5", "--save_state"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "logs").rglob("events.out.tfevents*")):
-        time.sleep(0.5)
-    time.sleep(3)  # some steps
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(out.glob("at-step*.safetensors")) and proc.poll() is None:
+        time.sleep(0.2)  # wait until training is under way (a step save appeared)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
-    states = sorted(out.glob("at-step*-state"))
-    assert len(states) == 1 and "resume with --resume" in output and "stopped by SIGTERM" in output
-    step = int(states[0].name[len("at-step"):len("at-step") + 8])
-    assert step > 0
+    assert "resume with --resume" in output and "stopped by SIGTERM" in output
+    states = sorted(out.glob("at-step*-state"))  # step saves' states, and the one written at the stop
+    step = int(states[-1].name[len("at-step"):len("at-step") + 8])
+    assert step >= 5 and f"--resume {states[-1]}" in output
+    states = states[-1:]
     resume = cmd[:cmd.index("--max_train_steps") + 1] + [str(step + 2)] + cmd[cmd.index("--max_train_steps") + 2:]
     res = subprocess.run(resume + ["--resume", str(states[0])], cwd=REPO, env=_env(tmp_path), capture_output=True,
                          text=True, timeout=300)

@@ -231,3 +231,33 @@ def start_summary(group: Any, plan: RunPlan, method_name: str) -> StartSummary:
              f"{plan.gradient_accumulation_steps}; total batch size: {plan.total_batch_size}",
              f"  optimizer steps: {plan.max_train_steps} ({plan.steps_per_epoch} per epoch)"]
     return StartSummary(lines)
+
+
+def optimizer_and_schedule(args: argparse.Namespace, param_groups: list[dict[str, Any]], plan: RunPlan):
+    """The optimizer over ``param_groups`` (``--optimizer_type``, ``--learning_rate``, ``--optimizer_args``,
+    legacy aliases) and its learning-rate schedule (``--lr_scheduler*``, ``--lr_warmup_steps``), sized
+    in optimizer steps. Returns ``(BuiltOptimizer, scheduler)``."""
+    from library.training.lr import build_lr_scheduler
+    from library.training.optim import build_optimizer
+
+    built = build_optimizer(args.optimizer_type, param_groups, args.learning_rate, args.optimizer_args,
+                            use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer,
+                            max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler)
+    scheduler = build_lr_scheduler(built.lr_scheduler or args.lr_scheduler, built.optimizer,
+                                   max_train_steps=plan.max_train_steps, num_warmup_steps=args.lr_warmup_steps,
+                                   num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
+                                   scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
+    return built, scheduler
+
+
+def make_trainer(args: argparse.Namespace, *, accelerator: Any, model: Any, group: Any, method: Any, built: Any,
+                 scheduler: Any, plan: RunPlan, seed: int, weight_dtype: torch.dtype, logging_enabled: bool):
+    """The :class:`~library.training.trainer.Trainer` for a prepared method, with the step and saving
+    options of ``args`` (DataLoader workers included)."""
+    from library.training.trainer import Trainer
+
+    return Trainer(accelerator=accelerator, model=model, group=group, method=method, optimizer=built.optimizer,
+                   lr_scheduler=scheduler, plan=plan,
+                   step=step_settings(args, model.v_parameterization, weight_dtype),
+                   save=save_settings(args, plan), seed=seed, num_workers=loader_workers(args),
+                   persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled)

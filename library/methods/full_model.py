@@ -1,0 +1,206 @@
+"""Full-model training (train_db.py DreamBooth, fine_tune.py): the UNet, and the text encoder while it
+trains, are the trained weights; the result is a whole Stable Diffusion model.
+
+Text-encoder policy, as one number ``text_encoder_steps``: None trains it for the whole run, 0 never
+(it is not given to the optimizer and stays in the frozen dtype), N > 0 trains it for the first N
+optimizer steps and freezes it from then on (DreamBooth's ``--stop_text_encoder_training N``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.data.tokens import apply_token_weights, encode_tokens, encode_weighted_tokens, \
+    tokenize_captions_no_padding
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+FULL_MODEL_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
+
+
+def add_full_model_saving_arguments(parser: argparse.ArgumentParser) -> None:
+    """The saving options of train_db.py / fine_tune.py: the shared group with the four whole-model
+    formats (default None = the input model's family) plus ``--use_safetensors``."""
+    from library.training import args as training_args
+
+    training_args.add_saving_arguments(parser, model_formats=FULL_MODEL_FORMATS, default_format=None)
+    g = parser.add_argument_group("whole-model saving")
+    g.add_argument("--use_safetensors", action="store_true",
+                   help="write safetensors: with --save_model_as unset or ckpt → .safetensors, diffusers → "
+                        "diffusers_safetensors")
+
+
+def resolve_save_format(save_model_as: str | None, use_safetensors: bool, source_format: str) -> str:
+    """The format a full model is written in.
+
+    ``save_model_as`` None means the input model's family: an ldm file gives ``ckpt``, a diffusers folder
+    or Hub id gives ``diffusers``. ``use_safetensors`` then turns ``ckpt`` into ``safetensors`` and
+    ``diffusers`` into ``diffusers_safetensors`` (also when they were asked for explicitly).
+    """
+    fmt = save_model_as or ("ckpt" if source_format == "ldm" else "diffusers")
+    if fmt not in FULL_MODEL_FORMATS:
+        raise UserError(f"--save_model_as {fmt}: expected one of {', '.join(FULL_MODEL_FORMATS)}")
+    if use_safetensors:
+        fmt = {"ckpt": "safetensors", "diffusers": "diffusers_safetensors"}.get(fmt, fmt)
+    return fmt
+
+
+def output_path(output_dir: Path, name: str, save_format: str) -> Path:
+    """``output_dir/name.ckpt`` / ``name.safetensors`` for ldm files, ``output_dir/name/`` for diffusers."""
+    if save_format in ("ckpt", "safetensors"):
+        return Path(output_dir) / f"{name}.{save_format}"
+    return Path(output_dir) / name
+
+
+def prepare_full_model(model: Any, *, text_encoder_trains: bool, gradient_checkpointing: bool,
+                       device: torch.device, weight_dtype: torch.dtype, full_half: bool) -> None:
+    """Set requires_grad, dtypes and devices for full-model training (training_options.md §10).
+
+    UNet: trainable, fp32 (``weight_dtype`` with --full_fp16/--full_bf16). Text encoder: the same when it
+    trains, else frozen in ``weight_dtype``. VAE: frozen in ``weight_dtype``.
+    """
+    from library.training.session import place
+
+    unet, te, vae = model.unet, model.text_encoder, model.vae
+    vae.requires_grad_(False)
+    vae.eval()
+    unet.requires_grad_(True)
+    te.requires_grad_(text_encoder_trains)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if text_encoder_trains:
+            te.gradient_checkpointing_enable()
+    trained_dtype = weight_dtype if full_half else torch.float32
+    place(unet, device, trained_dtype)
+    place(te, device, trained_dtype if text_encoder_trains else weight_dtype)
+    place(vae, device, weight_dtype)
+    if not text_encoder_trains:
+        te.eval()
+
+
+class FullModelMethod:
+    """Train the UNet (and the text encoder while it trains) of a Stable Diffusion model in place."""
+
+    name = "full_model"
+
+    def __init__(self, *, model: Any, text_encoder_steps: int | None, clip_skip: int | None,
+                 max_token_length: int | None, weighted_captions: bool, no_token_padding: bool,
+                 save_format: str, save_dtype: torch.dtype | None, device: torch.device):
+        """``text_encoder_steps``: None = whole run, 0 = never, N = the first N optimizer steps.
+
+        Call :func:`prepare_full_model` first (with ``text_encoder_trains = text_encoder_steps != 0``).
+        """
+        if text_encoder_steps is not None and text_encoder_steps < 0:
+            raise ValueError("text_encoder_steps must be None or >= 0")
+        self.model = model
+        self.text_encoder_steps = text_encoder_steps
+        self.text_encoder_in_optimizer = text_encoder_steps != 0
+        self.text_encoder_training = self.text_encoder_in_optimizer
+        self.clip_skip, self.max_token_length = clip_skip, max_token_length
+        self.weighted_captions, self.no_token_padding = weighted_captions, no_token_padding
+        self.save_format, self.save_dtype = save_format, save_dtype
+        self.device = device
+        if weighted_captions and no_token_padding:
+            logger.warning("--no_token_padding has no effect with --weighted_captions (weighted captions are "
+                           "encoded in 77-token chunks)")
+        params = [p for p in model.unet.parameters()]
+        if self.text_encoder_in_optimizer:
+            params += [p for p in model.text_encoder.parameters()]
+        self._params = params
+
+    # ---- what trains --------------------------------------------------------------------------
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group over every trained parameter, at the optimizer's default lr (``--learning_rate``)."""
+        return [{"params": list(self._params)}]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """UNet parameters, plus the text encoder's when it is in the optimizer."""
+        return list(self._params)
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"unet": self.model.unet}
+        if self.text_encoder_in_optimizer:
+            modules["text_encoder"] = self.model.text_encoder
+        return modules
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """``unet.<key>`` and (when it is trained at all) ``text_encoder.<key>`` weights."""
+        return {f"{prefix}.{key}": tensor for prefix, module in self._modules().items()
+                for key, tensor in module.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`trainable_state_dict` output exactly (every key must be present)."""
+        for prefix, module in self._modules().items():
+            lead = prefix + "."
+            part = {k[len(lead):]: v for k, v in state.items() if k.startswith(lead)}
+            try:
+                module.load_state_dict(part, strict=True)
+            except RuntimeError as exc:
+                raise UserError(f"--resume: the saved {prefix} weights do not fit this model "
+                                f"({str(exc).strip().splitlines()[0][:200]})") from None
+
+    # ---- the loop's hooks ---------------------------------------------------------------------
+
+    def set_train(self, training: bool) -> None:
+        """UNet in train mode while training; the text encoder only while it still trains."""
+        self.model.unet.train(training)
+        self.model.text_encoder.train(training and self.text_encoder_training)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Nothing to do per epoch."""
+
+    def conditioning(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Text-encoder hidden states, with gradients only while the text encoder trains.
+
+        With ``--no_token_padding`` the processed captions are tokenized again, padded only to the
+        batch's longest caption (encoded as-is, §7.6); ``--weighted_captions`` takes precedence.
+        """
+        te = self.model.text_encoder
+        with torch.set_grad_enabled(self.text_encoder_training):
+            if self.weighted_captions:
+                hidden = encode_weighted_tokens(te, batch["input_ids"].to(self.device), self.clip_skip)
+                return apply_token_weights(hidden, batch["token_weights"].to(self.device))
+            if self.no_token_padding:
+                ids = tokenize_captions_no_padding(self.model.tokenizer, batch["captions"])
+            else:
+                ids = batch["input_ids"]
+            return encode_tokens(te, ids.to(self.device), self.clip_skip, self.max_token_length)
+
+    def after_step(self, global_step: int) -> None:
+        """Freeze the text encoder once ``global_step`` reaches ``text_encoder_steps`` (idempotent, so it
+        may also be called right after ``--resume`` with the resumed step)."""
+        steps = self.text_encoder_steps
+        if self.text_encoder_training and steps is not None and global_step >= steps:
+            te = self.model.text_encoder
+            te.requires_grad_(False)
+            te.eval()
+            for p in te.parameters():
+                p.grad = None
+            self.text_encoder_training = False
+            logger.info("text encoder training stopped at step %d; the UNet continues", global_step)
+
+    def learning_rates(self, optimizer: Any) -> dict[str, float]:
+        """``lr`` of the (single) group, and ``lr/d*lr`` for D-Adaptation / Prodigy, as kohya's D/F log them."""
+        group = optimizer.param_groups[0]
+        lr = float(group["lr"]) if group.get("lr") is not None else 0.0
+        out = {"lr": lr}
+        if "d" in group:
+            out["lr/d*lr"] = float(group["d"] * lr)
+        return out
+
+    def save(self, output_dir: Path, name: str, *, epoch: int, step: int, final: bool) -> Path:
+        """Write the whole model (UNet, text encoder, VAE) as ``name.ckpt``/``name.safetensors`` or a
+        diffusers folder ``name/``, atomically, in ``--save_precision``."""
+        from library.models.save import save_model
+
+        path = output_path(Path(output_dir), name, self.save_format)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_model(self.model, path, self.save_format, save_dtype=self.save_dtype, epoch=epoch,
+                          global_step=step)
