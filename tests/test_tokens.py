@@ -308,3 +308,12 @@ def test_encode_weighted_keeps_every_chunk_state(sd1, text_encoder):
         final = encode_weighted_captions(sd1, text_encoder, [cats(80), "a (photo:1.3) of a cat"], 225)
     assert torch.allclose(final, apply_token_weights(states, weights))
     assert final.mean(dim=(1, 2)).tolist() == pytest.approx(states.mean(dim=(1, 2)).tolist(), rel=1e-4)
+
+
+def test_apply_token_weights_zero_mean_stays_finite():
+    from library.data.tokens import apply_token_weights
+
+    states = torch.zeros(1, 4, 3)
+    states[0, 0] = torch.tensor([1.0, -1.0, 0.0])  # mean exactly 0
+    out = apply_token_weights(states, torch.tensor([[2.0, 1.0, 1.0, 1.0]]))
+    assert torch.isfinite(out).all() and torch.equal(out[0, 0], torch.tensor([2.0, -2.0, 0.0]))

@@ -342,7 +342,9 @@ def apply_token_weights(hidden_states: torch.Tensor, weights: torch.Tensor) -> t
     """Scale states (B, L, D) by per-token weights (B, L) or (B, n, 77), keeping each sample's mean (§8.6).
 
     ``μ0 = mean(E)`` over tokens and channels; ``E ← E·w``; ``μ1 = mean(E)``; ``E ← E·μ0/μ1``. The means
-    are taken in float32 and cast back to the states' dtype, as the baseline does.
+    are taken in float32 and cast back to the states' dtype, as the baseline does. A sample whose mean
+    after weighting is zero (possible with untrained encoders, never with real CLIP weights) is left
+    weighted but not rescaled, instead of turning into inf/NaN.
     """
     batch = hidden_states.shape[0]
     weights = weights.reshape(batch, -1).to(device=hidden_states.device, dtype=hidden_states.dtype)
@@ -351,7 +353,9 @@ def apply_token_weights(hidden_states: torch.Tensor, weights: torch.Tensor) -> t
     before = hidden_states.float().mean(dim=(-2, -1)).to(hidden_states.dtype)
     weighted = hidden_states * weights.unsqueeze(-1)
     after = weighted.float().mean(dim=(-2, -1)).to(hidden_states.dtype)
-    return weighted * (before / after)[:, None, None]
+    safe = after != 0
+    ratio = torch.where(safe, before / torch.where(safe, after, torch.ones_like(after)), torch.ones_like(after))
+    return weighted * ratio[:, None, None]
 
 
 def encode_weighted_captions(tokenizer: Any, text_encoder: Any, captions: Sequence[str],
