@@ -1,12 +1,102 @@
-"""fine-tuning (fine_tune.py): entry script. Training arrives in a later version; --debug_dataset works now."""
+"""Fine-tuning: train the whole UNet (and optionally the text encoder) of a Stable Diffusion 1.x/2.x model
+from images with captions in a metadata json.
 
+    accelerate launch fine_tune.py --pretrained_model_name_or_path model.safetensors \\
+        --in_json meta_lat.json --train_data_dir train_data --output_dir out --learning_rate 5e-6 ...
+
+See docs/fine_tune.md for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
 import sys
+from collections.abc import Sequence
 
 from library.cli import run_main
-from library.staged import staged_main
 
-main = staged_main("fine_tune.py", "fine-tuning", support_dreambooth=False, support_caption=True,
-                   support_caption_dropout=True)
+
+def build_parser() -> argparse.ArgumentParser:
+    """All options of fine_tune.py (kohya names)."""
+    from library.methods.full_model import add_full_model_saving_arguments
+    from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
+    from library.training import args as training_args
+
+    parser = argparse.ArgumentParser(prog="fine_tune.py", description=__doc__.strip().splitlines()[0])
+    add_model_arguments(parser)
+    add_data_loading_arguments(parser)
+    add_dataset_group(parser, support_dreambooth=False, support_caption=True, support_caption_dropout=True)
+    training_args.add_training_arguments(parser, support_dreambooth=False)
+    training_args.add_optimizer_arguments(parser)
+    add_full_model_saving_arguments(parser)
+    training_args.add_logging_arguments(parser)
+    training_args.add_sample_arguments(parser)
+    g = parser.add_argument_group("fine-tuning")
+    g.add_argument("--train_text_encoder", action="store_true", help="also train the text encoder (default: UNet only)")
+    g.add_argument("--diffusers_xformers", action="store_true",
+                   help="diffusers' own xformers attention in the UNet and VAE (needs the package 'xformers')")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, set up, train, and say where the model went."""
+    args = build_parser().parse_args(argv)
+    from library.errors import UserError
+    from library.methods.full_model import FullModelMethod, prepare_full_model, resolve_save_format
+    from library.models.save import precision_dtype
+    from library.staged import debug_dataset
+    from library.training import session
+    from library.training.args import validate_training_args
+    from library.training.sampling import make_sampler, sample_settings
+
+    if args.diffusers_xformers and importlib.util.find_spec("xformers") is None:
+        raise UserError("--diffusers_xformers needs the package 'xformers' (pip install xformers); without it "
+                        "PyTorch's scaled-dot-product attention is used by default")
+    validate_training_args(args)
+    if args.debug_dataset:
+        return debug_dataset(args, support_dreambooth=False, support_caption=True)
+    sampling = sample_settings(args)
+    save_dtype = precision_dtype(args.save_precision)
+    te_steps = None if args.train_text_encoder else 0
+    accelerator, logging_enabled = session.make_accelerator(args, "finetuning")
+    seed = session.choose_seed(args)
+    tokenizer = session.tokenizer_for(args)
+    _, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=False, support_finetuning=True)
+    weight_dtype = session.DTYPES[args.mixed_precision]
+    model = session.load_base_model(args, weight_dtype)
+    if args.diffusers_xformers:
+        model.unet.enable_xformers_memory_efficient_attention()
+        model.vae.enable_xformers_memory_efficient_attention()
+    else:
+        session.set_attention(model.unet, args)
+    session.cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    prepare_full_model(model, text_encoder_trains=args.train_text_encoder,
+                       gradient_checkpointing=args.gradient_checkpointing, device=accelerator.device,
+                       weight_dtype=weight_dtype, full_half=args.full_fp16 or args.full_bf16)
+
+    plan = session.run_plan(args, group, accelerator)
+    method = FullModelMethod(model=model, text_encoder_steps=te_steps, clip_skip=args.clip_skip,
+                             max_token_length=args.max_token_length, weighted_captions=args.weighted_captions,
+                             no_token_padding=False,
+                             save_format=resolve_save_format(args.save_model_as, args.use_safetensors,
+                                                             model.source_format),
+                             save_dtype=save_dtype, device=accelerator.device)
+    built, scheduler = session.optimizer_and_schedule(args, method.param_groups(), plan)
+    sampler = make_sampler(sampling, args, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+                           tokenizer=tokenizer, v_parameterization=model.v_parameterization, seed=seed)
+    trainer = session.make_trainer(args, accelerator=accelerator, model=model, group=group, method=method,
+                                   built=built, scheduler=scheduler, plan=plan, seed=seed, weight_dtype=weight_dtype,
+                                   logging_enabled=logging_enabled, sampler=sampler)
+    if args.resume:
+        trainer.resume(args.resume)
+    what = "UNet + text encoder" if args.train_text_encoder else "UNet only"
+    session.start_summary(group, plan, f"fine-tuning, {what}").log(accelerator)
+    result = trainer.run()
+    if result is not None and accelerator.is_main_process:
+        print(f"saved the trained model to {result}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

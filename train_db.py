@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from library.cli import run_main
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_args.add_optimizer_arguments(parser)
     add_full_model_saving_arguments(parser)
     training_args.add_logging_arguments(parser)
+    training_args.add_sample_arguments(parser)
     g = parser.add_argument_group("DreamBooth")
     g.add_argument("--stop_text_encoder_training", type=int, default=None,
                    help="train the text encoder only for the first N steps (negative: never train it)")
@@ -53,10 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from library.staged import debug_dataset
     from library.training import session
     from library.training.args import validate_training_args
+    from library.training.sampling import make_sampler, sample_settings
 
     validate_training_args(args)
     if args.debug_dataset:
         return debug_dataset(args, support_dreambooth=True, support_caption=False)
+    sampling = sample_settings(args)
     save_dtype = precision_dtype(args.save_precision)
     te_steps = text_encoder_steps(args.stop_text_encoder_training)
     accelerator, logging_enabled = session.make_accelerator(args, "dreambooth")
@@ -79,12 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              model.source_format),
                              save_dtype=save_dtype, device=accelerator.device)
     built, scheduler = session.optimizer_and_schedule(args, method.param_groups(), plan)
+    sampler = make_sampler(sampling, args, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+                           tokenizer=tokenizer, v_parameterization=model.v_parameterization, seed=seed)
     trainer = session.make_trainer(args, accelerator=accelerator, model=model, group=group, method=method,
                                    built=built, scheduler=scheduler, plan=plan, seed=seed, weight_dtype=weight_dtype,
-                                   logging_enabled=logging_enabled)
+                                   logging_enabled=logging_enabled, sampler=sampler)
     if args.resume:
         trainer.resume(args.resume)
-        method.after_step(trainer.progress.global_step)  # a state saved after the stop step: keep it frozen
     te_text = {None: "UNet + text encoder", 0: "UNet only"}.get(te_steps, f"UNet + text encoder for {te_steps} steps")
     session.start_summary(group, plan, f"DreamBooth, {te_text}").log(accelerator)
     result = trainer.run()

@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_args.add_saving_arguments(parser, model_formats=("safetensors", "ckpt", "pt"),
                                        default_format="safetensors")
     training_args.add_logging_arguments(parser)
+    training_args.add_sample_arguments(parser)
     training_args.add_network_arguments(parser)
     return parser
 
@@ -42,15 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from library.staged import debug_dataset
     from library.training import session
     from library.training.args import validate_training_args
-    from library.training.lr import build_lr_scheduler
-    from library.training.optim import build_optimizer
-    from library.training.trainer import Trainer
+    from library.training.sampling import make_sampler, sample_settings
     from library.errors import UserError
     import torch
 
     validate_training_args(args)
     if args.debug_dataset:
         return debug_dataset(args, support_dreambooth=True, support_caption=True)
+    sampling = sample_settings(args)
     network_module = import_network_module(args.network_module)
     network_kwargs = parse_network_args(args.network_args)
     save_dtype = precision_dtype(args.save_precision)
@@ -103,18 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          save_dtype=save_dtype, device=accelerator.device)
     method = NetworkMethod(text_encoder_lr=args.text_encoder_lr, unet_lr=args.unet_lr,
                            learning_rate=args.learning_rate, metadata=lambda *a: {}, **method_kwargs)
-    built = build_optimizer(args.optimizer_type, method.param_groups(), args.learning_rate, args.optimizer_args,
-                            use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer,
-                            max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler)
-    scheduler = build_lr_scheduler(built.lr_scheduler or args.lr_scheduler, built.optimizer,
-                                   max_train_steps=plan.max_train_steps, num_warmup_steps=args.lr_warmup_steps,
-                                   num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
-                                   scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
-    trainer = Trainer(accelerator=accelerator, model=model, group=group, method=method, optimizer=built.optimizer,
-                      lr_scheduler=scheduler, plan=plan,
-                      step=session.step_settings(args, model.v_parameterization, weight_dtype),
-                      save=session.save_settings(args, plan), seed=seed, num_workers=session.loader_workers(args),
-                      persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled)
+    built, scheduler = session.optimizer_and_schedule(args, method.param_groups(), plan)
+    sampler = make_sampler(sampling, args, unet=unet, vae=model.vae, text_encoder=te, tokenizer=tokenizer,
+                           v_parameterization=model.v_parameterization, seed=seed, extra_modules=[network])
+    trainer = session.make_trainer(args, accelerator=accelerator, model=model, group=group, method=method,
+                                   built=built, scheduler=scheduler, plan=plan, seed=seed, weight_dtype=weight_dtype,
+                                   logging_enabled=logging_enabled, sampler=sampler)
     if args.resume:
         trainer.resume(args.resume)
     base = network_metadata(args, group=group, blueprint=blueprint, plan=plan, seed=seed,

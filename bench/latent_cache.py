@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from library.data.buckets import BucketSettings, assign_bucket  # noqa: E402
 from library.data.images import list_images, read_image_size  # noqa: E402
-from library.data.latents import LatentRequest, cache_latents  # noqa: E402
+from library.data.latents import CacheStats, LatentRequest, cache_latents  # noqa: E402
 
 
 def _photo_like(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--loaders", nargs="+", default=["dataloader"], choices=["dataloader", "process", "thread"])
-    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (best is shown)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over all configurations (best run of each is shown)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
     args = parser.parse_args()
 
@@ -93,22 +93,20 @@ def main() -> None:
     print(f"{len(requests)} images, {buckets} buckets at {args.resolution}px, vae_batch_size {args.batch_size}, "
           f"torch threads {torch.get_num_threads()}")
     cache_latents(requests[:8], vae, batch_size=args.batch_size, workers=0, progress=False)  # warm-up
+    configs = [(loader, w) for loader in args.loaders for w in args.workers if w > 0 or loader == args.loaders[0]]
+    best: dict[tuple[str, int], CacheStats] = {}
+    for _ in range(args.repeat):  # rounds interleave the configurations: fairer on a shared machine
+        for loader, workers in configs:
+            _, stats = cache_latents(requests, vae, batch_size=args.batch_size, workers=workers,
+                                     progress=False, loader=loader)
+            assert not stats.failed, stats.failed[:3]
+            if (loader, workers) not in best or stats.total_seconds < best[loader, workers].total_seconds:
+                best[loader, workers] = stats
     print(f"{'loader':<11}{'workers':>8}{'img/s':>9}{'total s':>9}{'VAE s':>8}{'wait s':>8}{'wait %':>8}")
-    for loader in args.loaders:
-        for workers in args.workers:
-            if workers == 0 and loader != args.loaders[0]:
-                continue
-            best = None
-            for _ in range(args.repeat):
-                _, stats = cache_latents(requests, vae, batch_size=args.batch_size, workers=workers,
-                                         progress=False, loader=loader)
-                if best is None or stats.total_seconds < best.total_seconds:
-                    best = stats
-            assert best is not None and not best.failed
-            name = loader if workers else "main"
-            print(f"{name:<11}{workers:>8}{best.encoded / best.total_seconds:>9.1f}{best.total_seconds:>9.2f}"
-                  f"{best.vae_seconds:>8.2f}{best.wait_seconds:>8.2f}{100 * best.wait_share:>7.1f}%")
-
+    for (loader, workers), stats in best.items():
+        name = loader if workers else "main"
+        print(f"{name:<11}{workers:>8}{stats.encoded / stats.total_seconds:>9.1f}{stats.total_seconds:>9.2f}"
+              f"{stats.vae_seconds:>8.2f}{stats.wait_seconds:>8.2f}{100 * stats.wait_share:>7.1f}%")
 
 if __name__ == "__main__":
     main()

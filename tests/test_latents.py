@@ -31,7 +31,8 @@ from library.errors import UserError
 class RecordingVAE(AutoencoderKL):
     """The real AutoencoderKL, recording the shape of every batch it encodes."""
 
-    def encode(self, x, return_dict=True):  # noqa: D102 - same contract as the parent
+    def encode(self, x, return_dict=True):
+        """Record ``x.shape``, then encode as the parent does."""
         self.calls.append(tuple(x.shape))
         return super().encode(x, return_dict=return_dict)
 
@@ -295,11 +296,12 @@ def test_workers_after_threaded_resize_in_parent(tmp_path, vae):
 
 @pytest.mark.parametrize("loader", ["process", "thread"])
 def test_alternative_loaders_match(tmp_path, vae, loader):
-    images = [_write_image(tmp_path / f"{i}.png", (64, 64), i) for i in range(3)]
-    requests = [_request(p, disk=False) for p in images]
-    base, _ = _cache(requests, vae, workers=0)
-    other, stats = _cache(requests, vae, workers=2, loader=loader)
-    assert stats.encoded == 3
+    # batches over torch's parallel-copy grain size: a torch op in a forked pool worker would hang
+    images = [_write_image(tmp_path / f"{i}.png", (128, 128), i) for i in range(4)]
+    requests = [_request(p, bucket=(128, 128), disk=False) for p in images]
+    base, _ = _cache(requests, vae, workers=0, batch_size=2)
+    other, stats = _cache(requests, vae, workers=2, loader=loader, batch_size=2)
+    assert stats.encoded == 4 and stats.batches == 2
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(base, other))
 
 

@@ -17,11 +17,12 @@ File layout (what the reference reads, plus one harmless extra):
 
 Staleness: the reference re-uses a file when its spatial shape fits the bucket and nothing else. We also
 reject files that cannot be read (truncated zip, garbage) or hold non-finite values, and, when our meta
-is present, files made for another bucket/resize or from another version of the image: the image's
-size and mtime are compared first; if they differ (a copied or touched dataset) the content hash
-decides, so a plain copy does not trigger a rebuild. Files without our meta (made by the reference) get
-the reference's shape-only check. When the image itself is missing, a file whose meta matches the
-request (or that has no meta) is trusted, since it could not be rebuilt anyway.
+is present, files made for another bucket/resize or from another version of the image: a different
+byte size means stale; same size and mtime means current; same size but another mtime (a copied or
+touched dataset) lets the content hash decide, so a plain copy does not trigger a rebuild. Files without
+our meta (made by the reference) get the reference's shape-only check. When the image is missing, a
+file whose meta matches the request is trusted (it could not be rebuilt anyway). Like the reference,
+the VAE and the noise seed are not recorded: changing the VAE needs the old files deleted.
 
 Sampling: the posterior sample's noise comes from a CPU ``torch.Generator`` seeded per image by
 :func:`latent_seed` (``seed`` argument, the image's *file name* and the flip flag), so the cache is the
@@ -47,10 +48,11 @@ import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,8 +92,8 @@ class LatentRequest:
 
 def npz_paths(image_path: str | os.PathLike) -> tuple[Path, Path]:
     """The reference's cache names: ``<image path without extension>.npz`` and ``..._flip.npz``."""
-    base = os.path.splitext(os.fspath(image_path))[0]
-    return Path(base + ".npz"), Path(base + "_flip.npz")
+    main = Path(os.path.splitext(os.fspath(image_path))[0] + ".npz")
+    return main, flip_npz_path(main)
 
 
 def flip_npz_path(npz_path: str | os.PathLike) -> Path:
@@ -139,23 +141,10 @@ def _image_info(image_path: Path) -> dict[str, Any] | None:
     return {"image_bytes": stat.st_size, "image_mtime_ns": stat.st_mtime_ns, "image_hash": hasher.hexdigest()}
 
 
-def _file_hash(path: Path) -> str | None:
-    """BLAKE2b-128 hex digest of a file, None if it cannot be read."""
-    info = _image_info(path)
-    return None if info is None else info["image_hash"]
-
-
 def make_meta(request: LatentRequest, flipped: bool, image_info: dict[str, Any] | None) -> dict[str, Any]:
     """The ``sdtrain_meta`` record of one cache file (see the module docstring)."""
-    meta: dict[str, Any] = {
-        "format": META_FORMAT,
-        "bucket_reso": list(request.bucket_reso),
-        "resized_size": list(request.resized_size),
-        "flipped": bool(flipped),
-    }
-    if image_info:
-        meta.update(image_info)
-    return meta
+    return {"format": META_FORMAT, "bucket_reso": list(request.bucket_reso),
+            "resized_size": list(request.resized_size), "flipped": bool(flipped), **(image_info or {})}
 
 
 def save_latent_npz(path: str | os.PathLike, latent: np.ndarray, meta: dict[str, Any] | None = None) -> None:
@@ -186,19 +175,14 @@ def save_latent_npz(path: str | os.PathLike, latent: np.ndarray, meta: dict[str,
 def _read_npz(path: Path) -> tuple[np.ndarray, dict[str, Any] | None]:
     """Latent (float32) and our meta (None when absent or unreadable) of a cache file; raises on errors."""
     with np.load(path, allow_pickle=False) as npz:
-        names = set(npz.files)
-        if "arr_0" in names:
-            array = npz["arr_0"]
-        elif "latents" in names:
-            array = npz["latents"]
-        else:
+        key = next((k for k in ("arr_0", "latents") if k in npz.files), None)
+        if key is None:
             raise KeyError("no 'arr_0' or 'latents' array")
-        meta = None
-        if META_KEY in names:
-            try:
-                meta = json.loads(str(npz[META_KEY]))
-            except (ValueError, TypeError):
-                meta = None
+        array = npz[key]
+        try:
+            meta = json.loads(str(npz[META_KEY])) if META_KEY in npz.files else None
+        except ValueError:
+            meta = None
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"latent dtype {array.dtype} is not floating point")
     return array.astype(np.float32, copy=False), meta if isinstance(meta, dict) else None
@@ -222,11 +206,8 @@ def _meta_matches(meta: dict[str, Any], request: LatentRequest, flipped: bool) -
     """Whether our meta fits the request and the image as it is now (size+mtime, else content hash)."""
     if meta.get("format") != META_FORMAT:
         return True  # a future layout: fall back to the reference's shape-only check
-    if (
-        tuple(meta.get("bucket_reso", ())) != tuple(request.bucket_reso)
-        or tuple(meta.get("resized_size", ())) != tuple(request.resized_size)
-        or bool(meta.get("flipped")) != flipped
-    ):
+    made_for = (tuple(meta.get("bucket_reso", ())), tuple(meta.get("resized_size", ())), meta.get("flipped"))
+    if made_for != (tuple(request.bucket_reso), tuple(request.resized_size), flipped):
         return False
     if "image_hash" not in meta:
         return True
@@ -238,14 +219,15 @@ def _meta_matches(meta: dict[str, Any], request: LatentRequest, flipped: bool) -
         return True
     if stat.st_size != meta.get("image_bytes"):
         return False
-    return _file_hash(Path(request.image_path)) == meta["image_hash"]
+    info = _image_info(Path(request.image_path))
+    return info is not None and info["image_hash"] == meta["image_hash"]
 
 
 def _load_valid(path: Path, request: LatentRequest, flipped: bool) -> np.ndarray | None:
     """The latent of one cache file if it is usable for ``request``, else None (never raises)."""
     try:
         array, meta = _read_npz(path)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a damaged file may fail in zipfile, zlib, numpy: rebuild it
         return None
     if array.shape != request.latent_shape() or not np.isfinite(array).all():
         return None
@@ -307,12 +289,9 @@ def encode_batch(
     with torch.no_grad():
         x = batch.to(param.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         posterior = vae.encode(x.to(param.dtype)).latent_dist
-        mean = posterior.mean.float()
-        std = posterior.std.float()
-        shape = tuple(mean.shape[1:])
-        noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seed_list]
-        ).to(mean.device)
+        mean, std = posterior.mean.float(), posterior.std.float()
+        gens = [torch.Generator().manual_seed(s) for s in seed_list]
+        noise = torch.stack([torch.randn(tuple(mean.shape[1:]), generator=g) for g in gens]).to(mean.device)
         latents = mean + std * noise
     return latents.cpu().numpy()
 
@@ -323,7 +302,7 @@ def encode_batch(
 # One work item: (request index, image path, bucket, resized size, want image info).
 _Item = tuple[int, str, Size, Size, bool]
 # A loaded batch: (indices, uint8 (n, H, W, 3) or None, failures [(index, reason)], image infos).
-_Loaded = tuple[list[int], "torch.Tensor | None", list[tuple[int, str]], list["dict[str, Any] | None"]]
+_Loaded = tuple[list[int], Any, list[tuple[int, str]], list["dict[str, Any] | None"]]
 
 
 def _make_batches(requests: Sequence[LatentRequest], todo: Iterable[int], batch_size: int) -> list[list[_Item]]:
@@ -344,7 +323,11 @@ def _make_batches(requests: Sequence[LatentRequest], todo: Iterable[int], batch_
 
 
 def _load_batch(items: list[_Item]) -> _Loaded:
-    """Decode, resize and centre-crop one batch; unreadable images are reported, not raised."""
+    """Decode, resize and centre-crop one batch; unreadable images are reported, not raised.
+
+    Pure NumPy/Pillow/OpenCV (no torch op): a process forked after the parent used torch's OpenMP
+    pool deadlocks in libgomp on its first parallel torch op (seen with a plain process pool here).
+    """
     indices: list[int] = []
     crops: list[np.ndarray] = []
     failures: list[tuple[int, str]] = []
@@ -360,8 +343,7 @@ def _load_batch(items: list[_Item]) -> _Loaded:
         indices.append(index)
         crops.append(crop)
         infos.append(info)
-    images = torch.from_numpy(np.stack(crops)) if crops else None
-    return indices, images, failures, infos
+    return indices, (np.stack(crops) if crops else None), failures, infos
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -374,7 +356,9 @@ class _BatchDataset(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, index: int) -> _Loaded:
-        return _load_batch(self.batches[index])
+        """Load batch ``index``; the pixels become a tensor so they travel through shared memory."""
+        indices, images, failures, infos = _load_batch(self.batches[index])
+        return indices, (None if images is None else torch.from_numpy(images)), failures, infos
 
 
 def _identity(item: Any) -> Any:
@@ -520,11 +504,12 @@ def cache_latents(
     Batches hold at most ``batch_size`` (``--vae_batch_size``) images of one bucket, in bucket-area
     order; the mirrored crops of a batch are encoded as a second VAE call of the same size or smaller.
     Images are decoded by ``workers`` DataLoader worker processes (``None``:
-    :func:`default_latent_workers`; ``0``: in this process) while the VAE encodes. Chosen by
-    measurement (bench/latent_cache.py, 2 cores, tiny VAE on the CPU, 400 JPEGs of 512-1024 px to 256 px
-    buckets): see docs; the DataLoader and a bounded process pool were equally fast, threads slower
-    (Pillow's JPEG decoder does not release the GIL for the whole decode), and the DataLoader brings
-    bounded prefetch, worker seeding and pinned-memory transfer for free. Noise seeds come from
+    :func:`default_latent_workers`; ``0``: in this process) while the VAE encodes. Measured with
+    bench/latent_cache.py (2 shared cores, tiny VAE on the CPU, 400 JPEGs of 512-1024 px): at 256 px
+    buckets the VAE dominates (29 -> 34 img/s, wait share 17% -> 3% with 2 workers); at 64 px with the
+    VAE on one thread (decoding as costly as encoding, as with a GPU VAE) 125 img/s in-process vs
+    215 (DataLoader), 218 (process pool) and 212 (threads) with 2 workers: equal within noise, and
+    the DataLoader adds bounded prefetch and pinned-memory transfer. Noise seeds come from
     :func:`latent_seed`, so the results do not depend on ``batch_size``, ``workers`` or order.
     """
     if batch_size < 1:
@@ -564,8 +549,8 @@ def cache_latents(
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="caching latents", unit="img")
+    source = _iter_loaded(batches, workers, loader, pin_memory=device.type == "cuda")
     try:
-        source = _iter_loaded(batches, workers, loader, pin_memory=device.type == "cuda")
         while True:
             waited = time.perf_counter()
             loaded = next(source, None)
@@ -578,6 +563,8 @@ def cache_latents(
     finally:
         if bar is not None:
             bar.close()
+        if hasattr(source, "close"):  # a pool generator left early: shut its workers down now
+            source.close()
     stats.total_seconds = time.perf_counter() - start
     return results, stats
 
@@ -602,6 +589,7 @@ def _encode_loaded(
     stats.batches += 1
     began = time.perf_counter()
     seeds = [latent_seed(requests[i].image_path, seed, False) for i in indices]
+    images = torch.as_tensor(images)
     latents = encode_batch(vae, images, seeds)
     flip_rows = [row for row, i in enumerate(indices) if requests[i].flip]
     flipped: dict[int, np.ndarray] = {}

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from library.data.tokens import apply_token_weights, encode_tokens, encode_weighted_tokens, \
-    tokenize_captions_no_padding
+from library.data.tokens import (apply_token_weights, encode_tokens, encode_weighted_tokens,
+                                 tokenize_captions_no_padding)
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,10 @@ def add_full_model_saving_arguments(parser: argparse.ArgumentParser) -> None:
     from library.training import args as training_args
 
     training_args.add_saving_arguments(parser, model_formats=FULL_MODEL_FORMATS, default_format=None)
+    for action in parser._actions:
+        if "--save_model_as" in action.option_strings:
+            action.help = ("format of saved models: ckpt, safetensors (ldm single files), diffusers, "
+                           "diffusers_safetensors (folders); default: the family of the input model")
     g = parser.add_argument_group("whole-model saving")
     g.add_argument("--use_safetensors", action="store_true",
                    help="write safetensors: with --save_model_as unset or ckpt → .safetensors, diffusers → "

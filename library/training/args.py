@@ -89,6 +89,22 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     a("--wandb_api_key", type=str, default=None, help="W&B API key (never written to files)")
 
 
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sample images during training (docs/sampling.md)."""
+    from library.training.prompts import DEFAULT_SAMPLER, SAMPLER_NAMES
+
+    g = parser.add_argument_group("sample images")
+    a = g.add_argument
+    a("--sample_every_n_steps", type=int, default=None, help="generate sample images every N optimizer steps")
+    a("--sample_every_n_epochs", type=int, default=None,
+      help="generate sample images every N epochs (overrides --sample_every_n_steps)")
+    a("--sample_at_first", action="store_true", help="also generate sample images before the first step")
+    a("--sample_prompts", type=str, default=None,
+      help="text file with one prompt per line; options --n (negative) --w --h --d (seed) --l (CFG) --s (steps)")
+    a("--sample_sampler", type=str, default=DEFAULT_SAMPLER, choices=list(SAMPLER_NAMES),
+      help=f"sampler of the sample images (default {DEFAULT_SAMPLER})")
+
+
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     """train_network.py's own options."""
     g = parser.add_argument_group("network")

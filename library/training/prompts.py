@@ -42,6 +42,10 @@ MAX_STEPS = 1000
 OPTION_SEPARATOR = " --"
 KNOWN_OPTIONS = ("n", "w", "h", "d", "l", "s")
 MAX_SEED = 2**64 - 1
+# --sample_sampler choices (mapped to diffusers schedulers in library/training/sampling.py)
+SAMPLER_NAMES = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                 "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+DEFAULT_SAMPLER = "ddim"
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ def parse_prompt_line(line: str, line_index: int, source: str = "<prompts>") -> 
 def parse_prompts(text: str, source: str = "<prompts>") -> list[SamplePrompt]:
     """Every prompt of a prompt file's text, in file order (see the module docstring for the syntax)."""
     prompts = []
-    for index, line in enumerate(text.splitlines()):
+    for index, line in enumerate(text.split("\n")):  # universal newlines already applied
         prompt = parse_prompt_line(line, index, source)
         if prompt is not None:
             prompts.append(prompt)

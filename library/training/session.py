@@ -251,7 +251,8 @@ def optimizer_and_schedule(args: argparse.Namespace, param_groups: list[dict[str
 
 
 def make_trainer(args: argparse.Namespace, *, accelerator: Any, model: Any, group: Any, method: Any, built: Any,
-                 scheduler: Any, plan: RunPlan, seed: int, weight_dtype: torch.dtype, logging_enabled: bool):
+                 scheduler: Any, plan: RunPlan, seed: int, weight_dtype: torch.dtype, logging_enabled: bool,
+                 sampler: Any = None):
     """The :class:`~library.training.trainer.Trainer` for a prepared method, with the step and saving
     options of ``args`` (DataLoader workers included)."""
     from library.training.trainer import Trainer
@@ -260,4 +261,5 @@ def make_trainer(args: argparse.Namespace, *, accelerator: Any, model: Any, grou
                    lr_scheduler=scheduler, plan=plan,
                    step=step_settings(args, model.v_parameterization, weight_dtype),
                    save=save_settings(args, plan), seed=seed, num_workers=loader_workers(args),
-                   persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled)
+                   persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled,
+                   sampler=sampler)

@@ -84,6 +84,33 @@ class EpochBatches(torch.utils.data.Dataset):
         return batch
 
 
+ALL_REDUCE_BUCKET = 1 << 24  # elements per all-reduce call (64 MiB of fp32): bounded extra memory
+
+
+def _reduce_bucket(bucket: list[torch.Tensor], world: int) -> None:
+    flat = torch.cat([g.reshape(-1) for g in bucket])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in bucket:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
+    """Average gradients over processes, at most ALL_REDUCE_BUCKET elements per call (bounded memory)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads:
+        if bucket and size + grad.numel() > ALL_REDUCE_BUCKET:
+            _reduce_bucket(bucket, world)
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += grad.numel()
+    if bucket:
+        _reduce_bucket(bucket, world)
+
+
 def _identity(item: Any) -> Any:
     return item
 
@@ -104,13 +131,16 @@ class Trainer:
 
     def __init__(self, *, accelerator: Any, model: Any, group: DatasetGroup, method: Method, optimizer: Any,
                  lr_scheduler: Any, plan: RunPlan, step: StepSettings, save: SaveSettings, seed: int,
-                 num_workers: int = 0, persistent_workers: bool = False, logging_enabled: bool = False):
-        """Wire the pieces together; nothing runs until :meth:`run`."""
+                 num_workers: int = 0, persistent_workers: bool = False, logging_enabled: bool = False,
+                 sampler: Any | None = None):
+        """Wire the pieces together; nothing runs until :meth:`run`. ``sampler`` (a
+        :class:`library.training.sampling.Sampler`) makes sample images at its due points."""
         self.accelerator, self.model, self.group, self.method = accelerator, model, group, method
         self.optimizer, self.lr_scheduler, self.plan = optimizer, lr_scheduler, plan
         self.step_settings, self.save_settings = step, save
         self.num_workers, self.persistent_workers = num_workers, persistent_workers
         self.logging_enabled = logging_enabled
+        self.sampler = sampler
         self.device = accelerator.device
         self.noise_scheduler = diffusion.make_noise_scheduler(step.v_parameterization)
         self.generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + accelerator.process_index)
@@ -148,6 +178,7 @@ class Trainer:
             rng = dict(rng, noise=per_rank[self.accelerator.process_index])
         restore_rng_states(rng, self.generator)
         self.progress = payload["progress"]
+        self.method.after_step(self.progress.global_step)  # e.g. DreamBooth's text encoder stays stopped
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.progress.global_step,
                     self.progress.epoch, self.progress.position)
 
@@ -186,15 +217,12 @@ class Trainer:
 
     def _sync_and_step(self) -> None:
         world = self.accelerator.num_processes
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if world > 1 and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            torch.distributed.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        if world > 1:
+            # every process reduces the same list, even one whose batch had no usable image
+            for p in self.params:
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            _all_reduce_mean([p.grad for p in self.params if p.requires_grad], world)
         scaler = self.accelerator.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -293,6 +321,8 @@ class Trainer:
         average = LossAverage(plan.steps_per_epoch)
         ga = plan.gradient_accumulation_steps
         try:
+            if self.sampler is not None:
+                self.sampler.maybe_sample(acc, step=self.progress.global_step, first=True)
             for epoch in range(self.progress.epoch, plan.num_epochs + 1):
                 if self.progress.global_step >= plan.max_train_steps:
                     break
@@ -328,6 +358,8 @@ class Trainer:
                     logs.update(self.method.learning_rates(self.optimizer))
                     tracker.step(self.progress.global_step, logs)
                     micro, accumulated, batches_done = 0, 0.0, 0
+                    if self.sampler is not None:
+                        self.sampler.maybe_sample(acc, step=self.progress.global_step)
                     self._after_optimizer_step(epoch)
                     if self._should_stop():
                         return self._interrupted(tracker)
@@ -344,6 +376,8 @@ class Trainer:
                                remove=epoch_name(cfg.output_name, old) if old else None,
                                remove_state=epoch_name(cfg.output_name, old_state) if old_state else None,
                                with_state=cfg.save_state)
+                if self.sampler is not None:
+                    self.sampler.maybe_sample(acc, step=self.progress.global_step, epoch=epoch)
             self.method.set_train(False)
             self._save(final_name(cfg.output_name), epoch=plan.num_epochs, final=True, remove=None,
                        remove_state=None, with_state=cfg.save_state)
