@@ -20,18 +20,12 @@ from library.cli import run_main
 def build_parser() -> argparse.ArgumentParser:
     """All options of fine_tune.py (kohya names)."""
     from library.methods.full_model import add_full_model_saving_arguments
-    from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
     from library.training import args as training_args
 
-    parser = argparse.ArgumentParser(prog="fine_tune.py", description=__doc__.strip().splitlines()[0])
-    add_model_arguments(parser)
-    add_data_loading_arguments(parser)
-    add_dataset_group(parser, support_dreambooth=False, support_caption=True, support_caption_dropout=True)
-    training_args.add_training_arguments(parser, support_dreambooth=False)
-    training_args.add_optimizer_arguments(parser)
+    parser = training_args.build_training_parser(
+        "fine_tune.py", __doc__.strip().splitlines()[0], support_dreambooth=False, support_caption=True,
+        support_caption_dropout=True)
     add_full_model_saving_arguments(parser)
-    training_args.add_logging_arguments(parser)
-    training_args.add_sample_arguments(parser)
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--train_text_encoder", action="store_true", help="also train the text encoder (default: UNet only)")
     g.add_argument("--diffusers_xformers", action="store_true",

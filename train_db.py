@@ -18,18 +18,12 @@ from library.cli import run_main
 def build_parser() -> argparse.ArgumentParser:
     """All options of train_db.py (kohya names)."""
     from library.methods.full_model import add_full_model_saving_arguments
-    from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
     from library.training import args as training_args
 
-    parser = argparse.ArgumentParser(prog="train_db.py", description=__doc__.strip().splitlines()[0])
-    add_model_arguments(parser)
-    add_data_loading_arguments(parser)
-    add_dataset_group(parser, support_dreambooth=True, support_caption=False, support_caption_dropout=True)
-    training_args.add_training_arguments(parser, support_dreambooth=True)
-    training_args.add_optimizer_arguments(parser)
+    parser = training_args.build_training_parser(
+        "train_db.py", __doc__.strip().splitlines()[0], support_dreambooth=True, support_caption=False,
+        support_caption_dropout=True)
     add_full_model_saving_arguments(parser)
-    training_args.add_logging_arguments(parser)
-    training_args.add_sample_arguments(parser)
     g = parser.add_argument_group("DreamBooth")
     g.add_argument("--stop_text_encoder_training", type=int, default=None,
                    help="train the text encoder only for the first N steps (negative: never train it)")

@@ -17,19 +17,13 @@ from library.cli import run_main
 
 def build_parser() -> argparse.ArgumentParser:
     """All options of train_network.py (kohya names)."""
-    from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
     from library.training import args as training_args
 
-    parser = argparse.ArgumentParser(prog="train_network.py", description=__doc__.strip().splitlines()[0])
-    add_model_arguments(parser)
-    add_data_loading_arguments(parser)
-    add_dataset_group(parser, support_dreambooth=True, support_caption=True, support_caption_dropout=True)
-    training_args.add_training_arguments(parser, support_dreambooth=True)
-    training_args.add_optimizer_arguments(parser)
+    parser = training_args.build_training_parser(
+        "train_network.py", __doc__.strip().splitlines()[0], support_dreambooth=True, support_caption=True,
+        support_caption_dropout=True)
     training_args.add_saving_arguments(parser, model_formats=("safetensors", "ckpt", "pt"),
                                        default_format="safetensors")
-    training_args.add_logging_arguments(parser)
-    training_args.add_sample_arguments(parser)
     training_args.add_network_arguments(parser)
     return parser
 

@@ -11,6 +11,24 @@ import argparse
 from library.errors import UserError
 
 
+def build_training_parser(prog: str, description: str, *, support_dreambooth: bool, support_caption: bool,
+                          support_caption_dropout: bool) -> argparse.ArgumentParser:
+    """The option groups every training script shares: model, data loading, dataset, training, optimizer,
+    logging and sampling. Scripts add their saving group and their own options."""
+    from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_model_arguments(parser)
+    add_data_loading_arguments(parser)
+    add_dataset_group(parser, support_dreambooth=support_dreambooth, support_caption=support_caption,
+                      support_caption_dropout=support_caption_dropout)
+    add_training_arguments(parser, support_dreambooth=support_dreambooth)
+    add_optimizer_arguments(parser)
+    add_logging_arguments(parser)
+    add_sample_arguments(parser)
+    return parser
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreambooth: bool) -> None:
     """Steps, precision, memory, noise and loss options shared by every method."""
     g = parser.add_argument_group("training")
