@@ -1,12 +1,116 @@
-"""Textual Inversion training (train_textual_inversion.py): entry script. Training arrives in a later version; --debug_dataset works now."""
+"""Textual Inversion: learn the embedding of a new token for a frozen Stable Diffusion 1.x/2.x model.
 
+    accelerate launch train_textual_inversion.py --pretrained_model_name_or_path model.safetensors \\
+        --train_data_dir data --output_dir out --token_string zqxdog --init_word dog \\
+        --num_vectors_per_token 4 --learning_rate 5e-3 --max_train_steps 1600 ...
+
+See docs/train_textual_inversion.md for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from collections.abc import Sequence
 
 from library.cli import run_main
-from library.staged import staged_main
 
-main = staged_main("train_textual_inversion.py", "Textual Inversion training", support_dreambooth=True, support_caption=True,
-                   support_caption_dropout=False)
+
+def build_parser() -> argparse.ArgumentParser:
+    """All options of train_textual_inversion.py (kohya names)."""
+    from library.methods.textual_inversion import EMBEDDING_FORMATS, add_textual_inversion_arguments
+    from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
+    from library.training import args as training_args
+
+    parser = argparse.ArgumentParser(prog="train_textual_inversion.py", description=__doc__.strip().splitlines()[0])
+    add_model_arguments(parser)
+    add_data_loading_arguments(parser)
+    add_dataset_group(parser, support_dreambooth=True, support_caption=True, support_caption_dropout=False)
+    training_args.add_training_arguments(parser, support_dreambooth=True)
+    training_args.add_optimizer_arguments(parser)
+    training_args.add_saving_arguments(parser, model_formats=EMBEDDING_FORMATS, default_format="pt")
+    training_args.add_logging_arguments(parser)
+    training_args.add_sample_arguments(parser)
+    add_textual_inversion_arguments(parser)
+    return parser
+
+
+def debug_dataset(args: argparse.Namespace, replacements: dict) -> int:
+    """``--debug_dataset`` with the new tokens added and the captions rewritten as training would."""
+    from pathlib import Path
+
+    from library.config import load_dataset_blueprint
+    from library.data.dataset import build_dataset_group
+    from library.data.debug import run_debug_dataset
+    from library.methods.textual_inversion import add_tokens, token_strings
+    from library.models.tokenizer import load_tokenizer
+    from library.training import session
+
+    blueprint = load_dataset_blueprint(args, args.dataset_config, support_dreambooth=True, support_finetuning=True)
+    tokenizer = load_tokenizer(args.v2, args.tokenizer_cache_dir)
+    add_tokens(tokenizer, token_strings(args.token_string, args.num_vectors_per_token))
+    seed = session.choose_seed(args)
+    group = build_dataset_group(blueprint, seed=seed, tokenizer=tokenizer, max_token_length=args.max_token_length)
+    group.replacements = replacements
+    run_debug_dataset(group, Path(args.debug_dataset_dir or Path(args.output_dir or ".") / "debug_dataset"))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, set up, train, and say where the embedding went."""
+    args = build_parser().parse_args(argv)
+    from library.errors import UserError
+    from library.methods import textual_inversion as ti
+    from library.models.save import precision_dtype
+    from library.training import session
+    from library.training.args import validate_training_args
+    from library.training.sampling import make_sampler, sample_settings
+
+    token = ti.check_options(args.token_string, args.num_vectors_per_token)
+    if args.weighted_captions:
+        raise UserError("--weighted_captions is not supported by Textual Inversion training")
+    validate_training_args(args)
+    replacements = ti.caption_replacements(token, args.num_vectors_per_token, object_template=args.use_object_template,
+                                           style_template=args.use_style_template)
+    if args.debug_dataset:
+        return debug_dataset(args, replacements)
+    args.output_name = args.output_name or token
+    sampling = sample_settings(args)
+    save_dtype = precision_dtype(args.save_precision)
+    accelerator, logging_enabled = session.make_accelerator(args, "textual_inversion")
+    seed = session.choose_seed(args)
+    tokenizer = session.tokenizer_for(args)
+    _, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=True, support_finetuning=True)
+    group.replacements = replacements
+    if not replacements.get(""):
+        ti.warn_captions_without_token(group, token)
+    weight_dtype = session.DTYPES[args.mixed_precision]
+    model = session.load_base_model(args, weight_dtype)
+    session.set_attention(model.unet, args)
+    session.cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    ids = ti.prepare_textual_inversion(model, tokenizer, args, seed=seed, device=accelerator.device,
+                                       weight_dtype=weight_dtype)
+
+    plan = session.run_plan(args, group, accelerator)
+    method = ti.TextualInversionMethod(model=model, token_string=token, token_ids=ids, clip_skip=args.clip_skip,
+                                       max_token_length=args.max_token_length, save_format=args.save_model_as,
+                                       save_dtype=save_dtype, device=accelerator.device,
+                                       gradient_checkpointing=args.gradient_checkpointing)
+    built, scheduler = session.optimizer_and_schedule(args, method.param_groups(), plan)
+    sampler = make_sampler(sampling, args, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+                           tokenizer=tokenizer, v_parameterization=model.v_parameterization, seed=seed,
+                           prompt_transform=ti.expand_prompt(token, args.num_vectors_per_token))
+    trainer = session.make_trainer(args, accelerator=accelerator, model=model, group=group, method=method,
+                                   built=built, scheduler=scheduler, plan=plan, seed=seed, weight_dtype=weight_dtype,
+                                   logging_enabled=logging_enabled, sampler=sampler)
+    if args.resume:
+        trainer.resume(args.resume)
+    session.start_summary(group, plan, f"Textual Inversion, {len(ids)} vector(s) for {token!r}").log(accelerator)
+    result = trainer.run()
+    if result is not None and accelerator.is_main_process:
+        print(f"saved the trained embedding to {result}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -270,7 +270,7 @@ def test_debug_dataset_from_the_cli_writes_contact_sheets(db_folders, tmp_path, 
 
 
 def test_training_without_debug_dataset_says_not_implemented(capsys):
-    from train_textual_inversion import main
+    from train_textual_inversion_XTI import main
 
     assert run_main(main, []) == 2
     assert "not implemented" in capsys.readouterr().err

@@ -146,7 +146,7 @@ def test_real_subprocess_exit_code_and_single_line(tmp_path):
         ("no such file" in res.stderr and len(res.stderr.strip().splitlines()) == 1), res.stderr
 
 
-@pytest.mark.parametrize("script", ["train_textual_inversion.py", "train_textual_inversion_XTI.py"])
+@pytest.mark.parametrize("script", ["train_textual_inversion_XTI.py"])
 def test_entry_scripts_not_yet_available_exit_2(script):
     res = subprocess.run([sys.executable, str(REPO / script)], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2

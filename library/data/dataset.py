@@ -148,6 +148,8 @@ class DatasetGroup:
         self.tokenizer = tokenizer
         self.max_token_length = max_token_length
         self.weighted_captions = weighted_captions
+        # caption replacements applied after processing (Textual Inversion: templates / token expansion)
+        self.replacements: dict[str, str | list[str]] | None = None
         # (dataset, entry) -> (latent, flipped latent or None), filled by the latent cache
         self.latents: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
         self._failed: set[str] = set()  # images that failed to decode: reported once, then skipped
@@ -252,7 +254,8 @@ class DatasetGroup:
                 self._failed.add(entry.key)
                 continue
             options = self._caption_options[spec.dataset][entry.subset_index]
-            captions.append(process_caption(entry.caption, options, rng, epoch=epoch, step=step))
+            captions.append(process_caption(entry.caption, options, rng, epoch=epoch, step=step,
+                                            replacements=self.replacements))
             keys.append(entry.key)
             flips.append(flipped)
             weights.append(ds.blueprint.prior_loss_weight if entry.is_reg else 1.0)
