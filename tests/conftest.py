@@ -46,3 +46,19 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own toolkit cache folder (size index, file hashes)."""
+    monkeypatch.setenv("SDTRAIN_CACHE_DIR", str(tmp_path / "sdtrain-cache"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny SD1 and SD2 (v-prediction) models as ldm .safetensors files and diffusers folders."""
+    from tests.models_util import make_model_files
+
+    root = tmp_path_factory.mktemp("models")
+    return {name: make_model_files(root, preset, formats="safetensors,diffusers_safetensors")
+            for name, preset in (("sd1", "tiny-sd1"), ("sd2", "tiny-sd2"))}

@@ -13,15 +13,7 @@ import torch
 from fine_tune import main as train
 from library.methods.full_model import resolve_save_format
 from tests.full_model_util import all_equal, any_differs, assert_module_matches, ldm_parts, trained_weights
-from tests.models_util import make_model_files
 from tests.train_util import make_dataset, run_script
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {"sd1": make_model_files(root, "tiny-sd1", formats="safetensors,diffusers_safetensors"),
-            "sd2": make_model_files(root, "tiny-sd2", formats="safetensors,diffusers_safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +25,6 @@ def data(tmp_path_factory):
     meta_path = root / "meta.json"
     meta_path.write_text(json.dumps(meta), encoding="utf-8")
     return folder, meta_path
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDTRAIN_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def base_args(models, data, out, *extra, model="sd1", steps=3, source="safetensors"):

@@ -10,27 +10,14 @@ import torch
 from safetensors import safe_open
 
 from tests.full_model_util import all_equal, any_differs, assert_module_matches, ldm_parts, trained_weights
-from tests.models_util import make_model_files
 from tests.train_util import make_dataset, run_script
 from train_db import main as train
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {"sd1": make_model_files(root, "tiny-sd1", formats="safetensors,diffusers_safetensors"),
-            "sd2": make_model_files(root, "tiny-sd2", formats="safetensors,diffusers_safetensors")}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     return make_dataset(root, captions={0: "sks dog, sitting, grass", 1: "sks dog, running"})
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDTRAIN_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def base_args(models, data, out, *extra, model="sd1", steps=3):

@@ -13,28 +13,15 @@ import torch
 from safetensors import safe_open
 
 from library.methods import textual_inversion as ti
-from tests.models_util import make_model_files
 from tests.train_util import make_dataset, run_script
 from train_textual_inversion import main as train
 
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {"sd1": make_model_files(root, "tiny-sd1", formats="safetensors,diffusers_safetensors"),
-            "sd2": make_model_files(root, "tiny-sd2", formats="safetensors")}
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     return make_dataset(root, folder="3_zqx", captions={0: "a zqx on grass", 1: "zqx, running"})
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDTRAIN_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def base_args(models, data, out, *extra, model="sd1", steps=3, vectors=2):

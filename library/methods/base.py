@@ -45,3 +45,13 @@ class Method(Protocol):
 
     def save(self, output_dir: Path, name: str, *, epoch: int, step: int, final: bool) -> Path:
         """Write the trained result as ``output_dir/name.<ext>`` (or a folder) atomically; return its path."""
+
+
+def single_group_learning_rates(optimizer: Any) -> dict[str, float]:
+    """``lr`` of a one-group optimizer, plus ``lr/d*lr`` for D-Adaptation / Prodigy (kohya's D/F/T names)."""
+    group = optimizer.param_groups[0]
+    lr = float(group["lr"]) if group.get("lr") is not None else 0.0
+    out = {"lr": lr}
+    if "d" in group:
+        out["lr/d*lr"] = float(group["d"] * lr)
+    return out

@@ -19,6 +19,8 @@ from library.data.tokens import (apply_token_weights, encode_tokens, encode_weig
                                  tokenize_captions_no_padding)
 from library.errors import UserError
 
+from library.methods.base import single_group_learning_rates
+
 logger = logging.getLogger(__name__)
 
 FULL_MODEL_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
@@ -192,12 +194,7 @@ class FullModelMethod:
 
     def learning_rates(self, optimizer: Any) -> dict[str, float]:
         """``lr`` of the (single) group, and ``lr/d*lr`` for D-Adaptation / Prodigy, as kohya's D/F log them."""
-        group = optimizer.param_groups[0]
-        lr = float(group["lr"]) if group.get("lr") is not None else 0.0
-        out = {"lr": lr}
-        if "d" in group:
-            out["lr/d*lr"] = float(group["d"] * lr)
-        return out
+        return single_group_learning_rates(optimizer)
 
     def save(self, output_dir: Path, name: str, *, epoch: int, step: int, final: bool) -> Path:
         """Write the whole model (UNet, text encoder, VAE) as ``name.ckpt``/``name.safetensors`` or a

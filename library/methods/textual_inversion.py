@@ -20,6 +20,8 @@ import torch
 from library.data.tokens import encode_tokens
 from library.errors import UserError
 
+from library.methods.base import single_group_learning_rates
+
 logger = logging.getLogger(__name__)
 
 EMBEDDING_FORMATS = ("pt", "ckpt", "safetensors")
@@ -292,12 +294,7 @@ class TextualInversionMethod:
 
     def learning_rates(self, optimizer: Any) -> dict[str, float]:
         """``lr`` of the single group (and ``lr/d*lr`` for D-Adaptation / Prodigy)."""
-        group = optimizer.param_groups[0]
-        lr = float(group["lr"]) if group.get("lr") is not None else 0.0
-        out = {"lr": lr}
-        if "d" in group:
-            out["lr/d*lr"] = float(group["d"] * lr)
-        return out
+        return single_group_learning_rates(optimizer)
 
     def save(self, output_dir: Path, name: str, *, epoch: int, step: int, final: bool) -> Path:
         """Write ``output_dir/name.<pt|ckpt|safetensors>`` with the trained vectors in ``--save_precision``."""
