@@ -53,18 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling = sample_settings(args)
     save_dtype = precision_dtype(args.save_precision)
     te_steps = None if args.train_text_encoder else 0
-    accelerator, logging_enabled = session.make_accelerator(args, "finetuning")
-    seed = session.choose_seed(args)
-    tokenizer = session.tokenizer_for(args)
-    _, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=False, support_finetuning=True)
-    weight_dtype = session.DTYPES[args.mixed_precision]
-    model = session.load_base_model(args, weight_dtype)
-    if args.diffusers_xformers:
-        model.unet.enable_xformers_memory_efficient_attention()
-        model.vae.enable_xformers_memory_efficient_attention()
-    else:
-        session.set_attention(model.unet, args)
-    session.cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    run = session.prepare_run(args, "finetuning", support_dreambooth=False, support_finetuning=True)
+    accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
+    weight_dtype, logging_enabled = run.weight_dtype, run.logging_enabled
     prepare_full_model(model, text_encoder_trains=args.train_text_encoder,
                        gradient_checkpointing=args.gradient_checkpointing, device=accelerator.device,
                        weight_dtype=weight_dtype, full_half=args.full_fp16 or args.full_bf16)

@@ -56,14 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling = sample_settings(args)
     save_dtype = precision_dtype(args.save_precision)
     te_steps = text_encoder_steps(args.stop_text_encoder_training)
-    accelerator, logging_enabled = session.make_accelerator(args, "dreambooth")
-    seed = session.choose_seed(args)
-    tokenizer = session.tokenizer_for(args)
-    _, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=True, support_finetuning=False)
-    weight_dtype = session.DTYPES[args.mixed_precision]
-    model = session.load_base_model(args, weight_dtype)
-    session.set_attention(model.unet, args)
-    session.cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    run = session.prepare_run(args, "dreambooth", support_dreambooth=True, support_finetuning=False)
+    accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
+    weight_dtype, logging_enabled = run.weight_dtype, run.logging_enabled
     prepare_full_model(model, text_encoder_trains=te_steps != 0, gradient_checkpointing=args.gradient_checkpointing,
                        device=accelerator.device, weight_dtype=weight_dtype,
                        full_half=args.full_fp16 or args.full_bf16)

@@ -48,14 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     network_module = import_network_module(args.network_module)
     network_kwargs = parse_network_args(args.network_args)
     save_dtype = precision_dtype(args.save_precision)
-    accelerator, logging_enabled = session.make_accelerator(args, "network_train")
-    seed = session.choose_seed(args)
-    tokenizer = session.tokenizer_for(args)
-    blueprint, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=True, support_finetuning=True)
-    weight_dtype = session.DTYPES[args.mixed_precision]
-    model = session.load_base_model(args, weight_dtype)
-    session.set_attention(model.unet, args)
-    session.cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    run = session.prepare_run(args, "network_train", support_dreambooth=True, support_finetuning=True)
+    accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
+    weight_dtype, blueprint, logging_enabled = run.weight_dtype, run.blueprint, run.logging_enabled
 
     train_unet, train_te = not args.network_train_text_encoder_only, not args.network_train_unet_only
     unet, te = model.unet, model.text_encoder

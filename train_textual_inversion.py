@@ -77,17 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output_name = args.output_name or token
     sampling = sample_settings(args)
     save_dtype = precision_dtype(args.save_precision)
-    accelerator, logging_enabled = session.make_accelerator(args, "textual_inversion")
-    seed = session.choose_seed(args)
-    tokenizer = session.tokenizer_for(args)
-    _, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=True, support_finetuning=True)
-    group.replacements = replacements
-    if not replacements.get(""):
-        ti.warn_captions_without_token(group, token)
-    weight_dtype = session.DTYPES[args.mixed_precision]
-    model = session.load_base_model(args, weight_dtype)
-    session.set_attention(model.unet, args)
-    session.cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    def configure_group(group):
+        group.replacements = replacements
+        if not replacements.get(""):
+            ti.warn_captions_without_token(group, token)
+
+    run = session.prepare_run(args, "textual_inversion", support_dreambooth=True, support_finetuning=True,
+                              configure_group=configure_group)
+    accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
+    weight_dtype, logging_enabled = run.weight_dtype, run.logging_enabled
     ids = ti.prepare_textual_inversion(model, tokenizer, args, seed=seed, device=accelerator.device,
                                        weight_dtype=weight_dtype)
 

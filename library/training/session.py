@@ -263,3 +263,39 @@ def make_trainer(args: argparse.Namespace, *, accelerator: Any, model: Any, grou
                    save=save_settings(args, plan), seed=seed, num_workers=loader_workers(args),
                    persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled,
                    sampler=sampler)
+
+
+@dataclass
+class PreparedRun:
+    """What every training script has once the shared set-up is done."""
+
+    accelerator: Any
+    logging_enabled: bool
+    seed: int
+    tokenizer: Any
+    blueprint: Any
+    group: Any
+    weight_dtype: torch.dtype
+    model: Any
+
+
+def prepare_run(args: argparse.Namespace, tracker_name: str, *, support_dreambooth: bool, support_finetuning: bool,
+                configure_group: Any = None) -> PreparedRun:
+    """The set-up every script shares, in order: accelerate, seed, tokenizer, datasets (then
+    ``configure_group(group)``, e.g. TI's caption replacements), the model, attention, cached latents."""
+    accelerator, logging_enabled = make_accelerator(args, tracker_name)
+    seed = choose_seed(args)
+    tokenizer = tokenizer_for(args)
+    blueprint, group = load_datasets(args, tokenizer, seed, support_dreambooth=support_dreambooth,
+                                     support_finetuning=support_finetuning)
+    if configure_group is not None:
+        configure_group(group)
+    weight_dtype = DTYPES[args.mixed_precision]
+    model = load_base_model(args, weight_dtype)
+    if getattr(args, "diffusers_xformers", False):
+        model.unet.enable_xformers_memory_efficient_attention()
+        model.vae.enable_xformers_memory_efficient_attention()
+    else:
+        set_attention(model.unet, args)
+    cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    return PreparedRun(accelerator, logging_enabled, seed, tokenizer, blueprint, group, weight_dtype, model)
