@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from tests.full_model_util import all_equal, any_differs, assert_module_matches, ldm_parts, trained_weights
-from tests.train_util import make_dataset, run_script
+from tests.train_util import make_dataset, run_script, write_bucket_config
 from train_db import main as train
 
 
@@ -46,19 +46,7 @@ def test_folders_with_reg_images_default_format(models, data, tmp_path, model):
 def test_sd2_v_from_toml_with_use_safetensors(models, data, tmp_path):
     from library.models.load import load_model
 
-    config = tmp_path / "data.toml"
-    config.write_text(f"""[general]
-enable_bucket = true
-min_bucket_reso = 64
-max_bucket_reso = 128
-[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = '{data / "5_sks dog"}'
-  class_tokens = 'sks dog'
-  num_repeats = 2
-""", encoding="utf-8")
+    config = write_bucket_config(tmp_path / "data.toml", data / "5_sks dog")
     out = tmp_path / "out"
     argv = ["--v2", "--v_parameterization", "--pretrained_model_name_or_path", models["sd2"]["safetensors"],
             "--dataset_config", config, "--output_dir", out, "--max_train_steps", "2", "--learning_rate", "1e-3",

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.train_util import make_dataset, run_script
+from tests.train_util import make_dataset, run_script, write_bucket_config
 from train_network import main as train
 
 
@@ -46,19 +46,7 @@ def test_lora_file_keys_and_metadata(models, data, tmp_path):
 
 
 def test_sd2_v_prediction_from_toml(models, data, tmp_path):
-    config = tmp_path / "data.toml"
-    config.write_text(f"""[general]
-enable_bucket = true
-min_bucket_reso = 64
-max_bucket_reso = 128
-[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = '{data / "5_sks dog"}'
-  class_tokens = 'sks dog'
-  num_repeats = 2
-""", encoding="utf-8")
+    config = write_bucket_config(tmp_path / "data.toml", data / "5_sks dog")
     argv = ["--pretrained_model_name_or_path", models["sd2"]["safetensors"], "--dataset_config", config,
             "--output_dir", tmp_path / "out", "--network_module", "networks.lora", "--max_train_steps", "3",
             "--v2", "--v_parameterization", "--seed", "2", "--max_data_loader_n_workers", "0"]

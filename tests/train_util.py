@@ -27,3 +27,20 @@ def make_dataset(root: Path, folder: str = "5_sks dog", count: int = 4, size: tu
 def run_script(main, argv: Sequence[str | Path]) -> int:
     """Run an entry script's main() in this process, as the command line would."""
     return run_main(main, [str(a) for a in argv])
+
+
+def write_bucket_config(path: Path, image_dir: Path) -> Path:
+    """A one-subset DreamBooth TOML with bucketing (64-128 px), batch size 2 and 2 repeats."""
+    path.write_text(f"""[general]
+enable_bucket = true
+min_bucket_reso = 64
+max_bucket_reso = 128
+[[datasets]]
+resolution = 64
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = '{image_dir}'
+  class_tokens = 'sks dog'
+  num_repeats = 2
+""", encoding="utf-8")
+    return path
