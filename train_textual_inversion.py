@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from library.cli import run_main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """All options of train_textual_inversion.py (kohya names)."""
+def build_parser(prog: str = "train_textual_inversion.py", description: str | None = None
+                 ) -> argparse.ArgumentParser:
+    """All options of train_textual_inversion.py (kohya names); the XTI script uses the same set."""
     from library.methods.textual_inversion import EMBEDDING_FORMATS, add_textual_inversion_arguments
     from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
     from library.training import args as training_args
 
-    parser = argparse.ArgumentParser(prog="train_textual_inversion.py", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.strip().splitlines()[0])
     add_model_arguments(parser)
     add_data_loading_arguments(parser)
     add_dataset_group(parser, support_dreambooth=True, support_caption=True, support_caption_dropout=False)
@@ -56,11 +57,11 @@ def debug_dataset(args: argparse.Namespace, replacements: dict) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, set up, train, and say where the embedding went."""
-    args = build_parser().parse_args(argv)
+def train(args: argparse.Namespace, *, xti: bool = False) -> int:
+    """Set up and run Textual Inversion (``xti``: one set of vectors per UNet cross-attention layer)."""
     from library.errors import UserError
     from library.methods import textual_inversion as ti
+    from library.methods import xti as xti_method
     from library.models.save import precision_dtype
     from library.training import session
     from library.training.args import validate_training_args
@@ -77,37 +78,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output_name = args.output_name or token
     sampling = sample_settings(args)
     save_dtype = precision_dtype(args.save_precision)
+
     def configure_group(group):
         group.replacements = replacements
         if not replacements.get(""):
             ti.warn_captions_without_token(group, token)
 
-    run = session.prepare_run(args, "textual_inversion", support_dreambooth=True, support_finetuning=True,
-                              configure_group=configure_group)
+    run = session.prepare_run(args, "xti" if xti else "textual_inversion", support_dreambooth=True,
+                              support_finetuning=True, configure_group=configure_group)
     accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
     weight_dtype, logging_enabled = run.weight_dtype, run.logging_enabled
-    ids = ti.prepare_textual_inversion(model, tokenizer, args, seed=seed, device=accelerator.device,
-                                       weight_dtype=weight_dtype)
-
+    device = accelerator.device
+    common = dict(model=model, token_string=token, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
+                  save_format=args.save_model_as, save_dtype=save_dtype, device=device,
+                  gradient_checkpointing=args.gradient_checkpointing)
+    if xti:
+        layers, ids = xti_method.prepare_xti(model, tokenizer, args, seed=seed, device=device,
+                                             weight_dtype=weight_dtype)
+        method = xti_method.XTIMethod(layer_names=layers, num_vectors=args.num_vectors_per_token, token_ids=ids,
+                                      **common)
+        what = f"XTI, {args.num_vectors_per_token} vector(s) x {len(layers)} layers for {token!r}"
+    else:
+        ids = ti.prepare_textual_inversion(model, tokenizer, args, seed=seed, device=device, weight_dtype=weight_dtype)
+        method = ti.TextualInversionMethod(token_ids=ids, **common)
+        what = f"Textual Inversion, {len(ids)} vector(s) for {token!r}"
     plan = session.run_plan(args, group, accelerator)
-    method = ti.TextualInversionMethod(model=model, token_string=token, token_ids=ids, clip_skip=args.clip_skip,
-                                       max_token_length=args.max_token_length, save_format=args.save_model_as,
-                                       save_dtype=save_dtype, device=accelerator.device,
-                                       gradient_checkpointing=args.gradient_checkpointing)
     built, scheduler = session.optimizer_and_schedule(args, method.param_groups(), plan)
     sampler = make_sampler(sampling, args, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
                            tokenizer=tokenizer, v_parameterization=model.v_parameterization, seed=seed,
-                           prompt_transform=ti.expand_prompt(token, args.num_vectors_per_token))
+                           prompt_transform=ti.expand_prompt(token, args.num_vectors_per_token),
+                           layer_encoder=method.encode_layers if xti else None)
     trainer = session.make_trainer(args, accelerator=accelerator, model=model, group=group, method=method,
                                    built=built, scheduler=scheduler, plan=plan, seed=seed, weight_dtype=weight_dtype,
                                    logging_enabled=logging_enabled, sampler=sampler)
     if args.resume:
         trainer.resume(args.resume)
-    session.start_summary(group, plan, f"Textual Inversion, {len(ids)} vector(s) for {token!r}").log(accelerator)
+    session.start_summary(group, plan, what).log(accelerator)
     result = trainer.run()
     if result is not None and accelerator.is_main_process:
-        print(f"saved the trained embedding to {result}")
+        print(f"saved the trained {'XTI ' if xti else ''}embedding to {result}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, set up, train, and say where the embedding went."""
+    return train(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,5 @@
-"""Entry points of scripts whose training method has not landed yet.
-
-They already accept the model and dataset options and run ``--debug_dataset`` (which needs no training
-loop); anything else exits with code 2 and says the method is not implemented yet.
-"""
+"""``--debug_dataset`` without a training loop: the model and dataset options alone, and the run that shows
+the dataset as training would see it (used by the entry scripts and the dataset bench)."""
 
 from __future__ import annotations
 
@@ -10,9 +7,7 @@ import argparse
 import logging
 import random
 from pathlib import Path
-from typing import Callable, Sequence
 
-from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +17,8 @@ def build_parser(script: str, *, support_dreambooth: bool, support_caption: bool
     """The options that work today: model, data loading and dataset groups."""
     from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
 
-    parser = argparse.ArgumentParser(prog=script, description=f"{script} (training arrives in a later version; "
-                                                               "--debug_dataset works now)")
+    parser = argparse.ArgumentParser(prog=script, description=f"{script}: --debug_dataset with the model and "
+                                                               "dataset options")
     add_model_arguments(parser)
     add_data_loading_arguments(parser)
     add_dataset_group(parser, support_dreambooth=support_dreambooth, support_caption=support_caption,
@@ -48,20 +43,3 @@ def debug_dataset(args: argparse.Namespace, *, support_dreambooth: bool, support
     out = Path(args.debug_dataset_dir or Path(args.output_dir or ".") / "debug_dataset")
     run_debug_dataset(group, out)
     return 0
-
-
-def staged_main(script: str, what: str, *, support_dreambooth: bool = True, support_caption: bool = True,
-                support_caption_dropout: bool = True) -> Callable[[Sequence[str] | None], int]:
-    """A main() that runs --debug_dataset and otherwise says the method is not implemented yet."""
-
-    def main(argv: Sequence[str] | None = None) -> int:
-        parser = build_parser(script, support_dreambooth=support_dreambooth, support_caption=support_caption,
-                              support_caption_dropout=support_caption_dropout)
-        args, unknown = parser.parse_known_args(argv)
-        if not args.debug_dataset:
-            raise UserError(f"{script}: {what} is not implemented in this version yet (--debug_dataset works)")
-        if unknown:
-            logger.warning("ignoring options that this version does not know yet: %s", " ".join(unknown))
-        return debug_dataset(args, support_dreambooth=support_dreambooth, support_caption=support_caption)
-
-    return main

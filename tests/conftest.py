@@ -40,12 +40,13 @@ def reference_fixtures() -> Path:
 
 
 def pytest_configure(config):
-    """One torch thread per xdist worker: two workers on two cores must not oversubscribe them."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        import torch
+    """One torch thread per test process: two xdist workers on two cores must not oversubscribe them, and
+    the bit-identity tests need it (multi-threaded CPU convolution / attention backward passes may sum in a
+    different order from run to run, a 1e-5 difference)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -269,13 +269,6 @@ def test_debug_dataset_from_the_cli_writes_contact_sheets(db_folders, tmp_path, 
         assert im.width > 64 and im.height > 64
 
 
-def test_training_without_debug_dataset_says_not_implemented(capsys):
-    from train_textual_inversion_XTI import main
-
-    assert run_main(main, []) == 2
-    assert "not implemented" in capsys.readouterr().err
-
-
 def test_min_bucket_reso_below_steps_is_a_config_error(tmp_path):
     make_image(tmp_path / "d" / "1_x" / "a.png", (64, 64))
     args = parse(["--train_data_dir", tmp_path / "d", "--resolution", "128", "--enable_bucket",

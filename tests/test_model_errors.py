@@ -144,11 +144,3 @@ def test_real_subprocess_exit_code_and_single_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.ckpt'}: no such file"] or \
         ("no such file" in res.stderr and len(res.stderr.strip().splitlines()) == 1), res.stderr
-
-
-@pytest.mark.parametrize("script", ["train_textual_inversion_XTI.py"])
-def test_entry_scripts_not_yet_available_exit_2(script):
-    res = subprocess.run([sys.executable, str(REPO / script)], capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not implemented" in lines[0], res.stderr

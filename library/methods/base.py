@@ -37,6 +37,9 @@ class Method(Protocol):
     def conditioning(self, batch: dict[str, Any]) -> torch.Tensor:
         """Text-encoder hidden states for a batch (with gradients where the text encoder trains)."""
 
+    # Optional: ``unet_forward(unet, noisy, timesteps, cond, dtype) -> prediction`` replaces the plain
+    # ``unet(noisy, timesteps, cond.to(dtype)).sample`` (XTI feeds each cross-attention layer its own states).
+
     def after_step(self, global_step: int) -> None:
         """Called after every optimizer step (TI restores frozen rows; DreamBooth stops the text encoder)."""
 

@@ -307,32 +307,31 @@ class TextualInversionMethod:
                                     metadata=meta)
 
 
-def prepare_textual_inversion(model: Any, tokenizer: Any, args: argparse.Namespace, *, seed: int,
-                              device: torch.device, weight_dtype: torch.dtype) -> list[int]:
-    """Add the tokens, resize and initialise the embedding matrix, freeze everything else and place the
-    parts (UNet and VAE in ``weight_dtype``; text encoder fp32, or ``weight_dtype`` with --full_fp16/bf16).
-    Returns the new token ids."""
-    from library.training.session import place
-
-    tokens = token_strings(args.token_string, args.num_vectors_per_token)
+def add_token_rows(model: Any, tokenizer: Any, tokens: list[str]) -> list[int]:
+    """Add ``tokens`` (all new) to the tokenizer and grow the text encoder's embedding matrix to match;
+    returns their ids. The new rows hold whatever the resize left there until they are initialised."""
     rows = token_embedding(model.text_encoder).num_embeddings
     if rows != len(tokenizer):
         raise UserError(f"the text encoder has {rows} token embeddings but the tokenizer {len(tokenizer)} tokens; "
                         "Textual Inversion needs them to match (--v2 for SD2 models?)")
     ids = add_tokens(tokenizer, tokens)
     model.tokenizer = tokenizer
+    model.text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return ids
+
+
+def freeze_and_place(model: Any, args: argparse.Namespace, *, device: torch.device,
+                     weight_dtype: torch.dtype) -> None:
+    """Freeze everything but the token-embedding matrix and place the parts: UNet and VAE in
+    ``weight_dtype``; the text encoder in fp32, or ``weight_dtype`` with --full_fp16/--full_bf16."""
+    from library.training.session import place
+
     te = model.text_encoder
-    te.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    embedding = token_embedding(te)
-    start = initial_vectors(tokenizer, embedding, len(ids), init_word=args.init_word, weights=args.weights,
-                            seed=seed)
-    with torch.no_grad():
-        embedding.weight[ids[0]:ids[0] + len(ids)] = start.to(embedding.weight.dtype)
     model.unet.requires_grad_(False)
     model.vae.requires_grad_(False)
     model.vae.eval()
     te.requires_grad_(False)
-    embedding.weight.requires_grad_(True)
+    token_embedding(te).weight.requires_grad_(True)
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         te.gradient_checkpointing_enable()
@@ -340,4 +339,17 @@ def prepare_textual_inversion(model: Any, tokenizer: Any, args: argparse.Namespa
     place(model.unet, device, weight_dtype)
     place(te, device, weight_dtype if full_half else torch.float32)
     place(model.vae, device, weight_dtype)
+
+
+def prepare_textual_inversion(model: Any, tokenizer: Any, args: argparse.Namespace, *, seed: int,
+                              device: torch.device, weight_dtype: torch.dtype) -> list[int]:
+    """Add the tokens, resize and initialise the embedding matrix, freeze everything else and place the
+    parts (see :func:`freeze_and_place`). Returns the new token ids."""
+    ids = add_token_rows(model, tokenizer, token_strings(args.token_string, args.num_vectors_per_token))
+    embedding = token_embedding(model.text_encoder)
+    start = initial_vectors(tokenizer, embedding, len(ids), init_word=args.init_word, weights=args.weights,
+                            seed=seed)
+    with torch.no_grad():
+        embedding.weight[ids[0]:ids[0] + len(ids)] = start.to(embedding.weight.dtype)
+    freeze_and_place(model, args, device=device, weight_dtype=weight_dtype)
     return ids

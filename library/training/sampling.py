@@ -162,6 +162,8 @@ class SampleComponents:
     tokenizer: Any
     v_parameterization: bool = False
     clip_skip: int | None = None
+    # XTI: [prompt, negative] -> per-layer states (layers, 2, L, D), routed by ``cross_attention_kwargs``
+    layer_encoder: Callable[[list[str]], torch.Tensor] | None = None
 
 
 def encode_prompt_pair(components: SampleComponents, prompt: str,
@@ -201,12 +203,19 @@ def generate_image(components: SampleComponents, prompt: SamplePrompt, *, sample
         logger.warning("sample %d: pndm needs at least %d steps; using %d", prompt.line_index, PNDM_MIN_STEPS,
                        PNDM_MIN_STEPS)
         steps = PNDM_MIN_STEPS
-    positive, negative = encode_prompt_pair(components, prompt.prompt, prompt.negative_prompt)
+    extra = {}
+    if components.layer_encoder is not None:
+        layers = components.layer_encoder([prompt.prompt, prompt.negative_prompt]).float()
+        positive, negative = layers[0, :1], layers[0, 1:]
+        routed = torch.cat([layers[:, 1:], layers[:, :1]], dim=1) if prompt.scale > 1 else layers[:, :1]
+        extra["cross_attention_kwargs"] = {"xti_states": routed.to(components.unet.dtype)}
+    else:
+        positive, negative = encode_prompt_pair(components, prompt.prompt, prompt.negative_prompt)
     pipe = _pipeline(components, build_sample_scheduler(sampler, components.v_parameterization))
     device = next(components.unet.parameters()).device
     result = pipe(prompt_embeds=positive.to(device), negative_prompt_embeds=negative.to(device),
                   height=prompt.height, width=prompt.width, num_inference_steps=steps,
-                  guidance_scale=prompt.scale, generator=generator, output_type=output_type)
+                  guidance_scale=prompt.scale, generator=generator, output_type=output_type, **extra)
     image = result.images[0]
     return (image.float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)).astype(np.float32)
 
@@ -363,13 +372,14 @@ class Sampler:
 def make_sampler(settings: SampleSettings | None, args: argparse.Namespace, *, unet: Any, vae: Any,
                  text_encoder: Any, tokenizer: Any, v_parameterization: bool, seed: int,
                  extra_modules: Sequence[torch.nn.Module] = (),
-                 prompt_transform: Callable[[str], str] | None = None) -> Sampler | None:
+                 prompt_transform: Callable[[str], str] | None = None,
+                 layer_encoder: Callable[[list[str]], torch.Tensor] | None = None) -> Sampler | None:
     """The :class:`Sampler` an entry script hands to the Trainer (None without samples): the live model
     parts, ``--output_dir`` / ``--output_name`` / ``--clip_skip`` and the run seed."""
     if settings is None:
         return None
     parts = SampleComponents(unet, vae, text_encoder, tokenizer, v_parameterization,
-                             clip_skip=getattr(args, "clip_skip", None))
+                             clip_skip=getattr(args, "clip_skip", None), layer_encoder=layer_encoder)
     return Sampler(settings=settings, components=parts, output_dir=Path(args.output_dir), run_seed=seed,
                    output_name=getattr(args, "output_name", None), extra_modules=list(extra_modules),
                    prompt_transform=prompt_transform)

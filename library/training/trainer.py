@@ -208,7 +208,11 @@ class Trainer:
         timesteps = diffusion.sample_timesteps(latents.shape[0], self.generator).to(self.device)
         noisy = diffusion.add_noise(self.noise_scheduler, latents, noise, timesteps)
         with self.accelerator.autocast():
-            pred = self.model.unet(noisy, timesteps, cond.to(s.weight_dtype)).sample
+            forward = getattr(self.method, "unet_forward", None)  # XTI routes conditioning per layer
+            if forward is not None:
+                pred = forward(self.model.unet, noisy, timesteps, cond, s.weight_dtype)
+            else:
+                pred = self.model.unet(noisy, timesteps, cond.to(s.weight_dtype)).sample
         target = diffusion.target_for(self.noise_scheduler, latents, noise, timesteps, s.v_parameterization)
         return diffusion.diffusion_loss(pred.float(), target.float(),
                                         loss_weights=batch["loss_weights"].to(self.device), timesteps=timesteps,
