@@ -31,6 +31,7 @@ setup(
         "tagger": ["onnxruntime"],
         "wandb": ["wandb"],
         "upload": ["huggingface_hub"],
-        "test": ["pytest>=7", "pytest-xdist>=3", "psutil>=5", "peft", "wandb", "lion-pytorch", "prodigyopt", "dadaptation"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "psutil>=5", "peft", "wandb", "lion-pytorch", "prodigyopt", "dadaptation",
+                 "onnx", "onnxruntime"],
     },
 )
