@@ -1,13 +1,19 @@
-"""Seconds per LoRA training step: our loop versus the bare UNet forward + backward + AdamW step.
+"""Seconds per training step of each method: our loop versus the bare forward + backward + AdamW step.
 
-    python bench/train_step.py [--preset tiny-sd1|sd1|both] [--steps 6] [--resolution 256]
+    python bench/train_step.py [--preset tiny-sd1|sd1|both] [--method lora|db|ft|ti|xti|all]
+                               [--steps 6] [--resolution 256]
 
-For each model: trains a UNet-only LoRA (dim 4, alpha 1, AdamW, batch 1, cached latents) with
-train_network.py in this process and times every optimizer step; then, in the same process and on the
-same LoRA-applied UNet, times the bare floor (UNet forward, MSE, backward, AdamW step, zero_grad on
-fixed tensors). Prints both and their ratio (target: at most 1.05). Also prints the time from launch to
-the first finished step (a fresh ``python train_network.py --max_train_steps 1`` process, wall clock).
-The full-size ``sd1`` model is the one bench/model_load_rss.py builds (random weights, 4 GB).
+Every method trains at batch 1 with AdamW and cached latents: ``lora`` a UNet-only LoRA (dim 4, alpha 1,
+train_network.py), ``db`` DreamBooth (UNet + text encoder, train_db.py), ``ft`` fine-tuning (UNet only,
+fine_tune.py), ``ti`` Textual Inversion (1 vector) and ``xti`` XTI (1 vector per layer). Each (method,
+model) runs in a fresh process that times every optimizer step of our loop; then, in the same process
+and on the same modules, it times the bare floor: the text-encoder forward where the method trains it,
+the UNet forward, MSE, backward, AdamW step and zero_grad on fixed tensors (no floor for xti). It prints
+both, their ratio (target: at most 1.05) and the process's peak RSS; for ``ft`` and ``db`` also the
+theoretical fp32 AdamW floor (frozen weights + 4 x trained weights: weights, gradients, two moments).
+``lora`` also times launch to the first finished step (a fresh ``python train_network.py
+--max_train_steps 1`` process, wall clock). The full-size ``sd1`` model is the one
+bench/model_load_rss.py builds (random weights, 4 GB).
 """
 
 from __future__ import annotations
@@ -46,21 +52,47 @@ def model_file(preset: str, cache: Path) -> Path:
     return path
 
 
-def train_argv(model: Path, data: Path, out: Path, resolution: int, steps: int) -> list[str]:
-    """The benchmark's train_network.py command line."""
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution",
-            str(resolution), "--output_dir", str(out), "--network_module", "networks.lora", "--network_dim", "4",
-            "--network_alpha", "1", "--network_train_unet_only", "--cache_latents", "--optimizer_type", "AdamW",
-            "--learning_rate", "1e-4", "--max_train_steps", str(steps), "--seed", "0", "--max_data_loader_n_workers",
-            "0", "--train_batch_size", "1"]
+SCRIPTS = {"lora": "train_network", "db": "train_db", "ft": "fine_tune", "ti": "train_textual_inversion",
+           "xti": "train_textual_inversion_XTI"}
 
 
-def measure_ours(argv: list[str]) -> tuple[list[float], object]:
-    """Run train_network.main in-process; return per-step seconds and the trainer."""
-    import train_network
+def write_metadata(data: Path) -> Path:
+    """fine_tune.py's metadata json for the bench images (captions only)."""
+    import json
+
+    folder = data / "1_bench"
+    meta = {p.stem: {"caption": "a photo of a bench"} for p in sorted(folder.glob("*.png"))}
+    path = data / "meta.json"
+    path.write_text(json.dumps(meta), encoding="utf-8")
+    return path
+
+
+def train_argv(method: str, model: Path, data: Path, out: Path, resolution: int, steps: int) -> list[str]:
+    """The benchmark's command line for ``method``."""
+    common = ["--pretrained_model_name_or_path", str(model), "--resolution", str(resolution), "--output_dir",
+              str(out), "--cache_latents", "--optimizer_type", "AdamW", "--max_train_steps", str(steps), "--seed",
+              "0", "--max_data_loader_n_workers", "0", "--train_batch_size", "1"]
+    if method == "ft":
+        return [*common, "--train_data_dir", str(data / "1_bench"), "--in_json", str(write_metadata(data)),
+                "--learning_rate", "1e-6", "--save_model_as", "safetensors"]
+    common += ["--train_data_dir", str(data)]
+    if method == "lora":
+        return [*common, "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "1",
+                "--network_train_unet_only", "--learning_rate", "1e-4"]
+    if method == "db":
+        return [*common, "--learning_rate", "1e-6", "--save_model_as", "safetensors"]
+    return [*common, "--token_string", "zqxbench", "--init_word", "bench", "--learning_rate", "5e-3",
+            "--use_object_template"]
+
+
+def measure_ours(method: str, argv: list[str]) -> tuple[list[float], object]:
+    """Run the method's main() in-process; return per-step seconds and the trainer."""
+    import importlib
+
     from library.training import trainer as trainer_module
     from library.training import tracking
 
+    script = importlib.import_module(SCRIPTS[method])
     stamps: list[float] = []
     captured = {}
     original_step = tracking.Tracker.step
@@ -78,29 +110,32 @@ def measure_ours(argv: list[str]) -> tuple[list[float], object]:
     tracking.Tracker.step = timed_step
     trainer_module.Trainer.__init__ = keep
     try:
-        assert train_network.main(argv) == 0
+        assert script.main(argv) == 0
     finally:
         tracking.Tracker.step = original_step
         trainer_module.Trainer.__init__ = original_init
     return [b - a for a, b in zip(stamps[1:], stamps[2:])], captured["trainer"]
 
 
-def measure_bare(trainer, steps: int, resolution: int) -> list[float]:
-    """UNet (with the LoRA applied) forward + MSE + backward + AdamW step, nothing else."""
+def measure_bare(method: str, trainer, steps: int, resolution: int) -> list[float]:
+    """The floor: text-encoder forward where it trains, UNet forward + MSE + backward + AdamW, nothing else."""
     import torch
 
-    unet = trainer.model.unet
+    unet, te = trainer.model.unet, trainer.model.text_encoder
     params = trainer.params
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-6)
     g = torch.Generator().manual_seed(0)
     side = resolution // 8
     latents = torch.randn(1, 4, side, side, generator=g)
     noise = torch.randn(1, 4, side, side, generator=g)
-    cond = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    fixed_cond = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    ids = torch.randint(0, 49407, (1, 77), generator=g)
+    te_trains = any(p.requires_grad for p in te.parameters())
     t = torch.tensor([500])
     times = []
     for _ in range(steps):
         start = time.perf_counter()
+        cond = te(ids)[0] if te_trains else fixed_cond
         pred = unet(latents, t, cond).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
@@ -120,38 +155,73 @@ def launch_to_first_step(argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def bench(preset: str, steps: int, resolution: int, cache: Path) -> None:
-    """Measure one preset and print its figures."""
+def theoretical_bytes(trainer) -> tuple[int, int]:
+    """(fp32 bytes of every model weight, of the trained ones): AdamW needs weights + grads + 2 moments."""
+    model = trainer.model
+    total = sum(p.numel() * 4 for m in (model.unet, model.text_encoder, model.vae) for p in m.parameters())
+    trained = sum(p.numel() * 4 for p in trainer.params)
+    return total, trained
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set size."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bench_one(method: str, preset: str, steps: int, resolution: int, cache: Path) -> None:
+    """Measure one (method, preset) in this process and print its figures."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         data = make_images(tmp_path / "data", resolution)
-        argv = train_argv(model_file(preset, cache), data, tmp_path / "out", resolution, steps + 2)
-        launch = launch_to_first_step(argv)
-        ours, trainer = measure_ours(argv)
+        argv = train_argv(method, model_file(preset, cache), data, tmp_path / "out", resolution, steps + 2)
+        launch = launch_to_first_step(argv) if method == "lora" else None
+        ours, trainer = measure_ours(method, argv)
         ours = ours[2:]  # the first steps warm up allocators and caches
-        bare = measure_bare(trainer, len(ours) + 1, resolution)[1:]
-    o, b = statistics.median(ours), statistics.median(bare)
-    print(f"[{preset}] {resolution}px batch 1, UNet-only LoRA dim 4, AdamW, cached latents")
+        bare = measure_bare(method, trainer, len(ours) + 1, resolution)[1:] if method != "xti" else None
+        total, trained = theoretical_bytes(trainer)
+    o = statistics.median(ours)
+    print(f"[{method} {preset}] {resolution}px batch 1, AdamW, cached latents: {SCRIPTS[method]}.py")
     print(f"  our step : {o:.4f} s (median of {len(ours)})")
-    print(f"  bare step: {b:.4f} s (UNet fwd + bwd + AdamW)")
-    print(f"  ratio    : {o / b:.3f} (target <= 1.05)")
-    print(f"  launch to first finished step: {launch:.1f} s (fresh process, includes one save)")
+    if bare:
+        b = statistics.median(bare)
+        print(f"  bare step: {b:.4f} s (TE fwd if trained + UNet fwd + bwd + AdamW)")
+        print(f"  ratio    : {o / b:.3f} (target <= 1.05)")
+    rss = peak_rss_gib()
+    print(f"  peak RSS : {rss:.2f} GiB")
+    if method in ("ft", "db"):
+        floor = (total + 3 * trained) / 2**30
+        print(f"  fp32 AdamW floor: {floor:.2f} GiB (weights {total / 2**30:.2f} + 3 x trained {trained / 2**30:.2f}); "
+              f"peak / floor = {rss / floor:.3f}")
+    if launch is not None:
+        print(f"  launch to first finished step: {launch:.1f} s (fresh process, includes one save)")
+    sys.stdout.flush()
 
 
 def main() -> int:
-    """Parse options and run the benches."""
+    """Parse options; run each (method, preset) in a fresh process so peak RSS is its own."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--preset", default="both", choices=["tiny-sd1", "sd1", "both"])
+    parser.add_argument("--method", default="all", choices=[*SCRIPTS, "all"])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--cache", default="/tmp/sdtrain_bench_model")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import logging
     logging.basicConfig(level=logging.WARNING)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    if args.single:
+        steps = args.steps if args.preset == "sd1" else max(args.steps, 30)
+        bench_one(args.method, args.preset, steps, args.resolution, cache)
+        return 0
     for preset in (["tiny-sd1", "sd1"] if args.preset == "both" else [args.preset]):
-        bench(preset, args.steps if preset == "sd1" else max(args.steps, 30), args.resolution, cache)
+        for method in (list(SCRIPTS) if args.method == "all" else [args.method]):
+            subprocess.run([sys.executable, __file__, "--single", "--preset", preset, "--method", method, "--steps",
+                            str(args.steps), "--resolution", str(args.resolution), "--cache", str(cache)],
+                           check=True)
     return 0
 
 

@@ -137,9 +137,8 @@ def add_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
     return ids
 
 
-def read_embedding_file(path: str | Path) -> torch.Tensor:
-    """Vectors [n, D] from an embedding file: safetensors (``emb_params`` or the first tensor), kohya's
-    ``.pt`` ``{"emb_params": T}``, AUTOMATIC1111's ``string_to_param`` layout, or diffusers' ``{token: T}``."""
+def read_weights_file(path: str | Path) -> Any:
+    """The contents of a ``--weights`` file: a safetensors dict, or a torch pickle loaded weights-only."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--weights {path}: no such file")
@@ -147,11 +146,16 @@ def read_embedding_file(path: str | Path) -> torch.Tensor:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            data: Any = load_file(str(path))
-        else:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file
         raise UserError(f"--weights {path}: cannot read it ({str(exc).splitlines()[0][:160]})") from None
+
+
+def read_embedding_file(path: str | Path) -> torch.Tensor:
+    """Vectors [n, D] from an embedding file: safetensors (``emb_params`` or the first tensor), kohya's
+    ``.pt`` ``{"emb_params": T}``, AUTOMATIC1111's ``string_to_param`` layout, or diffusers' ``{token: T}``."""
+    data = read_weights_file(path)
     if isinstance(data, dict) and "string_to_param" in data:
         data = data["string_to_param"]
         data = getattr(data, "_parameters", data)

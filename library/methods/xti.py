@@ -26,7 +26,8 @@ import torch
 from library.data.tokens import encode_tokens, tokenize_caption
 from library.errors import UserError
 from library.methods.textual_inversion import (TextualInversionMethod, add_token_rows, freeze_and_place,
-                                               initial_vectors, token_embedding, token_strings)
+                                               initial_vectors, read_weights_file, token_embedding,
+                                               token_strings)
 
 logger = logging.getLogger(__name__)
 
@@ -112,18 +113,7 @@ def layer_captions(captions: Sequence[str], token_string: str, num_vectors: int,
 
 def read_xti_file(path: str | Path, layer_names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The per-layer vectors of an XTI file (safetensors, or a torch pickle of the same dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--weights {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data: Any = load_file(str(path))
-        else:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file
-        raise UserError(f"--weights {path}: cannot read it ({str(exc).splitlines()[0][:160]})") from None
+    data = read_weights_file(path)
     if not isinstance(data, dict) or set(data) != set(layer_names) or not all(
             isinstance(v, torch.Tensor) and v.dim() == 2 for v in data.values()):
         keys = sorted(data)[:4] if isinstance(data, dict) else type(data).__name__
