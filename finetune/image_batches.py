@@ -11,6 +11,7 @@ left out of its batch; it never stops the run.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import multiprocessing
 import os
@@ -76,6 +77,24 @@ def warn_shared_outputs(paths: Sequence[Path], extension: str) -> None:
         if len(images) > 1:
             names = ", ".join(p.name for p in images)
             logger.warning("%s are all written to %s; the last one (%s) wins", names, target, images[-1].name)
+
+
+def keep_existing_outputs(paths: Sequence[Path], extension: str, overwrite: bool) -> list[Path]:
+    """The images still to process: those whose output file exists are left out (their files are kept, as
+    the user may have edited them) unless ``overwrite``; says how many were kept."""
+    if overwrite:
+        return list(paths)
+    todo = [p for p in paths if not text_path(p, extension).exists()]
+    if len(todo) < len(paths):
+        logger.info("%d image(s) already have a %s file: kept as they are (--overwrite replaces them)",
+                    len(paths) - len(todo), extension)
+    return todo
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace existing output files instead of keeping them."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing caption/tag files (default: images that have one are skipped)")
 
 
 def write_text_file(image_path: Path, extension: str, text: str) -> Path:

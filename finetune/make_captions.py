@@ -31,7 +31,9 @@ from finetune.image_batches import (  # noqa: E402
     check_positive,
     check_workers,
     find_images,
+    add_overwrite_argument,
     iter_image_batches,
+    keep_existing_outputs,
     output_extension,
     report_failures,
     timed_batches,
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42,
                    help="random seed: the same seed, file list and batch size give the same captions (default 42)")
     p.add_argument("--debug", action="store_true", help="print each image path and its caption")
+    add_overwrite_argument(p)
     p.add_argument("--recursive", action="store_true", help="also caption the images in sub-folders")
     return p
 
@@ -224,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("no images found in %s; nothing to do", args.train_data_dir)
         return 0
     warn_shared_outputs(paths, extension)
+    paths = keep_existing_outputs(paths, extension, args.overwrite)
+    if not paths:
+        return 0
     stats = caption_images(args, paths, extension)
     logger.info(stats.summary("captions"))
     report_failures(stats, "caption")

@@ -32,7 +32,9 @@ from finetune.image_batches import (  # noqa: E402
     check_positive,
     check_workers,
     find_images,
+    add_overwrite_argument,
     iter_image_batches,
+    keep_existing_outputs,
     output_extension,
     report_failures,
     timed_batches,
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threshold for general tags (default: --thresh)")
     p.add_argument("--character_threshold", type=float, default=None,
                    help="threshold for character tags (default: --thresh)")
+    add_overwrite_argument(p)
     p.add_argument("--recursive", action="store_true", help="also tag the images in sub-folders")
     p.add_argument("--remove_underscore", action="store_true",
                    help="write tags longer than 3 characters with spaces instead of underscores (keeps ^_^, >_<)")
@@ -321,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("no images found in %s; nothing to do", args.train_data_dir)
         return 0
     warn_shared_outputs(paths, extension)
+    paths = keep_existing_outputs(paths, extension, args.overwrite)
+    if not paths:
+        return 0
     counts: Counter = Counter()
     stats = tag_images(paths, tagger, labels, tag_rules(args), extension, args.batch_size, workers,
                        debug=args.debug, counts=counts)

@@ -113,12 +113,24 @@ def test_captions_written_per_image_and_reproducible(tmp_path, blip_dir):
     assert any(text.strip() for text in first.values())
     assert all(len(text.split()) <= 20 - 4 for text in first.values())
 
-    assert run_script(make_captions.main, argv) == 0
+    assert run_script(make_captions.main, [*argv, "--overwrite"]) == 0
     assert read_texts(folder, ".caption") == first
 
     argv[argv.index("7")] = "8"
     assert run_script(make_captions.main, argv) == 0
+    assert read_texts(folder, ".caption") == first  # existing captions are kept without --overwrite
+    assert run_script(make_captions.main, [*argv, "--overwrite"]) == 0
     assert read_texts(folder, ".caption") != first  # sampling: another seed, other captions
+
+
+def test_existing_tag_files_are_kept_unless_overwrite(tmp_path, tagger_dir):
+    folder = colour_folder(tmp_path)
+    (folder / "red.txt").write_text("my own tags\n", encoding="utf-8")
+    assert run_script(tagger_script.main, [folder, "--model_dir", tagger_dir]) == 0
+    assert (folder / "red.txt").read_text(encoding="utf-8") == "my own tags\n"
+    assert (folder / "blue.txt").is_file()
+    assert run_script(tagger_script.main, [folder, "--model_dir", tagger_dir, "--overwrite"]) == 0
+    assert (folder / "red.txt").read_text(encoding="utf-8") != "my own tags\n"
 
 
 def test_recursive_workers_and_legacy_extension(tmp_path, blip_dir):
@@ -268,7 +280,7 @@ def colour_folder(tmp_path: Path) -> Path:
 
 def tag(folder: Path, model_dir: Path, *extra) -> dict[str, str]:
     """Run the tagger on ``folder``; ``{image stem: written line without newline}``."""
-    assert run_script(tagger_script.main, [folder, "--model_dir", model_dir, *extra]) == 0
+    assert run_script(tagger_script.main, [folder, "--model_dir", model_dir, "--overwrite", *extra]) == 0
     result = {}
     for path in sorted(folder.rglob("*.txt")):
         text = path.read_text(encoding="utf-8")
