@@ -23,7 +23,7 @@ from library.config.blueprint import BlueprintDataset, BlueprintSubset, DatasetB
 from library.data.buckets import BucketAssignment, BucketSettings, assign_bucket
 from library.data.captions import CaptionOptions, process_caption
 from library.data.entries import ImageEntry, ScanReport, attach_sizes, dataset_entries
-from library.data.images import (ImageLoadError, color_aug, face_crop_aug_range, flip, load_image_rgb,
+from library.data.images import (ImageLoadError, color_aug, cover_size, face_crop_aug_range, flip, load_image_rgb,
                                  parse_face_info, resize_and_crop)
 from library.data.tokens import tokenize_caption, tokenize_weighted_captions
 from library.errors import UserError
@@ -68,6 +68,16 @@ def bucket_settings(blueprint: BlueprintDataset, entries: Sequence[ImageEntry]) 
                           reso_steps=blueprint.bucket_reso_steps, no_upscale=blueprint.bucket_no_upscale)
 
 
+def own_bucket(entry: ImageEntry) -> BucketAssignment | None:
+    """A fine-tuning entry's own ``train_resolution`` bucket (from prepare_buckets_latents.py), as the
+    reference uses it; the nearest aspect ratio could pick another bucket (e.g. after --bucket_no_upscale)."""
+    if entry.train_resolution is None or entry.size is None:
+        return None
+    bucket = tuple(entry.train_resolution)
+    return BucketAssignment(bucket, cover_size(entry.size, bucket),
+                            bucket[0] / bucket[1] - entry.size[0] / entry.size[1])
+
+
 class BucketedDataset:
     """One dataset of the blueprint: entries with their bucket assignments."""
 
@@ -82,7 +92,8 @@ class BucketedDataset:
         for entry in entries:
             assert entry.size is not None
             try:
-                assignment = assign_bucket(entry.size, self.settings, resos)
+                assignment = own_bucket(entry) if self.settings.predefined is not None else None
+                assignment = assignment or assign_bucket(entry.size, self.settings, resos)
             except ValueError as exc:  # e.g. narrower than one bucket step with bucket_no_upscale
                 unusable.append(f"{entry.key} ({exc})")
                 continue
