@@ -47,11 +47,6 @@ def unit_from_metadata(metadata: Mapping[str, str]) -> int | None:
         return None
 
 
-def module_ranks(state_dict: Mapping[str, "object"]) -> dict[str, int]:
-    """Rank (rows of ``lora_down.weight``) of every module of a LoRA state dict."""
-    return {k.split(".", 1)[0]: int(v.shape[0]) for k, v in state_dict.items() if k.endswith(".lora_down.weight")}
-
-
 def split_state_dict(state_dict: Mapping[str, "object"], rank: int) -> dict:
     """The first ``rank`` components of every module: rows of down, columns of up; other keys copied."""
     out = {}
@@ -97,21 +92,18 @@ def _resolve_unit(args: argparse.Namespace, metadata: Mapping[str, str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write one LoRA file per multiple of the unit below the DyLoRA's rank."""
-    from networks.lora_common import load_state_dict_file, save_state_dict_file
+    from networks.lora_common import save_state_dict_file
+    from networks.lora_files import load_lora_file, require_options
 
     args = setup_parser().parse_args(argv)
-    if not args.model:
-        raise UserError("--model is required (the DyLoRA file to split)")
-    if not args.save_to:
-        raise UserError("--save_to is required (base name of the split files)")
-    state_dict, metadata = load_state_dict_file(args.model)
+    require_options(args, model="the DyLoRA file to split", save_to="base name of the split files")
+    lora = load_lora_file(args.model, "--model")
+    state_dict, metadata = lora.tensors, lora.metadata
     module = metadata.get("ss_network_module")
     if module is not None and module != DYLORA_MODULE:
         raise UserError(f"--model {args.model} is not a DyLoRA file: its ss_network_module is '{module}', "
                         f"expected '{DYLORA_MODULE}' (only DyLoRA ranks can be cut out without loss)")
-    ranks = module_ranks(state_dict)
-    if not ranks:
-        raise UserError(f"--model {args.model} holds no LoRA weights (no '*.lora_down.weight' keys)")
+    ranks = {name: weights.rank for name, weights in lora.modules.items()}
     if module is None:
         logger.warning("%s has no ss_network_module metadata; assuming it is a DyLoRA file", args.model)
     unit = _resolve_unit(args, metadata)

@@ -25,12 +25,13 @@ logger = logging.getLogger(__name__)
 
 def setup_parser() -> argparse.ArgumentParser:
     """Command-line options (the reference's names, plus later-upstream clamp/min_diff/metadata ones)."""
-    from networks.lora_extract import DEFAULT_CLAMP_QUANTILE, DEFAULT_MIN_DIFF
+    from networks.lora_extract import DEFAULT_MIN_DIFF
+    from networks.lora_files import add_device_argument, add_precision_arguments
+    from networks.lora_svd import CLAMP_QUANTILE
 
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--v2", action="store_true", help="both models are SD2.x (checked against the weights)")
-    p.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"],
-                   help="dtype of the saved LoRA (default: float)")
+    add_precision_arguments(p, save_default="float")
     p.add_argument("--model_org", type=str, default=None,
                    help="original model (the one the LoRA will be applied to): ldm .ckpt/.safetensors or diffusers folder")
     p.add_argument("--model_tuned", type=str, default=None,
@@ -40,8 +41,8 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=4, help="rank of Linear and 1x1-conv modules (default 4)")
     p.add_argument("--conv_dim", type=int, default=None,
                    help="rank of 3x3-conv modules; enables them (LoRA-C3Lier); default: none (LoRA-LierLa)")
-    p.add_argument("--device", type=str, default=None, help="device for the SVD, e.g. cuda (default: cpu)")
-    p.add_argument("--clamp_quantile", type=float, default=DEFAULT_CLAMP_QUANTILE,
+    add_device_argument(p, "the SVDs")
+    p.add_argument("--clamp_quantile", type=float, default=CLAMP_QUANTILE,
                    help="clamp the factors to this quantile of their entries (default 0.99; 1 = no clamp)")
     p.add_argument("--min_diff", type=float, default=DEFAULT_MIN_DIFF,
                    help="text encoders whose weights differ by at most this much are taken as identical "
@@ -51,14 +52,14 @@ def setup_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for option in ("model_org", "model_tuned", "save_to"):
-        if not getattr(args, option):
-            raise UserError(f"--{option} is required")
-    if args.dim < 1:
-        raise UserError(f"--dim {args.dim}: the rank must be at least 1")
-    if args.conv_dim is not None and args.conv_dim < 1:
-        raise UserError(f"--conv_dim {args.conv_dim}: the rank must be at least 1 (leave it out for no 3x3 convs)")
+def _check_args(args: argparse.Namespace) -> Path:
+    """Required options, value ranges, existing models; returns the checked ``--save_to``."""
+    from networks.lora_files import check_ranks, check_save_to, refuse_overwriting_inputs, require_options
+
+    require_options(args, model_org="the model the LoRA will be applied to",
+                    model_tuned="the fine-tuned model")
+    save_to = check_save_to(args.save_to)
+    check_ranks(dim=args.dim, conv_dim=args.conv_dim)
     if not 0.0 < args.clamp_quantile <= 1.0:
         raise UserError(f"--clamp_quantile {args.clamp_quantile}: must be in (0, 1] (1 = no clamping)")
     if args.min_diff < 0:
@@ -67,22 +68,8 @@ def _check_args(args: argparse.Namespace) -> None:
         path = Path(getattr(args, option))
         if not path.exists():
             raise UserError(f"--{option} {path}: no such file or folder")
-        if Path(args.save_to).resolve() == path.resolve():
-            raise UserError(f"--save_to {args.save_to} is the --{option} model; choose another output file")
-
-
-def _device(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a torch device name (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    refuse_overwriting_inputs(save_to, [("--model_org", args.model_org), ("--model_tuned", args.model_tuned)])
+    return save_to
 
 
 def _load(path: str, option: str, v2: bool):
@@ -111,16 +98,14 @@ def metadata_for(args: argparse.Namespace, v2: bool) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Extract the LoRA and write it."""
-    import torch
-
-    from library.models.save import precision_dtype
     from networks.lora import create_network_from_weights
-    from networks.lora_extract import extract_state_dict, max_abs_delta, pair_modules, target_layers
+    from networks.lora_extract import extract_state_dict, max_abs_delta, pair_modules
+    from networks.lora_files import output_dtypes, target_layers, torch_device
 
     args = setup_parser().parse_args(argv)
-    _check_args(args)
-    device = _device(args.device)
-    save_dtype = precision_dtype(args.save_precision) or torch.float32
+    save_to = _check_args(args)
+    device = torch_device(args.device)
+    _, save_dtype = output_dtypes(args)
 
     org = _load(args.model_org, "--model_org", args.v2)
     tuned = _load(args.model_tuned, "--model_tuned", args.v2)
@@ -158,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if info.missing_keys or info.unexpected_keys:  # pragma: no cover - an internal naming error
         raise RuntimeError(f"extracted weights do not fit the network: {info}")
     meta = metadata_for(args, org.v2)
-    network.save_weights(args.save_to, save_dtype, meta)
-    print(f"LoRA weights saved to {args.save_to}: {len(te_pairs)} text-encoder and {len(unet_pairs)} U-Net "
+    network.save_weights(save_to, save_dtype, meta)
+    print(f"LoRA weights saved to {save_to}: {len(te_pairs)} text-encoder and {len(unet_pairs)} U-Net "
           f"modules, rank {args.dim}" + (f", conv rank {args.conv_dim}" if with_conv else ""))
     return 0
 

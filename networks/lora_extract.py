@@ -8,7 +8,8 @@ at the conv rank, their 1×1 shortcuts and time projections at the normal rank).
 Per module the difference ΔW = W_tuned − W_org (float32) is factorised by SVD into
 ``up = U[:, :q]·diag(S[:q])`` and ``down = Vᵀ[:q]`` with q = min(rank, in, out); both are clamped to
 ± the ``clamp_quantile`` quantile of their signed entries (0.99 as in the reference; 1 = no clamp);
-``alpha = q`` (scale 1).
+``alpha = q`` (scale 1). The SVD, truncation and clamp are those of :mod:`networks.lora_svd`, the
+target layers those of :func:`networks.lora_files.target_layers`.
 """
 
 from __future__ import annotations
@@ -21,21 +22,12 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from networks.lora_common import (
-    LORA_PREFIX_TEXT_ENCODER,
-    LORA_PREFIX_UNET,
-    TEXT_ENCODER_TARGET_MODULES,
-    UNET_CONV_TARGET_MODULES,
-    UNET_TARGET_MODULES,
-    find_target_modules,
-    is_conv3x3,
-)
+from networks.lora_common import is_conv3x3
+from networks.lora_svd import CLAMP_QUANTILE, clamp_to_quantile, dense_svd, layer_shaped, truncate
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLAMP_QUANTILE = 0.99
 DEFAULT_MIN_DIFF = 1e-6
-_TORCH_QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs
 
 
 @dataclass
@@ -46,14 +38,6 @@ class ModulePair:
     org: nn.Module
     tuned: nn.Module
     rank: int
-
-
-def target_layers(text_encoder: nn.Module | None, unet: nn.Module | None,
-                  with_conv: bool) -> list[tuple[str, nn.Module]]:
-    """``(lora_name, layer)`` of every layer a LoRA would wrap (text encoder first, then UNet)."""
-    unet_targets = UNET_TARGET_MODULES + (UNET_CONV_TARGET_MODULES if with_conv else ())
-    return (find_target_modules(text_encoder, LORA_PREFIX_TEXT_ENCODER, TEXT_ENCODER_TARGET_MODULES)
-            + find_target_modules(unet, LORA_PREFIX_UNET, unet_targets))
 
 
 def pair_modules(org_layers: list[tuple[str, nn.Module]], tuned_layers: list[tuple[str, nn.Module]],
@@ -103,20 +87,8 @@ def max_abs_delta(pairs: list[ModulePair]) -> float:
     return max((float(weight_delta(p).abs().max()) for p in pairs), default=0.0)
 
 
-def quantile(values: torch.Tensor, q: float) -> float:
-    """The ``q`` quantile with linear interpolation (``torch.quantile``, also for very large inputs)."""
-    flat = values.detach().flatten().to(torch.float32)
-    if flat.numel() <= _TORCH_QUANTILE_LIMIT:
-        return float(torch.quantile(flat, q))
-    ordered = torch.sort(flat.cpu()).values
-    pos = q * (ordered.numel() - 1)
-    lo = int(pos)
-    hi = min(lo + 1, ordered.numel() - 1)
-    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
-
-
 @torch.no_grad()
-def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float = DEFAULT_CLAMP_QUANTILE
+def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float = CLAMP_QUANTILE
               ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Rank-``q`` LoRA factors ``(down, up, q)`` of one weight difference.
 
@@ -127,21 +99,14 @@ def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float = DEFAULT_CL
     """
     out_dim, in_dim = delta.shape[0], delta.shape[1]
     q = max(1, min(int(rank), in_dim, out_dim))
-    matrix = delta.reshape(out_dim, -1).to(torch.float32)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    up = u[:, :q] * s[:q].unsqueeze(0)
-    down = vh[:q, :]
+    up, down = truncate(dense_svd(delta.reshape(out_dim, -1).to(torch.float32)), q)
     if clamp_quantile < 1.0:
-        h = quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
-        up = up.clamp(-h, h)
-        down = down.clamp(-h, h)
-    if delta.dim() == 4:
-        up = up.reshape(out_dim, q, 1, 1)
-        down = down.reshape(q, in_dim, *delta.shape[2:])
+        up, down = clamp_to_quantile(up, down, clamp_quantile)
+    up, down = layer_shaped(up, down, tuple(delta.shape[2:]) if delta.dim() == 4 else None)
     return down.contiguous(), up.contiguous(), q
 
 
-def extract_state_dict(pairs: list[ModulePair], clamp_quantile: float = DEFAULT_CLAMP_QUANTILE,
+def extract_state_dict(pairs: list[ModulePair], clamp_quantile: float = CLAMP_QUANTILE,
                        device: torch.device | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
     """The LoRA state dict (float32, CPU) approximating every pair's difference.
 

@@ -1,5 +1,6 @@
-"""What every LoRA tool needs: read a LoRA file and check it, group its tensors per module, tell SD1
-from SD2, find the model layer of each module, merge modules into a model, and write results.
+"""What every LoRA tool needs: the shared options (precision, device, inputs and output) and their
+checks, read a LoRA file and check it, group its tensors per module, tell SD1 from SD2, find the model
+layers a LoRA targets, merge modules into a model, and write results.
 
 File layout: file_formats.md §1.1-§1.3; tool conventions: tools_and_preprocessing.md §1.2-§1.4.
 A LoRA module ``<name>`` is the three keys ``<name>.lora_down.weight``, ``<name>.lora_up.weight``
@@ -8,6 +9,7 @@ and (optional, alpha = rank when missing) ``<name>.alpha``; ``<name>`` is the te
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -36,6 +38,55 @@ DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 PRECISION_NAMES = ("float", "fp16", "bf16")
 _DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SD_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared options
+
+
+def add_precision_arguments(parser: argparse.ArgumentParser, save_default: str,
+                            precision_help: str | None = None) -> None:
+    """``--save_precision`` (its default described by ``save_default``) and, when ``precision_help`` is
+    given, ``--precision`` (default float)."""
+    parser.add_argument("--save_precision", default=None, choices=[None, *PRECISION_NAMES],
+                        help=f"dtype of the saved file (default: {save_default})")
+    if precision_help is not None:
+        parser.add_argument("--precision", default="float", choices=PRECISION_NAMES, help=precision_help)
+
+
+def add_device_argument(parser: argparse.ArgumentParser, used_for: str) -> None:
+    """``--device`` (default CPU), checked by :func:`torch_device`."""
+    parser.add_argument("--device", default=None, help=f"device for {used_for}, e.g. cuda (default CPU)")
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser, save_to_help: str, models_help: str) -> None:
+    """``--save_to``, ``--models``, ``--ratios`` (one per model) and ``--no_metadata`` of the merge tools."""
+    parser.add_argument("--save_to", default=None, help=save_to_help)
+    parser.add_argument("--models", nargs="*", default=None, help=models_help)
+    parser.add_argument("--ratios", type=float, nargs="*", default=None, help="one ratio (strength) per LoRA file")
+    parser.add_argument("--no_metadata", action="store_true",
+                        help="accepted for compatibility: only the minimal ss_* metadata is written anyway")
+
+
+def require_options(args: argparse.Namespace, **needed: str) -> None:
+    """UserError ``--<name> is required (<what>)`` for the first option of ``needed`` that was not given."""
+    for name, what in needed.items():
+        if not getattr(args, name):
+            raise UserError(f"--{name} is required ({what})")
+
+
+def check_ranks(**ranks: int | None) -> None:
+    """UserError for a rank option (``new_rank=…``; None = not given) below 1."""
+    for name, value in ranks.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name} {value}: the rank must be at least 1")
+
+
+def output_dtypes(args: argparse.Namespace) -> tuple[torch.dtype | None, torch.dtype]:
+    """``(--precision dtype, --save_precision dtype)``; the first is None for a tool without
+    ``--precision``, the second defaults to the first, else float32."""
+    merge_dtype = precision_dtype(getattr(args, "precision", None))
+    return merge_dtype, precision_dtype(args.save_precision, "--save_precision") or merge_dtype or torch.float32
 
 
 def precision_dtype(name: str | None, option: str = "--precision") -> torch.dtype | None:
@@ -127,22 +178,24 @@ class LoRAModuleWeights:
             raise UserError(f"{source}: LoRA module {self.name} contains NaN or infinite weights (training "
                             "diverged?); check the file with networks/check_lora_weights.py")
 
+    def weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down, up)`` in their stored shapes, in float32; first rounded to ``dtype`` when given."""
+        down, up = self.down, self.up
+        if dtype is not None:
+            down, up = down.to(dtype), up.to(dtype)
+        return down.float(), up.float()
+
     def factors(self, dtype: torch.dtype | None = None, device: torch.device | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(up [out, r], down [r, in·k·k])`` in float32; first rounded to ``dtype`` when given."""
-        up, down = self.up, self.down
-        if dtype is not None:
-            up, down = up.to(dtype), down.to(dtype)
-        up = up.reshape(self.out_features, self.rank).to(device=device, dtype=torch.float32)
-        down = down.reshape(self.rank, -1).to(device=device, dtype=torch.float32)
-        return up, down
+        """``(up [out, r], down [r, in·k·k])`` in float32 on ``device``; first rounded to ``dtype`` when given."""
+        down, up = self.weights(dtype)
+        return (up.reshape(self.out_features, self.rank).to(device=device),
+                down.reshape(self.rank, -1).to(device=device))
 
     def delta(self, multiplier: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``multiplier · alpha/rank · up∘down`` in float32 (4-D for convs, 2-D for Linear)."""
-        up, down = self.up, self.down
-        if dtype is not None:
-            up, down = up.to(dtype), down.to(dtype)
-        return lora_delta(down.float(), up.float()) * (multiplier * self.scale)
+        down, up = self.weights(dtype)
+        return lora_delta(down, up) * (multiplier * self.scale)
 
 
 @dataclass
@@ -319,19 +372,25 @@ def version_metadata(loras: Sequence[LoRAFile], version: str | None) -> dict[str
     return {"ss_v2": str(version == "sd2"), "ss_base_model_version": base}
 
 
-def merged_lora_metadata(loras: Sequence[LoRAFile], modules: Iterable[tuple[int, float, bool]]) -> dict[str, str]:
-    """The minimal ``ss_*`` metadata of a file made from other LoRAs.
+def merged_lora_metadata(loras: Sequence[LoRAFile], tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The minimal ``ss_*`` metadata of a file with the LoRA ``tensors`` made from the files ``loras``.
 
-    ``modules`` holds ``(rank, alpha, is_conv3x3)`` of every written module: ``ss_network_dim`` /
-    ``ss_network_alpha`` describe the Linear/1×1 modules, ``ss_network_args`` ``conv_dim``/``conv_alpha``
-    the 3×3 ones; several different values read "Dynamic".
+    ``ss_network_dim`` / ``ss_network_alpha`` describe the Linear/1×1 modules, ``ss_network_args``
+    ``conv_dim``/``conv_alpha`` the 3×3 ones; several different values read "Dynamic".
     """
     def one(values: set) -> str | None:
         if not values:
             return None
         return str(values.pop()) if len(values) == 1 else "Dynamic"
 
-    modules = list(modules)
+    modules = []
+    for key, down in tensors.items():
+        if key.endswith("." + DOWN):
+            name = key[:-len(DOWN) - 1]
+            alpha = tensors.get(f"{name}.{ALPHA}")
+            rank = int(down.shape[0])
+            is_3x3 = down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
+            modules.append((rank, float(alpha) if alpha is not None else float(rank), is_3x3))
     linear = [(r, float(a)) for r, a, conv in modules if not conv]
     conv = [(r, float(a)) for r, a, c in modules if c]
     network_args = None
@@ -346,11 +405,18 @@ def merged_lora_metadata(loras: Sequence[LoRAFile], modules: Iterable[tuple[int,
 # The model side
 
 
+def target_layers(text_encoder: nn.Module | None, unet: nn.Module | None,
+                  with_conv: bool) -> list[tuple[str, nn.Module]]:
+    """``(lora_name, layer)`` of every layer a LoRA wraps (text encoder first, then UNet); ``with_conv``
+    adds the ResNet/down/upsample layers of a C3Lier LoRA. A part given as None contributes nothing."""
+    unet_targets = UNET_TARGET_MODULES + (UNET_CONV_TARGET_MODULES if with_conv else ())
+    return (find_target_modules(text_encoder, LORA_PREFIX_TEXT_ENCODER, TEXT_ENCODER_TARGET_MODULES)
+            + find_target_modules(unet, LORA_PREFIX_UNET, unet_targets))
+
+
 def model_lora_layers(text_encoder: nn.Module | None, unet: nn.Module | None) -> dict[str, nn.Module]:
     """LoRA module name → Linear/Conv2d layer for every layer a LoRA (LierLa or C3Lier) can target."""
-    layers = dict(find_target_modules(text_encoder, LORA_PREFIX_TEXT_ENCODER, TEXT_ENCODER_TARGET_MODULES))
-    layers.update(find_target_modules(unet, LORA_PREFIX_UNET, UNET_TARGET_MODULES + UNET_CONV_TARGET_MODULES))
-    return layers
+    return dict(target_layers(text_encoder, unet, with_conv=True))
 
 
 def layer_signature(layer: nn.Module) -> tuple[int, int, tuple[int, int]]:
@@ -438,6 +504,16 @@ def check_save_to(save_to: str | None, wants_folder: bool = False) -> Path:
     if path.is_dir() and not wants_folder:
         raise UserError(f"--save_to {save_to}: is a folder; give a file name such as {path / 'merged.safetensors'}")
     return path
+
+
+def check_merge_args(args: argparse.Namespace, wants_folder: bool = False,
+                     other_inputs: Sequence[tuple[str, str | None]] = ()) -> Path:
+    """The checks of the merge tools: ``--models``/``--ratios`` (:func:`check_models_and_ratios`),
+    ``--save_to`` (:func:`check_save_to`) and not an input (``--models`` or ``other_inputs``); returns it."""
+    check_models_and_ratios(args.models, args.ratios)
+    save_to = check_save_to(args.save_to, wants_folder)
+    refuse_overwriting_inputs(save_to, [*other_inputs, *(("--models", m) for m in args.models)])
+    return save_to
 
 
 def check_models_and_ratios(models: Sequence[str] | None, ratios: Sequence[float] | None) -> None:

@@ -98,20 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from library.models.load import load_model
-    from networks.lora_common import load_state_dict_file
+    from networks.lora_files import load_lora_file, require_options
 
     args = setup_parser().parse_args(argv)
-    if not args.sd_model:
-        raise UserError("--sd_model is required (the Stable Diffusion model the LoRA was trained on)")
-    if not args.model:
-        raise UserError("--model is required (the LoRA file to interrogate)")
+    require_options(args, sd_model="the Stable Diffusion model the LoRA was trained on",
+                    model="the LoRA file to interrogate")
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
     if args.clip_skip is not None and args.clip_skip < 1:
         raise UserError(f"--clip_skip {args.clip_skip}: must be at least 1")
 
-    weights_sd, _ = load_state_dict_file(args.model)
-    te_weights = text_encoder_weights(weights_sd)
+    te_weights = text_encoder_weights(load_lora_file(args.model, "--model").tensors)
     if not te_weights:
         print(f"LoRA {args.model} has no text-encoder modules (lora_te_* keys), so it does not change any "
               "token's embedding: nothing to interrogate")

@@ -1,10 +1,12 @@
-"""SVD maths of the LoRA tools: factor-wise SVD, truncation, the dynamic rank rules of resize_lora and
-the 0.99-quantile clamp of svd_merge_lora (tools_and_preprocessing.md §2.2-§2.3).
+"""SVD maths of the LoRA tools: factor-wise and dense SVD, truncation, the dynamic rank rules of
+resize_lora and the 0.99-quantile clamp of svd_merge_lora and extract_lora_from_models
+(tools_and_preprocessing.md §2.2-§2.4).
 
 A LoRA delta is a product ``up @ down`` of rank R, so its SVD is computed from the two factors (QR of
 each, SVD of the small R×R core) instead of from the full matrix: the same singular values and
 vectors, at a cost that grows with R instead of with the layer size. The singular values beyond R
-are exactly zero; callers that need the full list pad them.
+are exactly zero; callers that need the full list pad them. A weight difference of two models has
+no such factors: :func:`dense_svd` decomposes it directly.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 MIN_SV = 1e-6  # a module whose largest singular value is at most this is treated as zero
 CLAMP_QUANTILE = 0.99
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
-_TORCH_QUANTILE_LIMIT = 16_000_000  # torch.quantile refuses larger inputs
+_TORCH_QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs
 
 
 @dataclass
@@ -48,6 +50,12 @@ def factor_svd(up: torch.Tensor, down: torch.Tensor) -> FactorSVD:
     return FactorSVD(q_up @ u_core, s, vh_core @ q_down.transpose(0, 1))
 
 
+def dense_svd(matrix: torch.Tensor) -> FactorSVD:
+    """Thin SVD of a full matrix [out, n] (``torch.linalg.svd``, float32 or float64 input)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return FactorSVD(u, s, vh)
+
+
 def truncate(svd: FactorSVD, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(up [out, rank], down [rank, n])`` = ``(U[:, :rank]·diag(S[:rank]), Vh[:rank])``.
 
@@ -69,6 +77,16 @@ def truncate(svd: FactorSVD, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     completion = torch.linalg.qr(basis).Q.transpose(0, 1).to(svd.Vh.dtype)
     up = torch.cat([svd.U * svd.S, svd.U.new_zeros(svd.U.shape[0], extra)], dim=1)
     return up, torch.cat([svd.Vh, completion], dim=0)
+
+
+def layer_shaped(up: torch.Tensor, down: torch.Tensor, kernel: tuple[int, int] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D factors in the stored shapes of a LoRA module: for a conv layer (``kernel`` given) up becomes
+    [out, r, 1, 1] and down [r, in, kh, kw]; for a Linear layer (None) they stay as they are."""
+    if kernel is None:
+        return up, down
+    rank = up.shape[1]
+    return up.reshape(up.shape[0], rank, 1, 1), down.reshape(rank, -1, *kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +155,7 @@ def retention(values: list[float], rank: int) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# svd_merge_lora / extraction: clamp
+# svd_merge_lora / extract_lora_from_models: clamp
 
 
 def quantile(values: torch.Tensor, q: float) -> torch.Tensor:

@@ -31,19 +31,18 @@ from networks.lora_common import adapt_shape  # noqa: E402
 from networks.lora_files import (  # noqa: E402
     ALPHA,
     DOWN,
-    PRECISION_NAMES,
     UP,
     LoRAFile,
-    check_models_and_ratios,
-    check_save_to,
+    add_merge_arguments,
+    add_precision_arguments,
+    check_merge_args,
     common_sd_version,
     load_lora_files,
     match_lora_to_model,
     merge_module_into_layer,
     merged_lora_metadata,
     model_lora_layers,
-    precision_dtype,
-    refuse_overwriting_inputs,
+    output_dtypes,
     save_lora_file,
 )
 
@@ -57,20 +56,16 @@ def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--v2", action="store_true",
                    help="the --sd_model is SD2.x (the version is also read from the weights; a mismatch warns)")
-    p.add_argument("--save_precision", default=None, choices=[None, *PRECISION_NAMES],
-                   help="dtype of the saved file (default: the --precision)")
-    p.add_argument("--precision", default="float", choices=PRECISION_NAMES,
-                   help="dtype the LoRA tensors and the text encoder/UNet are cast to for merging (default float)")
+    add_precision_arguments(p, save_default="the --precision",
+                            precision_help="dtype the LoRA tensors and the text encoder/UNet are cast to for "
+                                           "merging (default float)")
     p.add_argument("--sd_model", default=None,
                    help="Stable Diffusion model to merge into: ldm .ckpt/.safetensors file or diffusers folder; "
                         "omitted: merge the LoRAs into one LoRA")
-    p.add_argument("--save_to", default=None,
-                   help="output: a .safetensors/.ckpt file (a checkpoint or a LoRA, by extension); with a diffusers "
-                        "--sd_model a name without extension writes a diffusers folder")
-    p.add_argument("--models", nargs="*", default=None, help="LoRA files, applied in order")
-    p.add_argument("--ratios", type=float, nargs="*", default=None, help="one ratio (strength) per LoRA file")
-    p.add_argument("--no_metadata", action="store_true",
-                   help="accepted for compatibility: only the minimal ss_* metadata is written anyway")
+    add_merge_arguments(p, save_to_help="output: a .safetensors/.ckpt file (a checkpoint or a LoRA, by extension); "
+                                        "with a diffusers --sd_model a name without extension writes a diffusers "
+                                        "folder",
+                        models_help="LoRA files, applied in order")
     return p
 
 
@@ -132,10 +127,7 @@ def merge_lora_weights(loras: Sequence[LoRAFile], ratios: Sequence[float], merge
     for lora, ratio in zip(loras, ratios):
         logger.info("%s: dims %s, alphas %s", lora.path, lora.dims(), lora.alphas())
         for name, module in lora.modules.items():
-            down, up = module.down, module.up
-            if merge_dtype is not None:
-                down, up = down.to(merge_dtype), up.to(merge_dtype)
-            down, up = down.float(), up.float()
+            down, up = module.weights(merge_dtype)
             if name not in merged:
                 base_alpha[name], first_file[name] = module.alpha_value, lora
                 merged[name] = {DOWN: torch.zeros_like(down), UP: torch.zeros_like(up)}
@@ -163,9 +155,7 @@ def merge_loras_to_file(args, loras: list[LoRAFile], merge_dtype: torch.dtype, s
     """Mode B: write the combined LoRA with minimal ``ss_*`` metadata and hashes."""
     common_sd_version(loras)
     tensors, ranks, alphas = merge_lora_weights(loras, args.ratios, merge_dtype)
-    is_3x3 = {name: tensors[f"{name}.{DOWN}"].dim() == 4 and tuple(tensors[f"{name}.{DOWN}"].shape[2:]) != (1, 1)
-              for name in ranks}
-    metadata = merged_lora_metadata(loras, [(ranks[n], alphas[n], is_3x3[n]) for n in ranks])
+    metadata = merged_lora_metadata(loras, tensors)
     print(f"merged LoRA: dims {sorted(set(ranks.values()))}, alphas {sorted(set(alphas.values()))}, "
           f"{len(ranks)} modules")
     save_lora_file(tensors, args.save_to, metadata, save_dtype)
@@ -175,14 +165,12 @@ def merge_loras_to_file(args, loras: list[LoRAFile], merge_dtype: torch.dtype, s
 def main(argv: Sequence[str] | None = None) -> int:
     """Check the options, load the LoRAs, merge, save."""
     args = setup_parser().parse_args(argv)
-    check_models_and_ratios(args.models, args.ratios)
     into_model = args.sd_model is not None
     if into_model and not Path(args.sd_model).exists():
         raise UserError(f"--sd_model {args.sd_model}: no such file or folder")
-    save_to = check_save_to(args.save_to, wants_folder=into_model and not Path(args.save_to or "").suffix)
-    refuse_overwriting_inputs(save_to, [("--sd_model", args.sd_model)] + [("--models", m) for m in args.models])
-    merge_dtype = precision_dtype(args.precision)
-    save_dtype = precision_dtype(args.save_precision, "--save_precision") or merge_dtype
+    save_to = check_merge_args(args, wants_folder=into_model and not Path(args.save_to or "").suffix,
+                               other_inputs=[("--sd_model", args.sd_model)])
+    merge_dtype, save_dtype = output_dtypes(args)
     loras = load_lora_files(args.models, "--models")
     if into_model:
         merge_into_model(args, loras, merge_dtype, save_dtype)

@@ -29,18 +29,28 @@ from library.errors import UserError  # noqa: E402
 from networks.lora_files import (  # noqa: E402
     ALPHA,
     DOWN,
-    PRECISION_NAMES,
     UP,
     LoRAFile,
     LoRAModuleWeights,
+    add_device_argument,
+    add_precision_arguments,
+    check_ranks,
     check_save_to,
     load_lora_file,
-    precision_dtype,
+    output_dtypes,
     refuse_overwriting_inputs,
+    require_options,
     save_lora_file,
     torch_device,
 )
-from networks.lora_svd import DYNAMIC_METHODS, factor_svd, retention, select_rank, truncate  # noqa: E402
+from networks.lora_svd import (  # noqa: E402
+    DYNAMIC_METHODS,
+    factor_svd,
+    layer_shaped,
+    retention,
+    select_rank,
+    truncate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +58,14 @@ logger = logging.getLogger(__name__)
 def setup_parser() -> argparse.ArgumentParser:
     """Command-line options (the reference's names, plus the later ``--new_conv_rank``)."""
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--save_precision", default=None, choices=[None, *PRECISION_NAMES],
-                   help="dtype of the saved file (default float)")
+    add_precision_arguments(p, save_default="float")
     p.add_argument("--new_rank", type=int, default=4,
                    help="new rank of every module; with --dynamic_method the maximum rank (default 4)")
     p.add_argument("--new_conv_rank", type=int, default=None,
                    help="new (maximum) rank of the convolution modules, 1×1 included (default: --new_rank)")
     p.add_argument("--save_to", default=None, help="output LoRA file (.safetensors, or .pt/.ckpt)")
     p.add_argument("--model", default=None, help="LoRA file to resize")
-    p.add_argument("--device", default=None, help="device for the SVDs, e.g. cuda (default CPU)")
+    add_device_argument(p, "the SVDs")
     p.add_argument("--verbose", action="store_true", help="print the retained share of every module")
     p.add_argument("--dynamic_method", default=None, choices=[None, *DYNAMIC_METHODS],
                    help="choose each module's rank: sv_ratio (keep S_j > S_0/param), sv_fro (keep param of the "
@@ -68,11 +77,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Required options and value ranges."""
-    if not args.model:
-        raise UserError("--model is required: the LoRA file to resize")
-    for option, value in (("--new_rank", args.new_rank), ("--new_conv_rank", args.new_conv_rank)):
-        if value is not None and value < 1:
-            raise UserError(f"{option} {value}: must be at least 1")
+    require_options(args, model="the LoRA file to resize")
+    check_ranks(new_rank=args.new_rank, new_conv_rank=args.new_conv_rank)
     method, param = args.dynamic_method, args.dynamic_param
     if method is None:
         if param is not None:
@@ -97,13 +103,9 @@ def resize_module(module: LoRAModuleWeights, max_rank: int, method: str | None, 
     svd = factor_svd(up, down)
     values = svd.padded_singular_values()
     rank = select_rank(values, max_rank, method, param)
-    sigma = module.alpha_value / module.rank if module.alpha is not None else 1.0
-    new_up, new_down = truncate(svd, rank)
-    if module.is_conv:
-        new_up = new_up.reshape(module.out_features, rank, 1, 1)
-        new_down = new_down.reshape(rank, module.in_features, *module.kernel)
+    new_up, new_down = layer_shaped(*truncate(svd, rank), module.kernel if module.is_conv else None)
     stats = dict(retention(values, rank), rank=rank)
-    return new_down.cpu(), new_up.cpu(), sigma * rank, stats
+    return new_down.cpu(), new_up.cpu(), module.scale * rank, stats
 
 
 def first_linear_rank(lora: LoRAFile) -> int:
@@ -145,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_args(args)
     save_to = check_save_to(args.save_to)
     refuse_overwriting_inputs(save_to, [("--model", args.model)])
-    save_dtype = precision_dtype(args.save_precision, "--save_precision") or torch.float32
+    _, save_dtype = output_dtypes(args)
     device = torch_device(args.device)
     lora = load_lora_file(args.model, "--model")
     old_dim = first_linear_rank(lora)

@@ -27,21 +27,22 @@ from library.errors import UserError  # noqa: E402
 from networks.lora_files import (  # noqa: E402
     ALPHA,
     DOWN,
-    PRECISION_NAMES,
     UP,
     LoRAFile,
     LoRAModuleWeights,
-    check_models_and_ratios,
-    check_save_to,
+    add_device_argument,
+    add_merge_arguments,
+    add_precision_arguments,
+    check_merge_args,
+    check_ranks,
     common_sd_version,
     load_lora_files,
     merged_lora_metadata,
-    precision_dtype,
-    refuse_overwriting_inputs,
+    output_dtypes,
     save_lora_file,
     torch_device,
 )
-from networks.lora_svd import CLAMP_QUANTILE, clamp_to_quantile, factor_svd, truncate  # noqa: E402
+from networks.lora_svd import CLAMP_QUANTILE, clamp_to_quantile, factor_svd, layer_shaped, truncate  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -49,19 +50,15 @@ logger = logging.getLogger(__name__)
 def setup_parser() -> argparse.ArgumentParser:
     """Command-line options (the reference's names)."""
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--save_precision", default=None, choices=[None, *PRECISION_NAMES],
-                   help="dtype of the saved file (default: the --precision)")
-    p.add_argument("--precision", default="float", choices=PRECISION_NAMES,
-                   help="dtype the LoRA tensors are rounded to before merging (the SVD always runs in float32)")
-    p.add_argument("--save_to", default=None, help="output LoRA file (.safetensors, or .pt/.ckpt)")
-    p.add_argument("--models", nargs="*", default=None, help="LoRA files to merge (ranks may differ)")
-    p.add_argument("--ratios", type=float, nargs="*", default=None, help="one ratio per LoRA file")
+    add_precision_arguments(p, save_default="the --precision",
+                            precision_help="dtype the LoRA tensors are rounded to before merging (the SVD always "
+                                           "runs in float32)")
+    add_merge_arguments(p, save_to_help="output LoRA file (.safetensors, or .pt/.ckpt)",
+                        models_help="LoRA files to merge (ranks may differ)")
     p.add_argument("--new_rank", type=int, default=4, help="rank of the Linear and 1×1-conv modules (default 4)")
     p.add_argument("--new_conv_rank", type=int, default=None,
                    help="rank of the 3×3-conv modules (default: --new_rank)")
-    p.add_argument("--device", default=None, help="device for the sums and SVDs, e.g. cuda (default CPU)")
-    p.add_argument("--no_metadata", action="store_true",
-                   help="accepted for compatibility: only the minimal ss_* metadata is written anyway")
+    add_device_argument(p, "the sums and SVDs")
     return p
 
 
@@ -98,9 +95,7 @@ def svd_merge(loras: Sequence[LoRAFile], ratios: Sequence[float], new_rank: int,
             up, down = truncate(svd, rank)
             if clamp_quantile is not None:
                 up, down = clamp_to_quantile(up, down, clamp_quantile)
-            if first.is_conv:
-                up = up.reshape(first.out_features, rank, 1, 1)
-                down = down.reshape(rank, first.in_features, *first.kernel)
+            up, down = layer_shaped(up, down, first.kernel if first.is_conv else None)
             tensors[f"{name}.{DOWN}"] = down.cpu().contiguous()
             tensors[f"{name}.{UP}"] = up.cpu().contiguous()
             tensors[f"{name}.{ALPHA}"] = torch.tensor(float(rank))
@@ -111,22 +106,15 @@ def svd_merge(loras: Sequence[LoRAFile], ratios: Sequence[float], new_rank: int,
 def main(argv: Sequence[str] | None = None) -> int:
     """Check the options, load, merge, re-factorise, save."""
     args = setup_parser().parse_args(argv)
-    check_models_and_ratios(args.models, args.ratios)
-    for option, value in (("--new_rank", args.new_rank), ("--new_conv_rank", args.new_conv_rank)):
-        if value is not None and value < 1:
-            raise UserError(f"{option} {value}: must be at least 1")
-    save_to = check_save_to(args.save_to)
-    refuse_overwriting_inputs(save_to, [("--models", m) for m in args.models])
-    merge_dtype = precision_dtype(args.precision)
-    save_dtype = precision_dtype(args.save_precision, "--save_precision") or merge_dtype
+    save_to = check_merge_args(args)
+    check_ranks(new_rank=args.new_rank, new_conv_rank=args.new_conv_rank)
+    merge_dtype, save_dtype = output_dtypes(args)
     device = torch_device(args.device)
     loras = load_lora_files(args.models, "--models")
     common_sd_version(loras)
     logger.info("new rank: %d, new conv rank: %s", args.new_rank, args.new_conv_rank or args.new_rank)
     tensors, ranks = svd_merge(loras, args.ratios, args.new_rank, args.new_conv_rank, device, merge_dtype)
-    is_3x3 = {name: tensors[f"{name}.{DOWN}"].dim() == 4 and tuple(tensors[f"{name}.{DOWN}"].shape[2:]) != (1, 1)
-              for name in ranks}
-    metadata = merged_lora_metadata(loras, [(ranks[n], float(ranks[n]), is_3x3[n]) for n in ranks])
+    metadata = merged_lora_metadata(loras, tensors)
     save_lora_file(tensors, save_to, metadata, save_dtype)
     print(f"saved {len(ranks)} modules (ranks {sorted(set(ranks.values()))}) to {save_to}")
     return 0

@@ -202,7 +202,8 @@ def test_factorize_rank_and_clamp():
     (["--model_org", "{base}", "--model_tuned", "{base}"], "--save_to is required"),
     (["--model_org", "{tmp}/missing.safetensors", "--model_tuned", "{base}", "--save_to", "{tmp}/x.safetensors"],
      "missing.safetensors: no such file or folder"),
-    (["--model_org", "{base}", "--model_tuned", "{base}", "--save_to", "{base}"], "is the --model_org model"),
+    (["--model_org", "{base}", "--model_tuned", "{base}", "--save_to", "{base}"],
+     "is the same file as --model_org"),
     (["--model_org", "{base}", "--model_tuned", "{base}", "--save_to", "{tmp}/x.safetensors", "--dim", "0"],
      "--dim 0: the rank must be at least 1"),
     (["--model_org", "{base}", "--model_tuned", "{base}", "--save_to", "{tmp}/x.safetensors", "--conv_dim", "0"],
@@ -323,7 +324,8 @@ def test_dylora_errors(dylora_file, tmp_path, capsys):
         (["--model", path], "--save_to is required"),
         (["--model", plain, "--save_to", tmp_path / "o.safetensors", "--unit", "2"],
          "is not a DyLoRA file: its ss_network_module is 'networks.lora'"),
-        (["--model", junk, "--save_to", tmp_path / "o.safetensors", "--unit", "2"], "holds no LoRA weights"),
+        (["--model", junk, "--save_to", tmp_path / "o.safetensors", "--unit", "2"],
+         "junk.safetensors is not a LoRA file"),
         (["--model", path, "--save_to", tmp_path / "o.safetensors", "--unit", "4"],
          "the rank 6 of lora_te_text_model_encoder_layers_0_mlp_fc1"),
         (["--model", path, "--save_to", tmp_path / "o.safetensors", "--unit", "6"], "no smaller rank to split out"),
@@ -403,6 +405,8 @@ def test_interrogator_errors(interrogator_model, tmp_path, capsys):
     name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
     save_state_dict_file({f"{name}.lora_down.weight": torch.zeros(1, 48),
                           f"{name}.lora_up.weight": torch.zeros(64, 1)}, wrong)
+    half = tmp_path / "half.safetensors"
+    save_state_dict_file({f"{name}.lora_down.weight": torch.zeros(1, 32)}, half)
     cases = [
         ([], "--sd_model is required"),
         (["--sd_model", model_path], "--model is required"),
@@ -410,6 +414,8 @@ def test_interrogator_errors(interrogator_model, tmp_path, capsys):
         (["--sd_model", model_path, "--model", lora_path, "--clip_skip", "0"], "--clip_skip 0: must be at least 1"),
         (["--sd_model", model_path, "--model", stray], "have no matching layer"),
         (["--sd_model", model_path, "--model", wrong], "does not fit the text encoder"),
+        (["--sd_model", model_path, "--model", model_path], "is not a LoRA file: it is a Stable Diffusion checkpoint"),
+        (["--sd_model", model_path, "--model", half], f"LoRA module {name} has lora_down.weight but no lora_up"),
     ]
     for argv, message in cases:
         assert run_script(interrogator.main, argv) == 2, argv

@@ -415,13 +415,25 @@ def test_resize_zero_module_and_rank_rule_edges():
     (["--dynamic_method", "sv_fro", "--dynamic_param", "0"], "needs --dynamic_param"),
     (["--dynamic_method", "sv_fro", "--dynamic_param", "1.5"], "fraction in (0, 1]"),
     (["--dynamic_method", "sv_ratio", "--dynamic_param", "0.5"], "at least 1"),
-    (["--new_rank", "0"], "--new_rank 0"),
+    (["--new_rank", "0"], "--new_rank 0: the rank must be at least 1"),
+    (["--new_conv_rank", "0"], "--new_conv_rank 0: the rank must be at least 1"),
     (["--device", "nonsense"], "--device nonsense"),
 ])
 def test_resize_bad_options(loras, tmp_path, capsys, extra, needle):
     assert run_script(resize_lora.main, ["--model", loras["sd1_plain"], "--save_to", tmp_path / "x.safetensors",
                                          *extra]) == 2
     one_error_line(capsys, needle)
+
+
+def test_resize_and_svd_merge_need_their_inputs(loras, tmp_path, capsys):
+    assert run_script(resize_lora.main, ["--save_to", tmp_path / "x.safetensors"]) == 2
+    one_error_line(capsys, "--model is required (the LoRA file to resize)")
+    assert run_script(svd_merge_lora.main, ["--save_to", tmp_path / "x.safetensors", "--models", loras["sd1_plain"],
+                                            "--ratios", "1", "--new_rank", "0"]) == 2
+    one_error_line(capsys, "--new_rank 0: the rank must be at least 1")
+    assert run_script(svd_merge_lora.main, ["--models", loras["sd1_plain"], "--ratios", "1"]) == 2
+    one_error_line(capsys, "--save_to is required")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------------------
