@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from library.methods.full_model import FullModelMethod, prepare_full_model, resolve_save_format
     from library.models.save import precision_dtype
     from library.staged import debug_dataset
-    from library.training import session
+    from library.training import dry_run, session
     from library.training.args import validate_training_args
     from library.training.sampling import make_sampler, sample_settings
 
@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling = sample_settings(args)
     save_dtype = precision_dtype(args.save_precision)
     te_steps = None if args.train_text_encoder else 0
+    if dry_run.requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
+        return dry_run.run_dry_run(args, "finetune", support_dreambooth=False, support_finetuning=True)
     run = session.prepare_run(args, "finetuning", support_dreambooth=False, support_finetuning=True)
     accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
     weight_dtype, logging_enabled = run.weight_dtype, run.logging_enabled

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from library.methods.network_metadata import RunMetadata, model_hash_jobs, network_metadata
     from library.models.save import precision_dtype
     from library.staged import debug_dataset
-    from library.training import session
+    from library.training import dry_run, session
     from library.training.args import validate_training_args
     from library.training.sampling import make_sampler, sample_settings
     from library.errors import UserError
@@ -48,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     network_module = import_network_module(args.network_module)
     network_kwargs = parse_network_args(args.network_args)
     save_dtype = precision_dtype(args.save_precision)
+    if dry_run.requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
+        return dry_run.run_dry_run(args, "network", support_dreambooth=True, support_finetuning=True)
     run = session.prepare_run(args, "network_train", support_dreambooth=True, support_finetuning=True)
     accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
     weight_dtype, blueprint, logging_enabled = run.weight_dtype, run.blueprint, run.logging_enabled

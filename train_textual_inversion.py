@@ -63,7 +63,7 @@ def train(args: argparse.Namespace, *, xti: bool = False) -> int:
     from library.methods import textual_inversion as ti
     from library.methods import xti as xti_method
     from library.models.save import precision_dtype
-    from library.training import session
+    from library.training import dry_run, session
     from library.training.args import validate_training_args
     from library.training.sampling import make_sampler, sample_settings
 
@@ -84,6 +84,8 @@ def train(args: argparse.Namespace, *, xti: bool = False) -> int:
         if not replacements.get(""):
             ti.warn_captions_without_token(group, token)
 
+    if dry_run.requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
+        return dry_run.run_dry_run(args, "xti" if xti else "textual_inversion", configure_group=configure_group)
     run = session.prepare_run(args, "xti" if xti else "textual_inversion", support_dreambooth=True,
                               support_finetuning=True, configure_group=configure_group)
     accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model

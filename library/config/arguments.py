@@ -26,6 +26,8 @@ PLAIN_FALLBACK_KEYS = (
     "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
     "token_warmup_min", "token_warmup_step",
     "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+    "validation_split", "validation_seed",
+    "alpha_mask",
 )
 
 

@@ -42,6 +42,8 @@ class BlueprintSubset:
     caption_tag_dropout_rate: float = 0.0
     token_warmup_min: int = 1
     token_warmup_step: float = 0.0
+    alpha_mask: bool = False
+    conditioning_data_dir: str | None = None
 
     @property
     def is_finetuning(self) -> bool:
@@ -69,7 +71,9 @@ class BlueprintDataset:
     bucket_no_upscale: bool = False
     max_token_length: int | None = None
     prior_loss_weight: float = 1.0
-    is_validation: bool = False
+    is_validation: bool = False        # every image of this dataset is held out for the validation loss
+    validation_split: float = 0.0      # share of its training images held out (docs/validation.md)
+    validation_seed: int | None = None  # picks the held-out images and their noise (None: the run seed)
 
     @property
     def is_dreambooth(self) -> bool:
@@ -96,7 +100,9 @@ class DatasetBlueprint:
                 if ds.enable_bucket
                 else ""
             )
-            lines.append(f"  [dataset {i}] {ds.style}, resolution {reso}, batch size {ds.batch_size}{bucket}")
+            held = ", validation set" if ds.is_validation else (
+                f", validation_split {ds.validation_split:g}" if ds.validation_split else "")
+            lines.append(f"  [dataset {i}] {ds.style}, resolution {reso}, batch size {ds.batch_size}{bucket}{held}")
             for j, sub in enumerate(ds.subsets):
                 where = sub.metadata_file if sub.is_finetuning else sub.image_dir
                 extra = ""

@@ -182,14 +182,20 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType(dict(
         _spec("image_dir", path_string, frozenset({SUBSET})),
         # fine-tuning style
         _spec("metadata_file", path_string, frozenset({SUBSET}), style="finetuning"),
+        # loss masks (docs/masked_loss.md): the image's alpha channel, or a folder of mask images
+        _spec("alpha_mask", boolean, ALL_LEVELS),
+        _spec("conditioning_data_dir", path_string, frozenset({SUBSET})),
+        # validation loss (library/training/validation.py, docs/validation.md)
+        _spec("is_validation", boolean, frozenset({DATASET})),
+        _spec("validation_split", number(0.0, 1.0), DATASET_LEVELS),
+        _spec("validation_seed", integer(0), DATASET_LEVELS),
     ]
 ))
 
 _LATER_ADDITION = "this key was added to sd-scripts after the 2023-05 baseline and is not supported here"
 _LATER_KEYS = (
     "caption_prefix", "caption_suffix", "caption_separator", "keep_tokens_separator", "secondary_separator",
-    "enable_wildcard", "cache_info", "alpha_mask", "network_multiplier", "resize_interpolation",
-    "conditioning_data_dir", "validation_split", "validation_seed",
+    "enable_wildcard", "cache_info", "network_multiplier", "resize_interpolation",
 )
 
 # Keys users may write by mistake, with the hint to give instead of a bare "unknown key".

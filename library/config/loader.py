@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 LEGACY_DATA_OPTIONS = ("train_data_dir", "reg_data_dir", "in_json")
 # dataset fields that do not come from the cascade
-_DATASET_OWN_FIELDS = frozenset({"style", "subsets", "max_token_length", "prior_loss_weight", "is_validation"})
+_DATASET_OWN_FIELDS = frozenset({"style", "subsets", "max_token_length", "prior_loss_weight"})
 
 
 def read_config_file(path: str | os.PathLike) -> Any:

@@ -198,21 +198,24 @@ class DatasetGroup:
     # ---- building one batch -------------------------------------------------------------------
 
     def _pixels(self, ds: BucketedDataset, subset: BlueprintSubset, entry: ImageEntry, assignment: BucketAssignment,
-                rng: random.Random) -> tuple[torch.Tensor, bool]:
+                rng: random.Random) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         image = load_image_rgb(entry.path)
+        if self.masks is not None:  # the loss mask rides along as a 4th channel through resize, crop and flip
+            image = self.masks.attach(image, subset, entry.path)
         face = parse_face_info(entry.path) if subset.face_crop_aug_range else None
         if face is not None and not self.datasets_bucketed(ds):
             image, _ = face_crop_aug_range(image, face, assignment.bucket, subset.face_crop_aug_range,
                                            subset.random_crop, rng)
         else:
             image, _ = resize_and_crop(image, assignment.bucket, assignment.resized_size, subset.random_crop, rng)
+        image, mask = (image, None) if self.masks is None else self.masks.detach(image)
         if subset.color_aug:
             image = color_aug(image, rng)
         flipped = False
         if subset.flip_aug:
             image, flipped = flip(image, rng)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return tensor, flipped
+        return tensor, flipped, (None if mask is None else self.masks.to_latent(mask, flipped))
 
     @staticmethod
     def datasets_bucketed(ds: BucketedDataset) -> bool:
@@ -239,6 +242,8 @@ class DatasetGroup:
         return self.datasets[dataset_index].entries[entry_index].latents_npz is not None and self.precomputed_ok
 
     precomputed_ok: bool = False  # set by build_dataset_group when every fine-tuning npz can be used
+    masks: Any = None  # a library.data.masks.MaskSource when the loss is masked (session.prepare_run)
+    validation: "DatasetGroup | None" = None  # held-out images (library/training/validation.py split_validation)
 
     def load_batch(self, spec: BatchSpec, epoch: int, position: int, step: int = 0) -> dict[str, Any] | None:
         """Build the batch ``spec`` (the ``position``-th of ``epoch``); ``step`` drives token warm-up.
@@ -248,6 +253,7 @@ class DatasetGroup:
         rng = random.Random(f"sdtrain-batch:{self.seed}:{epoch}:{position}")
         ds = self.datasets[spec.dataset]
         keys, captions, images, latents, flips, weights, sizes, is_reg = [], [], [], [], [], [], [], []
+        masks = []
         for index in spec.items:
             entry = ds.entries[index]
             subset = ds.blueprint.subsets[entry.subset_index]
@@ -256,10 +262,13 @@ class DatasetGroup:
             try:
                 if self.uses_latents(spec.dataset, index):
                     latent, flipped = self._latent((spec.dataset, index), entry, subset, rng)
+                    mask = None if self.masks is None else self.masks.fixed_crop_mask(
+                        subset, entry, ds.assignments[index], flipped)
                     latents.append(latent)
                 else:
-                    pixels, flipped = self._pixels(ds, subset, entry, ds.assignments[index], rng)
+                    pixels, flipped, mask = self._pixels(ds, subset, entry, ds.assignments[index], rng)
                     images.append(pixels)
+                masks.append(mask)
             except ImageLoadError as exc:
                 logger.warning("leaving out %s from now on: %s", exc.path, exc.reason)
                 self._failed.add(entry.key)
@@ -282,6 +291,8 @@ class DatasetGroup:
             "images": torch.stack(images) if images else None,
             "latents": torch.stack(latents) if latents else None,
         }
+        if self.masks is not None:
+            batch["masks"] = torch.stack(masks)  # (B, 1, h, w) at latent size (library/data/masks.py)
         if self.tokenizer is not None:
             if self.weighted_captions:
                 # chunks as many as the batch's longest caption needs (the weighted path's rule)

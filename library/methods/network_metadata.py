@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from library.training.loss_options import loss_metadata
 from library.training.plan import RunPlan
 
 
@@ -157,6 +158,7 @@ def network_metadata(args: argparse.Namespace, *, group: Any, blueprint: Any, pl
         "ss_face_crop_aug_range": str(_face_crop(args.face_crop_aug_range)), "ss_training_comment": str(args.training_comment),
         "ss_sd_scripts_commit_hash": "(unknown)", "ss_optimizer": optimizer_name,
     }
+    meta.update(loss_metadata(args))  # loss / noise options (library/training/loss_options.py)
     meta.update(recorded_lrs or {})
     meta.update(minimal)
     meta.update(dataset_metadata(group, blueprint, args, plan))

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 
 from library.errors import UserError
+from library.training.ema import add_ema_arguments, ema_problems
+from library.training.validation import add_validation_arguments, validation_problems
+from library.training.loss_options import add_loss_arguments, check_loss_arguments
+from library.training.te_cache import add_te_cache_arguments
 
 
 def build_training_parser(prog: str, description: str, *, support_dreambooth: bool, support_caption: bool,
@@ -51,6 +55,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
     a("--multires_noise_iterations", type=int, default=None, help="pyramid-noise levels (6-10)")
     a("--multires_noise_discount", type=float, default=0.3, help="pyramid-noise per-level discount")
     a("--min_snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5 recommended)")
+    add_loss_arguments(parser)
+    add_te_cache_arguments(parser)
+    add_validation_arguments(parser)
+    add_ema_arguments(parser)
+    from library.training.dry_run import add_dry_run_arguments
+    add_dry_run_arguments(parser)
     if support_dreambooth:
         pass  # --prior_loss_weight lives in the data-loading group (read by the datasets)
 
@@ -172,8 +182,10 @@ def validate_training_args(args: argparse.Namespace) -> None:
     if getattr(args, "network_train_unet_only", False) and getattr(args, "network_train_text_encoder_only", False):
         problems.append("--network_train_unet_only and --network_train_text_encoder_only leave nothing to train; "
                         "give at most one")
+    problems += validation_problems(args) + ema_problems(args)
     if problems:
         raise UserError("; ".join(problems))
+    check_loss_arguments(args)
     _check_schedule(args)
 
 

@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
+from library.data.masks import attach_mask_source
 from library.errors import UserError
+from library.training.loss_options import step_fields
+from library.training.te_cache import build_text_encoder_cache, check_text_encoder_cache
 from library.training.plan import RunPlan, make_plan, save_every_n_epochs
 from library.training.trainer import SaveSettings, StepSettings
 
@@ -107,6 +110,9 @@ def load_datasets(args: argparse.Namespace, tokenizer: Any, seed: int, *, suppor
     if len(group) == 0:
         raise UserError("no training images found (with --train_data_dir, give the parent of the "
                         "<repeats>_<name> folders)")
+    from library.training.validation import split_validation
+
+    group = split_validation(group, args, seed)  # held-out images go to group.validation (docs/validation.md)
     return blueprint, group
 
 
@@ -175,7 +181,7 @@ def step_settings(args: argparse.Namespace, v_parameterization: bool, weight_dty
                         adaptive_noise_scale=args.adaptive_noise_scale,
                         multires_noise_iterations=args.multires_noise_iterations,
                         multires_noise_discount=args.multires_noise_discount, min_snr_gamma=args.min_snr_gamma,
-                        max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype)
+                        max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype, **step_fields(args))
 
 
 def save_settings(args: argparse.Namespace, plan: RunPlan) -> SaveSettings:
@@ -230,6 +236,8 @@ def start_summary(group: Any, plan: RunPlan, method_name: str) -> StartSummary:
              f"  batch size per device: {plan.batch_size}; processes: {plan.num_processes}; gradient accumulation: "
              f"{plan.gradient_accumulation_steps}; total batch size: {plan.total_batch_size}",
              f"  optimizer steps: {plan.max_train_steps} ({plan.steps_per_epoch} per epoch)"]
+    if getattr(group, "validation", None) is not None:
+        lines.append(f"  validation images (never trained): {group.validation.num_images}")
     return StartSummary(lines)
 
 
@@ -254,15 +262,23 @@ def make_trainer(args: argparse.Namespace, *, accelerator: Any, model: Any, grou
                  scheduler: Any, plan: RunPlan, seed: int, weight_dtype: torch.dtype, logging_enabled: bool,
                  sampler: Any = None):
     """The :class:`~library.training.trainer.Trainer` for a prepared method, with the step and saving
-    options of ``args`` (DataLoader workers included)."""
+    options of ``args`` (DataLoader workers included), its EMA (``--ema``) and validator (held-out images)."""
+    from library.training.ema import make_ema
     from library.training.trainer import Trainer
+    from library.training.validation import make_validator
 
-    return Trainer(accelerator=accelerator, model=model, group=group, method=method, optimizer=built.optimizer,
-                   lr_scheduler=scheduler, plan=plan,
-                   step=step_settings(args, model.v_parameterization, weight_dtype),
-                   save=save_settings(args, plan), seed=seed, num_workers=loader_workers(args),
-                   persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled,
-                   sampler=sampler)
+    trainer = Trainer(accelerator=accelerator, model=model, group=group, method=method, optimizer=built.optimizer,
+                      lr_scheduler=scheduler, plan=plan,
+                      step=step_settings(args, model.v_parameterization, weight_dtype),
+                      save=save_settings(args, plan), seed=seed, num_workers=loader_workers(args),
+                      persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled,
+                      sampler=sampler)
+    trainer.ema = make_ema(args, method, accelerator)
+    trainer.validator = make_validator(args, group, seed)
+    keep_te = sampler is not None or trainer.validator is not None  # both still run the text encoder
+    trainer.text_encoder_cache = build_text_encoder_cache(args, accelerator=accelerator, model=model, group=group,
+                                                          method=method, keep_text_encoder=keep_te)
+    return trainer
 
 
 @dataclass
@@ -290,6 +306,10 @@ def prepare_run(args: argparse.Namespace, tracker_name: str, *, support_dreamboo
                                      support_finetuning=support_finetuning)
     if configure_group is not None:
         configure_group(group)
+        if group.validation is not None:
+            group.validation.replacements = group.replacements
+    attach_mask_source(args, group)  # --masked_loss / alpha_mask (library/data/masks.py)
+    check_text_encoder_cache(args, group)  # refuse --cache_text_encoder_outputs before loading the model
     weight_dtype = DTYPES[args.mixed_precision]
     model = load_base_model(args, weight_dtype)
     if getattr(args, "diffusers_xformers", False):
@@ -298,4 +318,6 @@ def prepare_run(args: argparse.Namespace, tracker_name: str, *, support_dreamboo
     else:
         set_attention(model.unet, args)
     cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    if group.validation is not None:
+        cache_latents(args, group.validation, model.vae, accelerator, weight_dtype, seed)
     return PreparedRun(accelerator, logging_enabled, seed, tokenizer, blueprint, group, weight_dtype, model)

@@ -40,15 +40,25 @@ class Tracker:
         self.bar = tqdm(total=total_steps, initial=initial_step, smoothing=0, desc="steps",
                         disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         self.started = time.perf_counter()
+        self.pinned: dict[str, float] = {}  # values shown in the bar until replaced (e.g. the validation loss)
+        self.shown: dict[str, str] = {}
 
     def step(self, global_step: int, logs: dict[str, float]) -> None:
         """Advance the bar by one optimizer step and log the scalars."""
         self.bar.update(1)
         shown = {k.split("/")[-1] if k.startswith("loss") else k: v for k, v in logs.items()
                  if k in ("loss/current", "loss/average") or k.startswith("lr/")}
-        self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        shown.update(self.pinned)
+        self.shown = {k: f"{v:.3g}" for k, v in shown.items()}
+        self.bar.set_postfix(self.shown, refresh=False)
         if self.logging:
             self.accelerator.log(logs, step=global_step)
+
+    def pin(self, name: str, value: float) -> None:
+        """Show ``name=value`` in the bar from now on (until pinned again)."""
+        self.pinned[name] = value
+        self.shown[name] = f"{value:.3g}"
+        self.bar.set_postfix(self.shown, refresh=False)
 
     def log(self, logs: dict[str, float], step: int) -> None:
         """Log scalars that are not tied to a bar update (e.g. epoch averages)."""

@@ -8,6 +8,7 @@ bit-identical weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,11 +21,11 @@ from typing import Any
 import torch
 
 from library.data.dataset import BatchSpec, DatasetGroup
-from library.errors import UserError
 from library.methods.base import Method
-from library.training import diffusion
+from library.training import diffusion, loss_options
 from library.training.checkpoint import (TrainProgress, epoch_name, epoch_to_remove, final_name, load_state,
                                          remove_output, restore_rng_states, save_state, step_name, step_to_remove)
+from library.training.guard import TrainingGuard, total_grad_norm
 from library.training.plan import RunPlan
 from library.training.tracking import LossAverage, Tracker
 
@@ -45,6 +46,15 @@ class StepSettings:
     min_snr_gamma: float | None = None
     max_grad_norm: float = 1.0
     weight_dtype: torch.dtype = torch.float32
+    # loss and noise options (library/training/loss_options.py)
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+    huber_scale: float = 1.0
+    zero_terminal_snr: bool = False
+    debiased_estimation: bool = False
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,8 @@ class Trainer:
         self.logging_enabled = logging_enabled
         self.sampler = sampler
         self.device = accelerator.device
-        self.noise_scheduler = diffusion.make_noise_scheduler(step.v_parameterization)
+        self.noise_scheduler = diffusion.make_noise_scheduler(step.v_parameterization, step.zero_terminal_snr)
+        self.text_encoder_cache = None  # a te_cache.TextEncoderCache with --cache_text_encoder_outputs
         self.generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + accelerator.process_index)
         self.progress = TrainProgress(session_id=int(torch.randint(0, 2**31 - 1, (1,)).item()),
                                       started_at=time.time(), seed=seed)
@@ -153,6 +164,9 @@ class Trainer:
         # test hook: with SDTRAIN_DEBUG_DIR set, every process records the images it trained on and its weights
         self.debug_dir = os.environ.get("SDTRAIN_DEBUG_DIR")
         self.seen_keys: dict[int, list[str]] = {}
+        self.guard = TrainingGuard(method, model, accelerator)  # non-finite loss / gradient stops (guard.py)
+        self.ema: Any = None  # ExponentialMovingAverage, set by session.make_trainer with --ema (ema.py)
+        self.validator: Any = None  # Validator, set by session.make_trainer with a validation set (validation.py)
 
     def _allow_fp16_unscale(self) -> None:
         """--full_fp16 keeps trainable weights (and so their gradients) in fp16, which torch's GradScaler
@@ -177,6 +191,10 @@ class Trainer:
         if per_rank and self.accelerator.process_index < len(per_rank):
             rng = dict(rng, noise=per_rank[self.accelerator.process_index])
         restore_rng_states(rng, self.generator)
+        if self.ema is not None:
+            self.ema.load_state_dict(payload["extra"].get("ema"))
+        if self.validator is not None:
+            self.validator.load_state_dict(payload["extra"].get("validation"))
         self.progress = payload["progress"]
         self.method.after_step(self.progress.global_step)  # e.g. DreamBooth's text encoder stays stopped
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.progress.global_step,
@@ -196,17 +214,24 @@ class Trainer:
                                                              dtype=dist.mean.dtype).to(self.device)
         return latents.to(self.step_settings.weight_dtype) * LATENT_SCALE
 
+    def conditioning(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's text conditioning: the method's, or the cached outputs (--cache_text_encoder_outputs)."""
+        if self.text_encoder_cache is not None:
+            return self.text_encoder_cache.conditioning(batch, self.device)
+        return self.method.conditioning(batch)
+
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The diffusion loss of one batch (documented order: text, noise, timesteps)."""
         s = self.step_settings
         latents = self._latents(batch)
-        cond = self.method.conditioning(batch)
+        cond = self.conditioning(batch)
         noise = diffusion.sample_noise(latents, self.generator, noise_offset=s.noise_offset,
                                        adaptive_noise_scale=s.adaptive_noise_scale,
                                        multires_iterations=s.multires_noise_iterations,
                                        multires_discount=s.multires_noise_discount)
         timesteps = diffusion.sample_timesteps(latents.shape[0], self.generator).to(self.device)
-        noisy = diffusion.add_noise(self.noise_scheduler, latents, noise, timesteps)
+        noisy = diffusion.add_noise(self.noise_scheduler, latents, loss_options.input_noise(noise, self.generator, s),
+                                    timesteps)
         with self.accelerator.autocast():
             forward = getattr(self.method, "unet_forward", None)  # XTI routes conditioning per layer
             if forward is not None:
@@ -217,7 +242,8 @@ class Trainer:
         return diffusion.diffusion_loss(pred.float(), target.float(),
                                         loss_weights=batch["loss_weights"].to(self.device), timesteps=timesteps,
                                         scheduler=self.noise_scheduler, min_snr_gamma=s.min_snr_gamma,
-                                        v_parameterization=s.v_parameterization)
+                                        v_parameterization=s.v_parameterization, **loss_options.loss_kwargs(s),
+                                        mask=loss_options.batch_mask(batch, self.device))
 
     def _sync_and_step(self) -> None:
         world = self.accelerator.num_processes
@@ -230,8 +256,13 @@ class Trainer:
         scaler = self.accelerator.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        if self.step_settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.step_settings.max_grad_norm)
+        clip = self.step_settings.max_grad_norm
+        norm = total_grad_norm(self.params) if clip or scaler is None else None
+        # checked before clipping: a non-finite norm would turn every gradient into NaN
+        self.guard.check_gradients(self.params, norm, step=self.progress.global_step + 1,
+                                   scaler_active=scaler is not None, last_saved=self.last_saved)
+        if clip:  # as clip_grad_norm_, with the norm computed once
+            torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -246,8 +277,9 @@ class Trainer:
               with_state: bool) -> None:
         cfg = self.save_settings
         if self.accelerator.is_main_process:
-            self.last_saved = self.method.save(cfg.output_dir, name, epoch=epoch, step=self.progress.global_step,
-                                               final=final)
+            with self.ema.saving() if self.ema is not None else contextlib.nullcontext():
+                self.last_saved = self.method.save(cfg.output_dir, name, epoch=epoch,
+                                                   step=self.progress.global_step, final=final)
             logger.info("saved %s", self.last_saved)
             if remove:
                 for path in cfg.output_dir.glob(f"{remove}*"):
@@ -267,7 +299,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_state(folder, progress=self.progress, trainable=self.method.trainable_state_dict(),
                        optimizer=self.optimizer, scheduler=self.lr_scheduler, generator=self.generator,
-                       scaler=self.accelerator.scaler, extra={"noise_per_rank": states})
+                       scaler=self.accelerator.scaler, extra={
+                           "noise_per_rank": states, "ema": self.ema.state_dict() if self.ema is not None else None,
+                           "validation": self.validator.state_dict() if self.validator is not None else None})
         self.accelerator.wait_for_everyone()
 
     def _after_optimizer_step(self, epoch: int) -> None:
@@ -327,6 +361,8 @@ class Trainer:
         try:
             if self.sampler is not None:
                 self.sampler.maybe_sample(acc, step=self.progress.global_step, first=True)
+            if self.validator is not None:
+                self.validator.maybe_validate(self, tracker, step=self.progress.global_step, first=True)
             for epoch in range(self.progress.epoch, plan.num_epochs + 1):
                 if self.progress.global_step >= plan.max_train_steps:
                     break
@@ -340,10 +376,8 @@ class Trainer:
                     position = start + index
                     if batch is not None:
                         loss = self.loss(batch)
-                        if not torch.isfinite(loss):
-                            where = f"; last saved: {self.last_saved}" if self.last_saved else ""
-                            raise UserError(f"the loss became {loss.item()} at step {self.progress.global_step + 1} "
-                                            f"(epoch {epoch}, images {', '.join(batch['keys'][:4])}){where}")
+                        self.guard.check_loss(loss, step=self.progress.global_step + 1, epoch=epoch,
+                                              keys=batch["keys"], last_saved=self.last_saved)
                         acc.backward(loss / ga)
                         if self.debug_dir and not batch["padding"]:
                             self.seen_keys.setdefault(epoch, []).extend(batch["keys"])
@@ -357,11 +391,15 @@ class Trainer:
                     self.progress.global_step += 1
                     self.progress.position = position + 1
                     self.method.after_step(self.progress.global_step)
+                    if self.ema is not None:
+                        self.ema.update(self.progress.global_step)
                     current = accumulated / max(1, batches_done)
                     logs = {"loss/current": current, "loss/average": average.add(current)}
                     logs.update(self.method.learning_rates(self.optimizer))
                     tracker.step(self.progress.global_step, logs)
                     micro, accumulated, batches_done = 0, 0.0, 0
+                    if self.validator is not None:
+                        self.validator.maybe_validate(self, tracker, step=self.progress.global_step)
                     if self.sampler is not None:
                         self.sampler.maybe_sample(acc, step=self.progress.global_step)
                     self._after_optimizer_step(epoch)
@@ -372,6 +410,8 @@ class Trainer:
                 tracker.log({"loss/epoch": average.average}, step=epoch)
                 self.progress.epoch, self.progress.position = epoch + 1, 0
                 acc.wait_for_everyone()
+                if self.validator is not None:
+                    self.validator.maybe_validate(self, tracker, step=self.progress.global_step, epoch=epoch)
                 every = cfg.every_n_epochs
                 if every and epoch % every == 0 and epoch < plan.num_epochs:
                     old = epoch_to_remove(epoch, every, cfg.last_n_epochs)
@@ -382,6 +422,8 @@ class Trainer:
                                with_state=cfg.save_state)
                 if self.sampler is not None:
                     self.sampler.maybe_sample(acc, step=self.progress.global_step, epoch=epoch)
+            if self.validator is not None:
+                self.validator.maybe_validate(self, tracker, step=self.progress.global_step, last=True)
             self.method.set_train(False)
             self._save(final_name(cfg.output_name), epoch=plan.num_epochs, final=True, remove=None,
                        remove_state=None, with_state=cfg.save_state)

@@ -1,0 +1,306 @@
+"""Text-encoder output cache (docs/te_cache.md): encode every caption once before training.
+
+Allowed only when the text encoder is frozen (LoRA with ``--network_train_unet_only``, fine_tune.py
+without ``--train_text_encoder``, DreamBooth with ``--stop_text_encoder_training`` 0 or negative) and the
+captions never change (no shuffle, caption / tag dropout or token warm-up; not Textual Inversion).
+Then a caption's conditioning is a pure function of the caption, so it is computed once with the
+method's own ``conditioning()`` (clip skip, token length, weighted captions included) and looked up by
+caption text at every step. ``--cache_text_encoder_outputs_to_disk`` also writes one
+``<image stem>_te_outputs.npz`` beside every image, keyed by a fingerprint of the text encoder (its
+weights plus the states of a probe caption), the clip skip / token-length settings and the caption, so
+files of another model or caption are recomputed instead of used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+FILE_SUFFIX = "_te_outputs.npz"
+FORMAT_VERSION = 1
+PROBE_CAPTION = "a photo of sdtrain's text-encoder cache probe"
+
+
+def add_te_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``--cache_text_encoder_outputs``, ``..._to_disk`` and ``--text_encoder_batch_size``."""
+    g = parser.add_argument_group("text-encoder output cache")
+    a = g.add_argument
+    a("--cache_text_encoder_outputs", action="store_true",
+      help="encode every caption once before training (frozen text encoder and fixed captions only)")
+    a("--cache_text_encoder_outputs_to_disk", action="store_true",
+      help="also keep the outputs in <image stem>_te_outputs.npz beside each image and reuse them "
+           "(implies --cache_text_encoder_outputs)")
+    a("--text_encoder_batch_size", type=int, default=None,
+      help="captions per text-encoder call while caching (default: --train_batch_size)")
+
+
+def cache_requested(args: argparse.Namespace) -> bool:
+    """True with ``--cache_text_encoder_outputs`` or ``--cache_text_encoder_outputs_to_disk``."""
+    return bool(getattr(args, "cache_text_encoder_outputs", False)
+                or getattr(args, "cache_text_encoder_outputs_to_disk", False))
+
+
+def text_encoder_training(args: argparse.Namespace) -> str | None:
+    """Why the text encoder trains in this run (what to change), or None when it stays frozen."""
+    if hasattr(args, "token_string"):
+        return "Textual Inversion trains embeddings inside the text encoder"
+    if hasattr(args, "network_train_unet_only"):
+        return None if args.network_train_unet_only else \
+            "LoRA trains text-encoder modules unless --network_train_unet_only is given"
+    if hasattr(args, "train_text_encoder"):
+        return "--train_text_encoder trains it" if args.train_text_encoder else None
+    if hasattr(args, "stop_text_encoder_training"):
+        stop = args.stop_text_encoder_training
+        return None if stop is not None and stop <= 0 else \
+            "DreamBooth trains it unless --stop_text_encoder_training is 0 or negative"
+    return None
+
+
+_CAPTION_OPTIONS = (("shuffle_caption", "shuffle_caption"), ("caption_dropout_rate", "caption_dropout_rate"),
+                    ("caption_dropout_every_n_epochs", "caption_dropout_every_n_epochs"),
+                    ("caption_tag_dropout_rate", "caption_tag_dropout_rate"), ("token_warmup_step", "token_warmup_step"))
+
+
+def caption_conflicts(args: argparse.Namespace, group: Any) -> list[str]:
+    """The options that make captions change between steps (each named with where it is set)."""
+    found = []
+    groups = [group] + ([group.validation] if getattr(group, "validation", None) is not None else [])
+    seen = set()
+    for g in groups:
+        for i, ds in enumerate(g.datasets):
+            for j, subset in enumerate(ds.blueprint.subsets):
+                for field, option in _CAPTION_OPTIONS:
+                    if getattr(subset, field) and (field, id(subset)) not in seen:
+                        seen.add((field, id(subset)))
+                        found.append(f"{field} (--{option} or the dataset config; datasets[{i}].subsets[{j}])")
+    if getattr(group, "replacements", None):
+        found.append("caption templates / token replacements (Textual Inversion)")
+    if getattr(args, "weighted_captions", False) and getattr(args, "max_token_length", None) not in (None, 75):
+        found.append("--weighted_captions with --max_token_length 150/225 (the chunk count depends on the batch)")
+    if getattr(args, "no_token_padding", False):
+        found.append("--no_token_padding (the padding depends on the batch)")
+    return found
+
+
+def check_text_encoder_cache(args: argparse.Namespace, group: Any) -> None:
+    """Refuse ``--cache_text_encoder_outputs[_to_disk]`` where it would change training (one UserError)."""
+    if getattr(args, "cache_text_encoder_outputs_to_disk", False):
+        args.cache_text_encoder_outputs = True
+    if not cache_requested(args):
+        return
+    problems = []
+    why = text_encoder_training(args)
+    if why is not None:
+        problems.append(f"it needs a frozen text encoder, but {why}")
+    conflicts = caption_conflicts(args, group)
+    if conflicts:
+        problems.append(f"it needs fixed captions, but these change them: {', '.join(conflicts)}")
+    size = getattr(args, "text_encoder_batch_size", None)
+    if size is not None and size < 1:
+        problems.append(f"--text_encoder_batch_size must be at least 1, got {size}")
+    if problems:
+        raise UserError("--cache_text_encoder_outputs: " + "; ".join(problems))
+
+
+def _method_trains_text_encoder(method: Any) -> bool:
+    """The authoritative check on a built method (the argument check above runs before loading)."""
+    for name in ("train_text_encoder", "text_encoder_in_optimizer"):
+        if hasattr(method, name):
+            return bool(getattr(method, name))
+    return True  # Textual Inversion, XTI and unknown methods
+
+
+def _fixed_caption(entry: Any, subset: Any, group: Any) -> str:
+    """The caption an entry trains with (fixed options: no draw changes it)."""
+    from library.data.captions import process_caption
+    from library.data.dataset import caption_options
+
+    return process_caption(entry.caption, caption_options(subset), random.Random(0), epoch=1, step=0,
+                           replacements=group.replacements)
+
+
+def _cache_file(image_path: str) -> Path:
+    path = Path(image_path)
+    return path.with_name(path.stem + FILE_SUFFIX)
+
+
+class TextEncoderCache:
+    """Conditioning per caption text, computed once; :meth:`conditioning` replaces the method's."""
+
+    def __init__(self, method: Any, group: Any, batch_size: int):
+        """Encode through ``method.conditioning`` with the tokenisation settings of ``group``."""
+        self.method, self.group, self.batch_size = method, group, max(1, batch_size)
+        self.states: dict[str, Any] = {}
+        self._late = 0
+
+    def _token_batch(self, captions: list[str]) -> dict[str, Any]:
+        import torch
+
+        from library.data.tokens import tokenize_caption, tokenize_weighted_captions
+
+        g = self.group
+        batch: dict[str, Any] = {"captions": list(captions)}
+        if g.weighted_captions:
+            batch["input_ids"], batch["token_weights"] = tokenize_weighted_captions(g.tokenizer, captions,
+                                                                                    g.max_token_length)
+        else:
+            batch["input_ids"] = torch.stack([tokenize_caption(g.tokenizer, c, g.max_token_length) for c in captions])
+        return batch
+
+    def encode(self, captions: list[str], progress: bool = False) -> None:
+        """Encode ``captions`` (in batches of ``batch_size``) into :attr:`states` (kept on the CPU)."""
+        import torch
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(captions), desc="caching text-encoder outputs", unit="caption", disable=not progress)
+        for start in range(0, len(captions), self.batch_size):
+            chunk = captions[start:start + self.batch_size]
+            with torch.no_grad():
+                hidden = self.method.conditioning(self._token_batch(chunk))
+            for caption, row in zip(chunk, hidden.detach().cpu()):
+                self.states[caption] = row.clone()
+            bar.update(len(chunk))
+        bar.close()
+
+    def conditioning(self, batch: dict[str, Any], device: Any) -> Any:
+        """The cached states of the batch's captions, stacked, on ``device`` (encodes unseen captions)."""
+        import torch
+
+        missing = [c for c in dict.fromkeys(batch["captions"]) if c not in self.states]
+        if missing:  # e.g. images added after start-up; correct, only slower
+            if self._late == 0:
+                logger.warning("text-encoder cache: encoding %d caption(s) not seen at start-up", len(missing))
+            self._late += len(missing)
+            self.encode(missing)
+        return torch.stack([self.states[c] for c in batch["captions"]]).to(device)
+
+    # ---- files ------------------------------------------------------------------------------------
+
+    def fingerprint(self, model: Any) -> str:
+        """What the states depend on besides the caption: the text encoder's weights, the settings, and
+        the states of a probe caption (which also covers hooks such as frozen LoRA modules)."""
+        import torch
+
+        h = hashlib.sha256()
+        g, m = self.group, self.method
+        h.update(f"v{FORMAT_VERSION}|{type(m).__name__}|clip_skip={getattr(m, 'clip_skip', None)}|"
+                 f"max_token_length={g.max_token_length}|weighted={g.weighted_captions}".encode())
+        for name, tensor in model.text_encoder.state_dict().items():
+            h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        with torch.no_grad():
+            probe = self.method.conditioning(self._token_batch([PROBE_CAPTION]))
+        h.update(probe.detach().cpu().float().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    @staticmethod
+    def file_key(fingerprint: str, caption: str) -> str:
+        """The key stored in (and required of) a cache file."""
+        return hashlib.sha256(f"{fingerprint}\0{caption}".encode("utf-8")).hexdigest()
+
+    def load_file(self, path: Path, key: str) -> Any | None:
+        """The states stored in ``path`` when its key matches, else None (missing, stale or unreadable)."""
+        import numpy as np
+        import torch
+
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                if str(data["cache_key"]) != key:
+                    return None
+                return torch.from_numpy(np.array(data["hidden_states"])).to(getattr(torch, str(data["dtype"])))
+        except (OSError, ValueError, KeyError, AttributeError, EOFError, zipfile.BadZipFile) as exc:
+            logger.warning("text-encoder cache: recomputing %s (%s)", path, exc)
+            return None
+
+    @staticmethod
+    def write_file(path: Path, key: str, caption: str, states: Any) -> None:
+        """Write one cache file atomically (float32 states + their dtype, key and caption)."""
+        import numpy as np
+
+        from library.fileio import atomic_path
+
+        try:
+            with atomic_path(path) as tmp:
+                np.savez(tmp, hidden_states=states.float().numpy(), dtype=np.array(str(states.dtype).split(".")[-1]),
+                         cache_key=np.array(key), caption=np.array(caption))
+        except OSError as exc:
+            raise UserError(f"cannot write text-encoder cache {path}: {exc.strerror or exc}") from None
+
+
+def _entries(group: Any) -> list[tuple[str, str | None]]:
+    """(fixed caption, image path or None) of every image of the group and its validation group."""
+    out = []
+    groups = [group] + ([group.validation] if getattr(group, "validation", None) is not None else [])
+    for g in groups:
+        for ds in g.datasets:
+            for entry in ds.entries:
+                out.append((_fixed_caption(entry, ds.blueprint.subsets[entry.subset_index], g), entry.path))
+    return out
+
+
+def fill_cache(cache: TextEncoderCache, model: Any, *, to_disk: bool, write: bool) -> dict[str, int]:
+    """Fill ``cache`` for every image: from matching files (``to_disk``), else by encoding; with ``write``
+    also (re)write the missing or stale files. Returns counts for the log line."""
+    items = _entries(cache.group)
+    counts = {"captions": len(dict.fromkeys(c for c, _ in items)), "reused": 0, "written": 0, "encoded": 0}
+    stale: list[tuple[str, Path, str]] = []
+    fingerprint = cache.fingerprint(model) if to_disk else ""
+    for caption, image_path in items:
+        if not to_disk or image_path is None:
+            continue
+        path, key = _cache_file(image_path), cache.file_key(fingerprint, caption)
+        states = cache.load_file(path, key)
+        if states is None:
+            stale.append((caption, path, key))
+        else:
+            counts["reused"] += 1
+            cache.states.setdefault(caption, states)
+    todo = [c for c in dict.fromkeys(c for c, _ in items) if c not in cache.states]
+    cache.encode(todo, progress=True)
+    counts["encoded"] = len(todo)
+    if write:
+        for caption, path, key in stale:
+            cache.write_file(path, key, caption, cache.states[caption])
+            counts["written"] += 1
+    return counts
+
+
+def build_text_encoder_cache(args: argparse.Namespace, *, accelerator: Any, model: Any, group: Any, method: Any,
+                             keep_text_encoder: bool) -> TextEncoderCache | None:
+    """The run's cache (None without ``--cache_text_encoder_outputs``), filled before the first step.
+
+    On disk the main process writes the files first and the others then read them. Afterwards the text
+    encoder moves to the CPU unless ``keep_text_encoder`` (sample images need it on the device).
+    """
+    if not cache_requested(args):
+        return None
+    if _method_trains_text_encoder(method):
+        raise UserError(f"--cache_text_encoder_outputs: the {method.name} method trains the text encoder")
+    to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
+    cache = TextEncoderCache(method, group, args.text_encoder_batch_size or args.train_batch_size)
+    if not to_disk or accelerator.is_main_process:
+        counts = fill_cache(cache, model, to_disk=to_disk, write=to_disk)
+        logger.info("text-encoder cache: %d distinct caption(s), %d encoded%s", counts["captions"], counts["encoded"],
+                    f", {counts['reused']} file(s) reused, {counts['written']} written" if to_disk else "")
+    accelerator.wait_for_everyone()
+    if to_disk and not accelerator.is_main_process:
+        fill_cache(cache, model, to_disk=True, write=False)
+    if not keep_text_encoder and accelerator.device.type != "cpu":
+        import torch
+
+        model.text_encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("text-encoder cache: the text encoder moved to the CPU (not needed on the device any more)")
+    return cache
