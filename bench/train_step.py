@@ -117,8 +117,9 @@ def measure_ours(method: str, argv: list[str]) -> tuple[list[float], object]:
     return [b - a for a, b in zip(stamps[1:], stamps[2:])], captured["trainer"]
 
 
-def measure_bare(method: str, trainer, steps: int, resolution: int) -> list[float]:
-    """The floor: text-encoder forward where it trains, UNet forward + MSE + backward + AdamW, nothing else."""
+def measure_bare(method: str, trainer, steps: int, resolution: int, clip: float = 0.0) -> list[float]:
+    """The floor: text-encoder forward where it trains, UNet forward + MSE + backward + AdamW, nothing else
+    (``clip``: plus ``clip_grad_norm_``)."""
     import torch
 
     unet, te = trainer.model.unet, trainer.model.text_encoder
@@ -139,9 +140,12 @@ def measure_bare(method: str, trainer, steps: int, resolution: int) -> list[floa
         pred = unet(latents, t, cond).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+    del opt
     return times
 
 
@@ -178,9 +182,15 @@ def bench_one(method: str, preset: str, steps: int, resolution: int, cache: Path
         argv = train_argv(method, model_file(preset, cache), data, tmp_path / "out", resolution, steps + 2)
         launch = launch_to_first_step(argv) if method == "lora" else None
         ours, trainer = measure_ours(method, argv)
+        rss = peak_rss_gib()  # before the floor's own optimizer adds its moments
         ours = ours[2:]  # the first steps warm up allocators and caches
-        bare = measure_bare(method, trainer, len(ours) + 1, resolution)[1:] if method != "xti" else None
         total, trained = theoretical_bytes(trainer)
+        bare = clipped = None
+        if method != "xti":
+            bare = measure_bare(method, trainer, len(ours) + 1, resolution)[1:]
+            clip = trainer.step_settings.max_grad_norm
+            if clip and trained > 2**28:  # clipping costs a pass over the gradients: worth showing for big models
+                clipped = measure_bare(method, trainer, len(ours) + 1, resolution, clip=clip)[1:]
     o = statistics.median(ours)
     print(f"[{method} {preset}] {resolution}px batch 1, AdamW, cached latents: {SCRIPTS[method]}.py")
     print(f"  our step : {o:.4f} s (median of {len(ours)})")
@@ -188,8 +198,10 @@ def bench_one(method: str, preset: str, steps: int, resolution: int, cache: Path
         b = statistics.median(bare)
         print(f"  bare step: {b:.4f} s (TE fwd if trained + UNet fwd + bwd + AdamW)")
         print(f"  ratio    : {o / b:.3f} (target <= 1.05)")
-    rss = peak_rss_gib()
-    print(f"  peak RSS : {rss:.2f} GiB")
+    if clipped:
+        c = statistics.median(clipped)
+        print(f"  bare step + gradient clipping (--max_grad_norm, on by default): {c:.4f} s; ratio {o / c:.3f}")
+    print(f"  peak RSS : {rss:.2f} GiB (training only)")
     if method in ("ft", "db"):
         floor = (total + 3 * trained) / 2**30
         print(f"  fp32 AdamW floor: {floor:.2f} GiB (weights {total / 2**30:.2f} + 3 x trained {trained / 2**30:.2f}); "
