@@ -219,3 +219,15 @@ def test_tiny_sd2_v_with_toml_config(models, data, tmp_path):
 
     names = [n for n, _ in xti.cross_attention_layers(build_random_model("tiny-sd2").unet)]
     assert list(saved) == sorted(names) and all(v.shape == (2, 32) for v in saved.values())
+
+
+def test_validation_and_ema_use_the_per_layer_conditioning(mini, data, tmp_path, caplog):
+    """The validation loss runs the UNet through XTI's per-layer routing, and --save_ema saves averaged
+    per-layer vectors."""
+    with caplog.at_level("INFO"):
+        assert run_script(train, base_args(mini, data, tmp_path / "out", "--validation_split", "0.25",
+                                           "--validate_every_n_steps", "1", "--save_ema", steps=2)) == 0
+    losses = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation loss at step")]
+    assert len(losses) >= 2
+    saved = load_file(str(tmp_path / "out" / "zqx.safetensors"))
+    assert list(saved) == list(xti.SD_LAYER_NAMES)

@@ -220,6 +220,15 @@ class Trainer:
             return self.text_encoder_cache.conditioning(batch, self.device)
         return self.method.conditioning(batch)
 
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction (ε or v) in ``weight_dtype``; a method's ``unet_forward`` takes over where it
+        has one (XTI routes its conditioning per cross-attention layer)."""
+        dtype = self.step_settings.weight_dtype
+        forward = getattr(self.method, "unet_forward", None)
+        if forward is not None:
+            return forward(self.model.unet, noisy, timesteps, cond, dtype)
+        return self.model.unet(noisy, timesteps, cond.to(dtype)).sample
+
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The diffusion loss of one batch (documented order: text, noise, timesteps)."""
         s = self.step_settings
@@ -233,11 +242,7 @@ class Trainer:
         noisy = diffusion.add_noise(self.noise_scheduler, latents, loss_options.input_noise(noise, self.generator, s),
                                     timesteps)
         with self.accelerator.autocast():
-            forward = getattr(self.method, "unet_forward", None)  # XTI routes conditioning per layer
-            if forward is not None:
-                pred = forward(self.model.unet, noisy, timesteps, cond, s.weight_dtype)
-            else:
-                pred = self.model.unet(noisy, timesteps, cond.to(s.weight_dtype)).sample
+            pred = self.predict(noisy, timesteps, cond)
         target = diffusion.target_for(self.noise_scheduler, latents, noise, timesteps, s.v_parameterization)
         return diffusion.diffusion_loss(pred.float(), target.float(),
                                         loss_weights=batch["loss_weights"].to(self.device), timesteps=timesteps,

@@ -254,7 +254,6 @@ class Validator:
         latents = self._latents(trainer, batch)
         cond = trainer.conditioning(batch).detach()  # the method's, or the text-encoder output cache
         generators = [torch.Generator(device="cpu").manual_seed(image_seed(seed, key)) for key in batch["keys"]]
-        forward = getattr(trainer.method, "unet_forward", None)
         total = 0.0
         for t in self.settings.timesteps:
             noise = torch.stack([torch.randn(tuple(latents.shape[1:]), generator=g, dtype=torch.float32)
@@ -262,10 +261,7 @@ class Validator:
             timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=trainer.device)
             noisy = diffusion.add_noise(trainer.noise_scheduler, latents, noise, timesteps)
             with trainer.accelerator.autocast():
-                if forward is not None:
-                    pred = forward(trainer.model.unet, noisy, timesteps, cond, settings.weight_dtype)
-                else:
-                    pred = trainer.model.unet(noisy, timesteps, cond.to(settings.weight_dtype)).sample
+                pred = trainer.predict(noisy, timesteps, cond)
             target = diffusion.target_for(trainer.noise_scheduler, latents, noise, timesteps,
                                           settings.v_parameterization)
             per_image = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
