@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from library.staged import debug_dataset
     from library.training import dry_run, session
     from library.training.args import validate_training_args
-    from library.training.sampling import make_sampler, sample_settings
+    from library.training.sampling import sample_settings
 
     validate_training_args(args)
     if args.debug_dataset:
@@ -59,33 +59,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dry_run.requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
         return dry_run.run_dry_run(args, "dreambooth", support_dreambooth=True, support_finetuning=False)
     run = session.prepare_run(args, "dreambooth", support_dreambooth=True, support_finetuning=False)
-    accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
-    weight_dtype, logging_enabled = run.weight_dtype, run.logging_enabled
+    accelerator, model, weight_dtype = run.accelerator, run.model, run.weight_dtype
     prepare_full_model(model, text_encoder_trains=te_steps != 0, gradient_checkpointing=args.gradient_checkpointing,
                        device=accelerator.device, weight_dtype=weight_dtype,
                        full_half=args.full_fp16 or args.full_bf16)
 
-    plan = session.run_plan(args, group, accelerator)
     method = FullModelMethod(model=model, text_encoder_steps=te_steps, clip_skip=args.clip_skip,
                              max_token_length=args.max_token_length, weighted_captions=args.weighted_captions,
                              no_token_padding=args.no_token_padding,
                              save_format=resolve_save_format(args.save_model_as, args.use_safetensors,
                                                              model.source_format),
                              save_dtype=save_dtype, device=accelerator.device)
-    built, scheduler = session.optimizer_and_schedule(args, method.param_groups(), plan)
-    sampler = make_sampler(sampling, args, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
-                           tokenizer=tokenizer, v_parameterization=model.v_parameterization, seed=seed)
-    trainer = session.make_trainer(args, accelerator=accelerator, model=model, group=group, method=method,
-                                   built=built, scheduler=scheduler, plan=plan, seed=seed, weight_dtype=weight_dtype,
-                                   logging_enabled=logging_enabled, sampler=sampler)
-    if args.resume:
-        trainer.resume(args.resume)
     te_text = {None: "UNet + text encoder", 0: "UNet only"}.get(te_steps, f"UNet + text encoder for {te_steps} steps")
-    session.start_summary(group, plan, f"DreamBooth, {te_text}").log(accelerator)
-    result = trainer.run()
-    if result is not None and accelerator.is_main_process:
-        print(f"saved the trained model to {result}")
-    return 0
+    return session.train(args, run, method, sampling=sampling, description=f"DreamBooth, {te_text}",
+                         result_name="model")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from library.staged import debug_dataset
     from library.training import dry_run, session
     from library.training.args import validate_training_args
-    from library.training.sampling import make_sampler, sample_settings
+    from library.training.sampling import sample_settings
     from library.errors import UserError
     import torch
 
@@ -51,8 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dry_run.requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
         return dry_run.run_dry_run(args, "network", support_dreambooth=True, support_finetuning=True)
     run = session.prepare_run(args, "network_train", support_dreambooth=True, support_finetuning=True)
-    accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
-    weight_dtype, blueprint, logging_enabled = run.weight_dtype, run.blueprint, run.logging_enabled
+    accelerator, model, weight_dtype = run.accelerator, run.model, run.weight_dtype
 
     train_unet, train_te = not args.network_train_text_encoder_only, not args.network_train_unet_only
     unet, te = model.unet, model.text_encoder
@@ -87,31 +86,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(network, "prepare_grad_etc"):
         network.prepare_grad_etc(te, unet)
 
-    plan = session.run_plan(args, group, accelerator)
     method_kwargs = dict(model=model, network=network, train_unet=train_unet, train_text_encoder=train_te,
                          clip_skip=args.clip_skip, max_token_length=args.max_token_length,
                          weighted_captions=args.weighted_captions, save_format=args.save_model_as,
                          save_dtype=save_dtype, device=accelerator.device)
     method = NetworkMethod(text_encoder_lr=args.text_encoder_lr, unet_lr=args.unet_lr,
                            learning_rate=args.learning_rate, metadata=lambda *a: {}, **method_kwargs)
-    built, scheduler = session.optimizer_and_schedule(args, method.param_groups(), plan)
-    sampler = make_sampler(sampling, args, unet=unet, vae=model.vae, text_encoder=te, tokenizer=tokenizer,
-                           v_parameterization=model.v_parameterization, seed=seed, extra_modules=[network])
-    trainer = session.make_trainer(args, accelerator=accelerator, model=model, group=group, method=method,
-                                   built=built, scheduler=scheduler, plan=plan, seed=seed, weight_dtype=weight_dtype,
-                                   logging_enabled=logging_enabled, sampler=sampler)
-    if args.resume:
-        trainer.resume(args.resume)
-    base = network_metadata(args, group=group, blueprint=blueprint, plan=plan, seed=seed,
-                            session_id=trainer.progress.session_id, started_at=trainer.progress.started_at,
-                            optimizer_name=built.description, v2=model.v2,
-                            recorded_lrs=session.recorded_learning_rates(args, built))
-    method.metadata = RunMetadata(base, {} if args.no_metadata else model_hash_jobs(args), args.no_metadata)
-    session.start_summary(group, plan, f"{args.network_module}, dim {args.network_dim}").log(accelerator)
-    result = trainer.run()
-    if result is not None and accelerator.is_main_process:
-        print(f"saved the trained network to {result}")
-    return 0
+
+    def attach_metadata(trainer, plan, built):
+        """The ss_* metadata of every saved file (needs the resumed session id and the optimizer)."""
+        base = network_metadata(args, group=run.group, blueprint=run.blueprint, plan=plan, seed=run.seed,
+                                session_id=trainer.progress.session_id, started_at=trainer.progress.started_at,
+                                optimizer_name=built.description, v2=model.v2,
+                                recorded_lrs=session.recorded_learning_rates(args, built))
+        method.metadata = RunMetadata(base, {} if args.no_metadata else model_hash_jobs(args), args.no_metadata)
+
+    return session.train(args, run, method, sampling=sampling,
+                         description=f"{args.network_module}, dim {args.network_dim}", result_name="network",
+                         sampler_options=dict(extra_modules=[network]), before_start=attach_metadata)
 
 
 if __name__ == "__main__":

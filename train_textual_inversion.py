@@ -65,7 +65,7 @@ def train(args: argparse.Namespace, *, xti: bool = False) -> int:
     from library.models.save import precision_dtype
     from library.training import dry_run, session
     from library.training.args import validate_training_args
-    from library.training.sampling import make_sampler, sample_settings
+    from library.training.sampling import sample_settings
 
     token = ti.check_options(args.token_string, args.num_vectors_per_token)
     if args.weighted_captions:
@@ -88,8 +88,8 @@ def train(args: argparse.Namespace, *, xti: bool = False) -> int:
         return dry_run.run_dry_run(args, "xti" if xti else "textual_inversion", configure_group=configure_group)
     run = session.prepare_run(args, "xti" if xti else "textual_inversion", support_dreambooth=True,
                               support_finetuning=True, configure_group=configure_group)
-    accelerator, seed, tokenizer, group, model = run.accelerator, run.seed, run.tokenizer, run.group, run.model
-    weight_dtype, logging_enabled = run.weight_dtype, run.logging_enabled
+    accelerator, seed, tokenizer, model = run.accelerator, run.seed, run.tokenizer, run.model
+    weight_dtype = run.weight_dtype
     device = accelerator.device
     common = dict(model=model, token_string=token, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
                   save_format=args.save_model_as, save_dtype=save_dtype, device=device,
@@ -104,22 +104,10 @@ def train(args: argparse.Namespace, *, xti: bool = False) -> int:
         ids = ti.prepare_textual_inversion(model, tokenizer, args, seed=seed, device=device, weight_dtype=weight_dtype)
         method = ti.TextualInversionMethod(token_ids=ids, **common)
         what = f"Textual Inversion, {len(ids)} vector(s) for {token!r}"
-    plan = session.run_plan(args, group, accelerator)
-    built, scheduler = session.optimizer_and_schedule(args, method.param_groups(), plan)
-    sampler = make_sampler(sampling, args, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
-                           tokenizer=tokenizer, v_parameterization=model.v_parameterization, seed=seed,
-                           prompt_transform=ti.expand_prompt(token, args.num_vectors_per_token),
-                           layer_encoder=method.encode_layers if xti else None)
-    trainer = session.make_trainer(args, accelerator=accelerator, model=model, group=group, method=method,
-                                   built=built, scheduler=scheduler, plan=plan, seed=seed, weight_dtype=weight_dtype,
-                                   logging_enabled=logging_enabled, sampler=sampler)
-    if args.resume:
-        trainer.resume(args.resume)
-    session.start_summary(group, plan, what).log(accelerator)
-    result = trainer.run()
-    if result is not None and accelerator.is_main_process:
-        print(f"saved the trained {'XTI ' if xti else ''}embedding to {result}")
-    return 0
+    return session.train(args, run, method, sampling=sampling, description=what,
+                         result_name="XTI embedding" if xti else "embedding",
+                         sampler_options=dict(prompt_transform=ti.expand_prompt(token, args.num_vectors_per_token),
+                                              layer_encoder=method.encode_layers if xti else None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -18,7 +19,12 @@ def make_model_files(out: Path, preset: str, seed: int = 0,
 
 @torch.no_grad()
 def component_outputs(unet, vae, text_encoder, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic outputs of each component on fixed random inputs (fp32, eval mode)."""
+    """Deterministic outputs of each component on fixed random inputs (fp32, eval mode).
+
+    The components are deep-copied first: weights loaded from a file can be views into a memory map at any
+    byte offset, and CPU matmul kernels round differently for unaligned data (a few 1e-7). Fresh copies are
+    allocator-aligned, so bit-identical weights give bit-identical outputs whatever loaded them."""
+    unet, vae, text_encoder = (copy.deepcopy(m) for m in (unet, vae, text_encoder))
     g = torch.Generator().manual_seed(seed)
     for m in (unet, vae, text_encoder):
         m.eval()

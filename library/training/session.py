@@ -321,3 +321,30 @@ def prepare_run(args: argparse.Namespace, tracker_name: str, *, support_dreamboo
     if group.validation is not None:
         cache_latents(args, group.validation, model.vae, accelerator, weight_dtype, seed)
     return PreparedRun(accelerator, logging_enabled, seed, tokenizer, blueprint, group, weight_dtype, model)
+
+
+def train(args: argparse.Namespace, run: Any, method: Any, *, sampling: Any, description: str, result_name: str,
+          sampler_options: dict[str, Any] | None = None, before_start: Any = None) -> int:
+    """The common tail of every entry script: plan, optimizer and schedule, sampler, Trainer, ``--resume``,
+    the start summary, the run; prints where the result went. ``before_start(trainer, plan, built)`` runs
+    after resuming (LoRA builds its metadata there). Returns the exit code."""
+    from library.training.sampling import make_sampler
+
+    accelerator, model = run.accelerator, run.model
+    plan = run_plan(args, run.group, accelerator)
+    built, scheduler = optimizer_and_schedule(args, method.param_groups(), plan)
+    sampler = make_sampler(sampling, args, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+                           tokenizer=run.tokenizer, v_parameterization=model.v_parameterization, seed=run.seed,
+                           **(sampler_options or {}))
+    trainer = make_trainer(args, accelerator=accelerator, model=model, group=run.group, method=method, built=built,
+                           scheduler=scheduler, plan=plan, seed=run.seed, weight_dtype=run.weight_dtype,
+                           logging_enabled=run.logging_enabled, sampler=sampler)
+    if args.resume:
+        trainer.resume(args.resume)
+    if before_start is not None:
+        before_start(trainer, plan, built)
+    start_summary(run.group, plan, description).log(accelerator)
+    result = trainer.run()
+    if result is not None and accelerator.is_main_process:
+        print(f"saved the trained {result_name} to {result}")
+    return 0

@@ -12,8 +12,9 @@ timesteps :data:`VALIDATION_TIMESTEPS`, with noise drawn from a generator of its
 noise variant (offset, pyramid) applies, so the curve is comparable over a run and across runs with
 different training options. It runs under ``torch.no_grad`` with the trained modules in eval mode and
 never draws from the training generator or a global RNG: a run with validation trains bit-identical
-weights to the same run without it. With several processes each computes every ``world``-th batch and
-the sums are all-reduced, so the value does not depend on the process count. See docs/validation.md.
+weights to the same run without it. Each image goes through the model on its own (one image per forward
+pass), so the value does not depend on the training batch size. With several processes each computes
+every ``world``-th image and the sums are all-reduced, so it does not depend on the process count either. See docs/validation.md.
 """
 
 from __future__ import annotations
@@ -161,7 +162,10 @@ class Validator:
     def __init__(self, group: Any, settings: ValidationSettings, run_seed: int):
         """``group`` holds the held-out images; ``run_seed`` is the default validation seed."""
         self.group, self.settings, self.run_seed = group, settings, run_seed
-        self.specs = group.epoch_batches(1)  # one fixed batch order for the whole run
+        # One fixed order for the whole run, one image per forward pass: batched matmuls round differently
+        # from single ones, and the curve must not depend on --train_batch_size.
+        self.specs = [dataclasses.replace(spec, items=(item,)) for spec in group.epoch_batches(1)
+                      for item in spec.items]
         self.last_step: int | None = None
         self.last_loss: float | None = None
 
