@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def setup_parser() -> argparse.ArgumentParser:
     """Command-line options (the reference's names, plus later-upstream clamp/min_diff/metadata ones)."""
     from networks.lora_extract import DEFAULT_MIN_DIFF
-    from networks.lora_files import add_device_argument, add_precision_arguments
+    from networks.lora_files import add_device_argument, add_overwrite_input_argument, add_precision_arguments
     from networks.lora_svd import CLAMP_QUANTILE
 
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
@@ -49,6 +49,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         "and left out (default 1e-6)")
     p.add_argument("--no_metadata", action="store_true",
                    help="write only the minimal ss_network_* metadata (and the sshs hashes)")
+    add_overwrite_input_argument(p)
     return p
 
 
@@ -68,7 +69,8 @@ def _check_args(args: argparse.Namespace) -> Path:
         path = Path(getattr(args, option))
         if not path.exists():
             raise UserError(f"--{option} {path}: no such file or folder")
-    refuse_overwriting_inputs(save_to, [("--model_org", args.model_org), ("--model_tuned", args.model_tuned)])
+    refuse_overwriting_inputs(save_to, [("--model_org", args.model_org), ("--model_tuned", args.model_tuned)],
+                              allowed=args.overwrite_input)
     return save_to
 
 

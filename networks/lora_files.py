@@ -60,12 +60,14 @@ def add_device_argument(parser: argparse.ArgumentParser, used_for: str) -> None:
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser, save_to_help: str, models_help: str) -> None:
-    """``--save_to``, ``--models``, ``--ratios`` (one per model) and ``--no_metadata`` of the merge tools."""
+    """``--save_to``, ``--models``, ``--ratios`` (one per model), ``--no_metadata`` and ``--overwrite_input``
+    of the merge tools."""
     parser.add_argument("--save_to", default=None, help=save_to_help)
     parser.add_argument("--models", nargs="*", default=None, help=models_help)
     parser.add_argument("--ratios", type=float, nargs="*", default=None, help="one ratio (strength) per LoRA file")
     parser.add_argument("--no_metadata", action="store_true",
                         help="accepted for compatibility: only the minimal ss_* metadata is written anyway")
+    add_overwrite_input_argument(parser)
 
 
 def require_options(args: argparse.Namespace, **needed: str) -> None:
@@ -478,9 +480,17 @@ def merge_module_into_layer(layer: nn.Module, module: LoRAModuleWeights, ratio: 
 # Writing
 
 
-def refuse_overwriting_inputs(save_to: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]]
-                              ) -> None:
-    """UserError when ``save_to`` is one of the input files/folders (the input would be lost)."""
+def add_overwrite_input_argument(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite_input``: let ``--save_to`` replace an input file (checked by :func:`refuse_overwriting_inputs`)."""
+    parser.add_argument("--overwrite_input", action="store_true",
+                        help="allow --save_to to be one of the input files: the result is written to a temporary "
+                             "name and renamed over it, so a failed run leaves the input as it was (folders: never)")
+
+
+def refuse_overwriting_inputs(save_to: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],
+                              allowed: bool = False) -> None:
+    """UserError when ``save_to`` is one of the input files/folders (the input would be lost), unless
+    ``allowed`` (``--overwrite_input``) and it is a file: the atomic write then replaces it in one rename."""
     target = Path(save_to)
     if not target.exists():
         return
@@ -491,9 +501,15 @@ def refuse_overwriting_inputs(save_to: str | os.PathLike, inputs: Iterable[tuple
             same = os.path.samefile(target, source)
         except OSError:
             same = False
-        if same:
+        if not same:
+            continue
+        if target.is_dir():
+            raise UserError(f"--save_to {save_to} is the same folder as {option} {source}; choose another output "
+                            "name (a model folder is never replaced in place)")
+        if not allowed:
             raise UserError(f"--save_to {save_to} is the same file as {option} {source}; choose another output "
-                            "name (the tools never overwrite their input)")
+                            "name, or pass --overwrite_input to replace it")
+        logger.warning("--overwrite_input: %s (%s) will be replaced by the result", save_to, option)
 
 
 def check_save_to(save_to: str | None, wants_folder: bool = False) -> Path:
@@ -509,10 +525,12 @@ def check_save_to(save_to: str | None, wants_folder: bool = False) -> Path:
 def check_merge_args(args: argparse.Namespace, wants_folder: bool = False,
                      other_inputs: Sequence[tuple[str, str | None]] = ()) -> Path:
     """The checks of the merge tools: ``--models``/``--ratios`` (:func:`check_models_and_ratios`),
-    ``--save_to`` (:func:`check_save_to`) and not an input (``--models`` or ``other_inputs``); returns it."""
+    ``--save_to`` (:func:`check_save_to`) and not an input (``--models`` or ``other_inputs``) unless
+    ``--overwrite_input``; returns it."""
     check_models_and_ratios(args.models, args.ratios)
     save_to = check_save_to(args.save_to, wants_folder)
-    refuse_overwriting_inputs(save_to, [*other_inputs, *(("--models", m) for m in args.models)])
+    refuse_overwriting_inputs(save_to, [*other_inputs, *(("--models", m) for m in args.models)],
+                              allowed=args.overwrite_input)
     return save_to
 
 

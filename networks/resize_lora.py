@@ -33,6 +33,7 @@ from networks.lora_files import (  # noqa: E402
     LoRAFile,
     LoRAModuleWeights,
     add_device_argument,
+    add_overwrite_input_argument,
     add_precision_arguments,
     check_ranks,
     check_save_to,
@@ -65,6 +66,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="new (maximum) rank of the convolution modules, 1×1 included (default: --new_rank)")
     p.add_argument("--save_to", default=None, help="output LoRA file (.safetensors, or .pt/.ckpt)")
     p.add_argument("--model", default=None, help="LoRA file to resize")
+    add_overwrite_input_argument(p)
     add_device_argument(p, "the SVDs")
     p.add_argument("--verbose", action="store_true", help="print the retained share of every module")
     p.add_argument("--dynamic_method", default=None, choices=[None, *DYNAMIC_METHODS],
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = setup_parser().parse_args(argv)
     check_args(args)
     save_to = check_save_to(args.save_to)
-    refuse_overwriting_inputs(save_to, [("--model", args.model)])
+    refuse_overwriting_inputs(save_to, [("--model", args.model)], allowed=args.overwrite_input)
     _, save_dtype = output_dtypes(args)
     device = torch_device(args.device)
     lora = load_lora_file(args.model, "--model")

@@ -233,6 +233,23 @@ def test_output_equal_to_an_input_is_refused(models, loras, tmp_path, capsys):
     one_error_line(capsys, "--sd_model")
 
 
+def test_overwrite_input_replaces_the_file_with_the_result(models, loras, tmp_path, capsys):
+    """--overwrite_input: the input file is replaced by exactly what a separate output would hold."""
+    lora = tmp_path / "mine.safetensors"
+    lora.write_bytes(loras["sd1_plain"].read_bytes())
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    assert run_script(resize_lora.main, ["--save_to", elsewhere, "--model", lora, "--new_rank", "2"]) == 0
+    assert run_script(resize_lora.main, ["--save_to", lora, "--model", lora, "--new_rank", "2",
+                                         "--overwrite_input"]) == 0
+    assert load_lora_file(lora).tensors.keys() == load_lora_file(elsewhere).tensors.keys()
+    for key, value in load_lora_file(elsewhere).tensors.items():
+        assert torch.equal(load_lora_file(lora).tensors[key], value), key
+    folder = models["sd1"]["diffusers"]
+    assert run_script(merge_lora.main, ["--sd_model", folder, "--save_to", folder, "--models", lora,
+                                        "--ratios", "1", "--overwrite_input"]) == 2
+    one_error_line(capsys, "--save_to", "same folder", "never replaced in place")
+
+
 # ---------------------------------------------------------------------------------------------
 # svd_merge_lora
 
