@@ -4,8 +4,9 @@
                              [--max_token_length 75|150|225]
 
 A UNet-only LoRA (train_network.py, dim 4, AdamW, cached latents) on a folder of random images, each with
-its own caption, trained in fresh processes, alternately encoding the captions every step and using the
-cache (``--repeats`` times each). Each run times every optimizer step (data, text encoder or cache lookup, UNet forward and
+its own caption, trained in fresh processes, alternately encoding the captions every step
+(``--no_cache_text_encoder_outputs``, which also turns the automatic reuse off) and using the cache
+(``--repeats`` times each). Each run times every optimizer step (data, text encoder or cache lookup, UNet forward and
 backward, optimizer) and the cache's build time. It prints the medians, the time saved per step and after
 how many steps the cache has paid for itself. ``sd1`` is the full SD1.5 architecture with random
 weights, built once by tools/make_tiny_model.py --preset sd1 (about 4 GB).
@@ -91,8 +92,8 @@ def single(args: argparse.Namespace) -> None:
                 "--train_batch_size", str(args.batch_size)]
         if args.max_token_length:
             argv += ["--max_token_length", str(args.max_token_length)]
-        if args.cached:
-            argv.append("--cache_text_encoder_outputs")
+        # the uncached variant turns the automatic per-caption reuse off as well
+        argv.append("--cache_text_encoder_outputs" if args.cached else "--no_cache_text_encoder_outputs")
         result = time_run(argv)
     print(json.dumps({"steps": result["steps"][2:], "build": result["build"]}))
 

@@ -11,6 +11,8 @@ and on the same modules, it times the bare floor: the text-encoder forward where
 the UNet forward, MSE, backward, AdamW step and zero_grad on fixed tensors (no floor for xti). It prints
 both, their ratio (target: at most 1.05) and the process's peak RSS; for ``ft`` and ``db`` also the
 theoretical fp32 AdamW floor (frozen weights + 4 x trained weights: weights, gradients, two moments).
+``lora`` and ``ft`` keep the text encoder frozen with fixed captions, so their steps reuse its outputs (the
+automatic per-caption reuse, docs/te_cache.md) as the floor does with its fixed conditioning.
 ``lora`` also times launch to the first finished step (a fresh ``python train_network.py
 --max_train_steps 1`` process, wall clock). The full-size ``sd1`` model is the one
 bench/model_load_rss.py builds (random weights, 4 GB).
@@ -19,6 +21,7 @@ bench/model_load_rss.py builds (random weights, 4 GB).
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import subprocess
 import sys
@@ -185,6 +188,11 @@ def bench_one(method: str, preset: str, steps: int, resolution: int, cache: Path
         rss = peak_rss_gib()  # before the floor's own optimizer adds its moments
         ours = ours[2:]  # the first steps warm up allocators and caches
         total, trained = theoretical_bytes(trainer)
+        # Free our optimizer's moments and gradients before the floor builds its own: for a whole-model run
+        # both sets together (2 x 2 x 3.7 GB at full size) would crowd a 24 GB machine and slow the floor.
+        trainer.optimizer.state.clear()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
         bare = clipped = None
         if method != "xti":
             bare = measure_bare(method, trainer, len(ours) + 1, resolution)[1:]

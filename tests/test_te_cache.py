@@ -16,6 +16,7 @@ from tests.train_util import make_dataset, run_script
 from train_network import main as train_network
 
 CAPTIONS = {0: "sks dog, sitting, grass", 1: "sks dog, running", 2: "a (sks:1.3) dog [in the snow]"}
+UNCACHED = "--no_cache_text_encoder_outputs"  # runs the text encoder at every step (no automatic reuse either)
 
 
 @pytest.fixture()
@@ -40,7 +41,7 @@ def same_files(a: Path, b: Path) -> bool:
                                    ["--text_encoder_batch_size", "3", "--flip_aug", "--cache_latents"]],
                          ids=["plain", "weighted", "clip-skip-long", "te-batch-3"])
 def test_lora_cached_equals_uncached(models, data, tmp_path, caplog, extra):
-    assert run_script(train_network, lora_args(models, data, tmp_path / "a", *extra)) == 0
+    assert run_script(train_network, lora_args(models, data, tmp_path / "a", *extra, UNCACHED)) == 0
     with caplog.at_level("INFO"):
         assert run_script(train_network, lora_args(models, data, tmp_path / "b", *extra,
                                                    "--cache_text_encoder_outputs")) == 0
@@ -50,7 +51,7 @@ def test_lora_cached_equals_uncached(models, data, tmp_path, caplog, extra):
 
 
 def test_sd2_v_cached_equals_uncached(models, data, tmp_path):
-    assert run_script(train_network, lora_args(models, data, tmp_path / "a", model="sd2", steps=3)) == 0
+    assert run_script(train_network, lora_args(models, data, tmp_path / "a", UNCACHED, model="sd2", steps=3)) == 0
     assert run_script(train_network, lora_args(models, data, tmp_path / "b", "--cache_text_encoder_outputs",
                                                model="sd2", steps=3)) == 0
     assert same_files(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
@@ -70,12 +71,67 @@ def test_fine_tune_and_dreambooth_cached_equal_uncached(models, data, tmp_path):
               "--max_data_loader_n_workers", "0", "--save_model_as", "safetensors"]
     for name, main, extra in (("ft", fine_tune, ["--in_json", meta, "--train_data_dir", images]),
                               ("db", train_db, ["--train_data_dir", data, "--stop_text_encoder_training", "0"])):
-        assert run_script(main, [*common, *extra, "--output_dir", tmp_path / f"{name}-a"]) == 0
+        assert run_script(main, [*common, *extra, UNCACHED, "--output_dir", tmp_path / f"{name}-a"]) == 0
         assert run_script(main, [*common, *extra, "--output_dir", tmp_path / f"{name}-b",
                                  "--cache_text_encoder_outputs"]) == 0
         (unet_a, te_a), (unet_b, te_b) = (ldm_parts(tmp_path / f"{name}-{x}" / "last.safetensors") for x in "ab")
         assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a) and all(torch.equal(te_a[k], te_b[k])
                                                                            for k in te_a)
+
+
+REUSE_LINE = "text-encoder outputs are reused per caption"
+
+
+def test_automatic_reuse_is_the_default_and_trains_the_same_weights(models, data, tmp_path, caplog):
+    """A frozen text encoder with fixed captions reuses outputs without being asked: same weights as the
+    run that encodes at every step; any caption option that changes captions keeps it off."""
+    with caplog.at_level("INFO"):
+        assert run_script(train_network, lora_args(models, data, tmp_path / "auto")) == 0
+    assert any(REUSE_LINE in r.message for r in caplog.records)
+    assert not any("text-encoder cache: " in r.message for r in caplog.records)  # no up-front pass
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert run_script(train_network, lora_args(models, data, tmp_path / "plain", UNCACHED)) == 0
+        assert run_script(train_network, lora_args(models, data, tmp_path / "shuffled", "--shuffle_caption")) == 0
+    assert not any(REUSE_LINE in r.message for r in caplog.records)
+    assert same_files(tmp_path / "auto" / "last.safetensors", tmp_path / "plain" / "last.safetensors")
+
+
+def test_automatic_reuse_stays_within_its_budget(models, tmp_path):
+    """Captions past the budget are encoded at every step and not kept; the states are those of a direct
+    encoding either way."""
+    from library.data.tokens import encode_tokens, tokenize_caption
+    from library.models.load import load_model
+    from library.training.te_cache import TextEncoderCache
+
+    model = load_model(models["sd1"]["safetensors"])
+
+    class Encoder:  # the method's conditioning: the text encoder's last hidden states
+        def conditioning(self, batch):
+            return encode_tokens(model.text_encoder, batch["input_ids"], None, None)
+
+    class Group:
+        tokenizer, weighted_captions, max_token_length = model.tokenizer, False, None
+
+    one_state = 77 * model.text_encoder.config.hidden_size * 4
+    cache = TextEncoderCache(Encoder(), Group(), batch_size=2, budget_bytes=2 * one_state)
+    captions = ["a dog", "a cat", "a dog", "a bird"]
+    states = cache.conditioning({"captions": captions}, "cpu")
+    assert sorted(cache.states) == ["a cat", "a dog"]  # "a bird" is past the budget
+    ids = torch.stack([tokenize_caption(model.tokenizer, c, None) for c in captions])
+    with torch.no_grad():
+        direct = encode_tokens(model.text_encoder, ids, None, None)
+    torch.testing.assert_close(states, direct, rtol=0, atol=1e-6)
+    again = cache.conditioning({"captions": ["a bird", "a dog"]}, "cpu")
+    torch.testing.assert_close(again, direct[[3, 0]], rtol=0, atol=1e-6)
+    assert sorted(cache.states) == ["a cat", "a dog"]
+
+
+def test_no_cache_conflicts_with_the_cache_options(models, data, tmp_path, capsys):
+    assert run_script(train_network, lora_args(models, data, tmp_path / "out", UNCACHED,
+                                               "--cache_text_encoder_outputs")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--no_cache_text_encoder_outputs cannot be combined" in err
 
 
 def test_to_disk_files_are_written_reused_and_refreshed(models, data, tmp_path, caplog):
@@ -97,7 +153,7 @@ def test_to_disk_files_are_written_reused_and_refreshed(models, data, tmp_path, 
                                                    "--cache_text_encoder_outputs_to_disk")) == 0
     assert any("4 distinct caption(s), 0 encoded, 4 file(s) reused, 0 written" in r.message for r in caplog.records)
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
-    assert run_script(train_network, lora_args(models, data, tmp_path / "c")) == 0  # uncached
+    assert run_script(train_network, lora_args(models, data, tmp_path / "c", UNCACHED)) == 0
     assert same_files(tmp_path / "a" / "last.safetensors", tmp_path / "b" / "last.safetensors")
     assert same_files(tmp_path / "a" / "last.safetensors", tmp_path / "c" / "last.safetensors")
 

@@ -84,11 +84,13 @@ def test_step0_loss_is_blind_to_training_options(models, data, tmp_path):
 def test_text_encoder_cache_gives_the_same_curve(models, data, tmp_path):
     """With --cache_text_encoder_outputs the held-out captions come from the cache: the same curve."""
     common = ["--validation_split", "0.34", "--validate_every_n_steps", "2", "--network_train_unet_only"]
-    assert run_script(train, base_args(models, data, tmp_path / "a", *common, "--logging_dir", tmp_path / "la")) == 0
+    assert run_script(train, base_args(models, data, tmp_path / "a", *common, "--logging_dir", tmp_path / "la",
+                                       "--no_cache_text_encoder_outputs")) == 0
     assert run_script(train, base_args(models, data, tmp_path / "b", *common, "--logging_dir", tmp_path / "lb",
                                        "--cache_text_encoder_outputs")) == 0
-    a, b = validation_curve(tmp_path / "la"), validation_curve(tmp_path / "lb")
-    assert sorted(a) == [0, 2, 4] and a == b
+    assert run_script(train, base_args(models, data, tmp_path / "c", *common, "--logging_dir", tmp_path / "lc")) == 0
+    a, b, c = (validation_curve(tmp_path / f"l{x}") for x in "abc")
+    assert sorted(a) == [0, 2, 4] and a == b == c
 
 
 def _config(path: Path, train_dir: Path, validation_dir: Path | None, *, extra: str = "") -> Path:

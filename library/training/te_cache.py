@@ -9,6 +9,10 @@ caption text at every step. ``--cache_text_encoder_outputs_to_disk`` also writes
 ``<image stem>_te_outputs.npz`` beside every image, keyed by a fingerprint of the text encoder (its
 weights plus the states of a probe caption), the clip skip / token-length settings and the caption, so
 files of another model or caption are recomputed instead of used.
+
+Without either option, a run that meets the same conditions reuses outputs automatically: each distinct
+caption is encoded the first time a batch needs it and looked up afterwards (no up-front pass, so start-up
+is unchanged), up to :data:`AUTO_BUDGET_BYTES` of states. ``--no_cache_text_encoder_outputs`` turns it off.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ logger = logging.getLogger(__name__)
 FILE_SUFFIX = "_te_outputs.npz"
 FORMAT_VERSION = 1
 PROBE_CAPTION = "a photo of sdtrain's text-encoder cache probe"
+AUTO_BUDGET_BYTES = 1 << 30  # automatic reuse keeps at most this much (about 4,400 SD1 captions of 77 tokens)
 
 
 def add_te_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``--cache_text_encoder_outputs``, ``..._to_disk`` and ``--text_encoder_batch_size``."""
+    """Register ``--cache_text_encoder_outputs``, ``..._to_disk``, ``--text_encoder_batch_size`` and
+    ``--no_cache_text_encoder_outputs``."""
     g = parser.add_argument_group("text-encoder output cache")
     a = g.add_argument
     a("--cache_text_encoder_outputs", action="store_true",
@@ -41,6 +47,9 @@ def add_te_cache_arguments(parser: argparse.ArgumentParser) -> None:
            "(implies --cache_text_encoder_outputs)")
     a("--text_encoder_batch_size", type=int, default=None,
       help="captions per text-encoder call while caching (default: --train_batch_size)")
+    a("--no_cache_text_encoder_outputs", action="store_true",
+      help="run the text encoder at every step even when it is frozen and the captions are fixed (by default "
+           "each caption's output is then computed once, when first needed, and reused)")
 
 
 def cache_requested(args: argparse.Namespace) -> bool:
@@ -91,12 +100,23 @@ def caption_conflicts(args: argparse.Namespace, group: Any) -> list[str]:
     return found
 
 
+def automatic_reuse(args: argparse.Namespace, group: Any) -> bool:
+    """True when outputs are reused without being asked: neither cache option nor
+    ``--no_cache_text_encoder_outputs`` given, a frozen text encoder and fixed captions."""
+    if cache_requested(args) or getattr(args, "no_cache_text_encoder_outputs", False):
+        return False
+    return text_encoder_training(args) is None and not caption_conflicts(args, group)
+
+
 def check_text_encoder_cache(args: argparse.Namespace, group: Any) -> None:
     """Refuse ``--cache_text_encoder_outputs[_to_disk]`` where it would change training (one UserError)."""
     if getattr(args, "cache_text_encoder_outputs_to_disk", False):
         args.cache_text_encoder_outputs = True
     if not cache_requested(args):
         return
+    if getattr(args, "no_cache_text_encoder_outputs", False):
+        raise UserError("--no_cache_text_encoder_outputs cannot be combined with --cache_text_encoder_outputs"
+                        "[_to_disk]; give one of them")
     problems = []
     why = text_encoder_training(args)
     if why is not None:
@@ -136,11 +156,15 @@ def _cache_file(image_path: str) -> Path:
 class TextEncoderCache:
     """Conditioning per caption text, computed once; :meth:`conditioning` replaces the method's."""
 
-    def __init__(self, method: Any, group: Any, batch_size: int):
-        """Encode through ``method.conditioning`` with the tokenisation settings of ``group``."""
+    def __init__(self, method: Any, group: Any, batch_size: int, budget_bytes: int | None = None):
+        """Encode through ``method.conditioning`` with the tokenisation settings of ``group``. With
+        ``budget_bytes`` (automatic reuse) captions are encoded as batches first need them, without a
+        warning, and kept while the stored states stay within the budget."""
         self.method, self.group, self.batch_size = method, group, max(1, batch_size)
+        self.budget_bytes = budget_bytes
         self.states: dict[str, Any] = {}
         self._late = 0
+        self._stored_bytes = 0
 
     def _token_batch(self, captions: list[str]) -> dict[str, Any]:
         import torch
@@ -176,12 +200,33 @@ class TextEncoderCache:
         import torch
 
         missing = [c for c in dict.fromkeys(batch["captions"]) if c not in self.states]
+        if missing and self.budget_bytes is not None:
+            return self._conditioning_within_budget(batch["captions"], missing, device)
         if missing:  # e.g. images added after start-up; correct, only slower
             if self._late == 0:
                 logger.warning("text-encoder cache: encoding %d caption(s) not seen at start-up", len(missing))
             self._late += len(missing)
             self.encode(missing)
         return torch.stack([self.states[c] for c in batch["captions"]]).to(device)
+
+    def _conditioning_within_budget(self, captions: list[str], missing: list[str], device: Any) -> Any:
+        """Automatic reuse: encode the unseen captions in one call, keep them while the budget allows."""
+        import torch
+
+        with torch.no_grad():
+            hidden = self.method.conditioning(self._token_batch(missing)).detach().cpu()
+        fresh = dict(zip(missing, hidden))
+        for caption, row in fresh.items():
+            size = row.numel() * row.element_size()
+            if self._stored_bytes + size > self.budget_bytes:
+                if self._late == 0:
+                    logger.info("text-encoder outputs: %d caption(s) kept (%.0f MiB); further ones are encoded "
+                                "at every step", len(self.states), self._stored_bytes / 2**20)
+                self._late += 1
+                continue
+            self.states[caption] = row.clone()
+            self._stored_bytes += size
+        return torch.stack([self.states.get(c, fresh.get(c)) for c in captions]).to(device)
 
     # ---- files ------------------------------------------------------------------------------------
 
@@ -278,11 +323,17 @@ def fill_cache(cache: TextEncoderCache, model: Any, *, to_disk: bool, write: boo
 
 def build_text_encoder_cache(args: argparse.Namespace, *, accelerator: Any, model: Any, group: Any, method: Any,
                              keep_text_encoder: bool) -> TextEncoderCache | None:
-    """The run's cache (None without ``--cache_text_encoder_outputs``), filled before the first step.
+    """The run's cache, filled before the first step with ``--cache_text_encoder_outputs``; the empty
+    automatic one (:func:`automatic_reuse`), filled as batches need it; else None.
 
     On disk the main process writes the files first and the others then read them. Afterwards the text
     encoder moves to the CPU unless ``keep_text_encoder`` (sample images need it on the device).
     """
+    if automatic_reuse(args, group) and not _method_trains_text_encoder(method):
+        logger.info("text-encoder outputs are reused per caption (frozen text encoder, fixed captions); "
+                    "--no_cache_text_encoder_outputs turns this off")
+        return TextEncoderCache(method, group, args.text_encoder_batch_size or args.train_batch_size,
+                                budget_bytes=AUTO_BUDGET_BYTES)
     if not cache_requested(args):
         return None
     if _method_trains_text_encoder(method):
