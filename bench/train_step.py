@@ -6,9 +6,12 @@
 Every method trains at batch 1 with AdamW and cached latents: ``lora`` a UNet-only LoRA (dim 4, alpha 1,
 train_network.py), ``db`` DreamBooth (UNet + text encoder, train_db.py), ``ft`` fine-tuning (UNet only,
 fine_tune.py), ``ti`` Textual Inversion (1 vector) and ``xti`` XTI (1 vector per layer). Each (method,
-model) runs in a fresh process that times every optimizer step of our loop; then, in the same process
-and on the same modules, it times the bare floor: the text-encoder forward where the method trains it,
-the UNet forward, MSE, backward, AdamW step and zero_grad on fixed tensors (no floor for xti). It prints
+model) runs in a fresh process that times every optimizer step of our loop and, in the same process and
+on the same modules, the bare floor: the text-encoder forward where the method trains it, the UNet
+forward, MSE, backward, AdamW step and zero_grad on fixed tensors (no floor for xti). For ``lora`` and
+``ti`` one floor step runs right after each of ours, so that both see the same machine (a shared 2-core
+machine drifts by 10 % within minutes); ``ft`` and ``db`` run the floor after training, once our
+optimizer's moments are freed (two sets of full-model moments would not fit beside each other). It prints
 both, their ratio (target: at most 1.05) and the process's peak RSS; for ``ft`` and ``db`` also the
 theoretical fp32 AdamW floor (frozen weights + 4 x trained weights: weights, gradients, two moments).
 ``lora`` and ``ft`` keep the text encoder frozen with fixed captions, so their steps reuse its outputs (the
@@ -88,27 +91,38 @@ def train_argv(method: str, model: Path, data: Path, out: Path, resolution: int,
             "--use_object_template"]
 
 
-def measure_ours(method: str, argv: list[str]) -> tuple[list[float], object]:
-    """Run the method's main() in-process; return per-step seconds and the trainer."""
+INTERLEAVED = ("lora", "ti")  # small trained sets: a floor step runs after each of our steps (same conditions)
+
+
+def measure_ours(method: str, argv: list[str], resolution: int) -> tuple[list[float], list[float], object]:
+    """Run the method's main() in-process; return our per-step seconds, the interleaved floor's (methods in
+    INTERLEAVED: one bare step right after each of ours, so both see the same machine) and the trainer."""
     import importlib
 
     from library.training import trainer as trainer_module
     from library.training import tracking
 
     script = importlib.import_module(SCRIPTS[method])
-    stamps: list[float] = []
-    captured = {}
+    ours: list[float] = []
+    floor: list[float] = []
+    captured: dict = {}
     original_step = tracking.Tracker.step
     original_init = trainer_module.Trainer.__init__
 
     def timed_step(self, *a, **k):
-        stamps.append(time.perf_counter())
-        return original_step(self, *a, **k)
+        ours.append(time.perf_counter() - captured["started"])
+        result = original_step(self, *a, **k)
+        if method in INTERLEAVED:
+            if "bare" not in captured:
+                captured["bare"] = BareStep(method, captured["trainer"], resolution)
+            floor.append(captured["bare"].run())
+        captured["started"] = time.perf_counter()
+        return result
 
     def keep(self, *a, **k):
         original_init(self, *a, **k)
         captured["trainer"] = self
-        stamps.append(time.perf_counter())
+        captured["started"] = time.perf_counter()
 
     tracking.Tracker.step = timed_step
     trainer_module.Trainer.__init__ = keep
@@ -117,38 +131,49 @@ def measure_ours(method: str, argv: list[str]) -> tuple[list[float], object]:
     finally:
         tracking.Tracker.step = original_step
         trainer_module.Trainer.__init__ = original_init
-    return [b - a for a, b in zip(stamps[1:], stamps[2:])], captured["trainer"]
+    return ours[1:], floor[1:], captured["trainer"]  # the first step includes the loop's start
+
+
+class BareStep:
+    """The floor: text-encoder forward where it trains, UNet forward + MSE + backward + AdamW, nothing else
+    (``clip``: plus ``clip_grad_norm_``), on fixed tensors and the trainer's own modules."""
+
+    def __init__(self, method: str, trainer, resolution: int, clip: float = 0.0):
+        import torch
+
+        self.unet, self.te = trainer.model.unet, trainer.model.text_encoder
+        self.params, self.clip = trainer.params, clip
+        self.opt = torch.optim.AdamW(self.params, lr=1e-6)
+        g = torch.Generator().manual_seed(0)
+        side = resolution // 8
+        self.latents = torch.randn(1, 4, side, side, generator=g)
+        self.noise = torch.randn(1, 4, side, side, generator=g)
+        self.fixed_cond = torch.randn(1, 77, self.unet.config.cross_attention_dim, generator=g)
+        self.ids = torch.randint(0, 49407, (1, 77), generator=g)
+        self.te_trains = any(p.requires_grad for p in self.te.parameters())
+        self.t = torch.tensor([500])
+
+    def run(self) -> float:
+        """One floor step; its seconds."""
+        import torch
+
+        start = time.perf_counter()
+        cond = self.te(self.ids)[0] if self.te_trains else self.fixed_cond
+        pred = self.unet(self.latents, self.t, cond).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), self.noise)
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
 
 
 def measure_bare(method: str, trainer, steps: int, resolution: int, clip: float = 0.0) -> list[float]:
-    """The floor: text-encoder forward where it trains, UNet forward + MSE + backward + AdamW, nothing else
-    (``clip``: plus ``clip_grad_norm_``)."""
-    import torch
-
-    unet, te = trainer.model.unet, trainer.model.text_encoder
-    params = trainer.params
-    opt = torch.optim.AdamW(params, lr=1e-6)
-    g = torch.Generator().manual_seed(0)
-    side = resolution // 8
-    latents = torch.randn(1, 4, side, side, generator=g)
-    noise = torch.randn(1, 4, side, side, generator=g)
-    fixed_cond = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
-    ids = torch.randint(0, 49407, (1, 77), generator=g)
-    te_trains = any(p.requires_grad for p in te.parameters())
-    t = torch.tensor([500])
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        cond = te(ids)[0] if te_trains else fixed_cond
-        pred = unet(latents, t, cond).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    del opt
+    """``steps`` floor steps in a row (:class:`BareStep`)."""
+    bare = BareStep(method, trainer, resolution, clip)
+    times = [bare.run() for _ in range(steps)]
+    del bare
     return times
 
 
@@ -184,9 +209,9 @@ def bench_one(method: str, preset: str, steps: int, resolution: int, cache: Path
         data = make_images(tmp_path / "data", resolution)
         argv = train_argv(method, model_file(preset, cache), data, tmp_path / "out", resolution, steps + 2)
         launch = launch_to_first_step(argv) if method == "lora" else None
-        ours, trainer = measure_ours(method, argv)
-        rss = peak_rss_gib()  # before the floor's own optimizer adds its moments
-        ours = ours[2:]  # the first steps warm up allocators and caches
+        ours, interleaved, trainer = measure_ours(method, argv, resolution)
+        rss = peak_rss_gib()  # before a sequential floor's own optimizer adds its moments
+        ours, interleaved = ours[1:], interleaved[1:]  # the first steps warm up allocators and caches
         total, trained = theoretical_bytes(trainer)
         # Free our optimizer's moments and gradients before the floor builds its own: for a whole-model run
         # both sets together (2 x 2 x 3.7 GB at full size) would crowd a 24 GB machine and slow the floor.
@@ -194,7 +219,9 @@ def bench_one(method: str, preset: str, steps: int, resolution: int, cache: Path
         trainer.optimizer.zero_grad(set_to_none=True)
         gc.collect()
         bare = clipped = None
-        if method != "xti":
+        if interleaved:
+            bare = interleaved
+        elif method != "xti":
             bare = measure_bare(method, trainer, len(ours) + 1, resolution)[1:]
             clip = trainer.step_settings.max_grad_norm
             if clip and trained > 2**28:  # clipping costs a pass over the gradients: worth showing for big models
@@ -204,7 +231,8 @@ def bench_one(method: str, preset: str, steps: int, resolution: int, cache: Path
     print(f"  our step : {o:.4f} s (median of {len(ours)})")
     if bare:
         b = statistics.median(bare)
-        print(f"  bare step: {b:.4f} s (TE fwd if trained + UNet fwd + bwd + AdamW)")
+        how = "interleaved with ours" if interleaved else "after ours"
+        print(f"  bare step: {b:.4f} s (TE fwd if trained + UNet fwd + bwd + AdamW; median of {len(bare)}, {how})")
         print(f"  ratio    : {o / b:.3f} (target <= 1.05)")
     if clipped:
         c = statistics.median(clipped)
