@@ -111,6 +111,8 @@ def test_lora_report_against_hand_computed_numbers(setup, tmp_path, no_weights, 
     assert ds["mean_batch_size"] == pytest.approx(20 / 11)
     assert len(ds["warnings"]) == 1 and "192x64" in ds["warnings"][0] and "batch 1" in ds["warnings"][0]
     assert "WARNING: bucket 192x64 has 1 sample(s)" in text
+    assert report["text_encoder_outputs"] == "encoded at every step"  # the LoRA trains text-encoder modules
+    assert "text-encoder outputs: encoded at every step" in text
 
     reg = report["regularization"][0]
     assert (reg["train_images"], reg["train_samples"], reg["reg_found"], reg["reg_used"]) == (4, 10, 4, 4)
@@ -361,3 +363,13 @@ def test_step_saves_retention_and_resume(setup, tmp_path):
     assert report["outputs"]["deleted_existing"] == ["lora-step00000004.safetensors"]
     assert report["outputs"]["samples"]["points"] == ["epoch 2"]
     assert any("lora-step00000004.safetensors exists and would be deleted" in w for w in report["warnings"])
+
+
+def test_text_encoder_outputs_mode(setup, tmp_path, no_weights):
+    """The report says how the steps get their text conditioning (automatic reuse, cache, or every step)."""
+    unet_only = [*lora_args(setup, tmp_path / "out"), "--network_train_unet_only"]
+    assert dry(train_network, unet_only, tmp_path)["text_encoder_outputs"].startswith("reused per caption")
+    cached = dry(train_network, [*unet_only, "--cache_text_encoder_outputs"], tmp_path)
+    assert cached["text_encoder_outputs"] == "cached before training, in memory"
+    assert dry(train_network, [*unet_only, "--shuffle_caption"], tmp_path)["text_encoder_outputs"] == \
+        "encoded at every step"

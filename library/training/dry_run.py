@@ -214,6 +214,19 @@ def memory_section(estimate: Any) -> dict:
 
 # ---- the run -----------------------------------------------------------------------------------------------
 
+def text_encoder_outputs_mode(args: argparse.Namespace, group: Any) -> str:
+    """How the steps get their text conditioning (docs/te_cache.md), in words."""
+    from library.training.te_cache import automatic_reuse, cache_requested
+
+    if getattr(args, "cache_text_encoder_outputs_to_disk", False):
+        return "cached before training, in memory and in <image>_te_outputs.npz files"
+    if cache_requested(args):
+        return "cached before training, in memory"
+    if automatic_reuse(args, group):
+        return "reused per caption after its first encoding (automatic; --no_cache_text_encoder_outputs turns it off)"
+    return "encoded at every step"
+
+
 def build_report(args: argparse.Namespace, method: str, *, support_dreambooth: bool, support_finetuning: bool,
                  configure_group: Any = None) -> dict:
     """Everything the dry run reports, as JSON-ready data. Reads image headers, the dataset config and
@@ -261,6 +274,7 @@ def build_report(args: argparse.Namespace, method: str, *, support_dreambooth: b
         "learning_rate": lr_section(args, plan, trainable.groups),
         "trainable": {"parameters": trainable.count, "parts": trainable.parts},
         "captions": caption_section(group, plan, tokenizer, args.max_token_length),
+        "text_encoder_outputs": text_encoder_outputs_mode(args, group),
         "outputs": outputs.to_json(),
     }
     estimate = estimate_mod.estimate_memory(args, method, meta, trainable, activation_buckets(group),

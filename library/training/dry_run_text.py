@@ -175,7 +175,8 @@ def render_report(report: dict) -> str:
     model = report["model"]
     head = [f"=== dry run: {report['method_name']} — nothing is loaded or trained ===",
             f"model: {model['path']} (SD{'2' if model['v2'] else '1'}.x)",
-            f"seed: {report['seed']}" + ("" if report["seed_given"] else " (random; pass --seed to fix it)")]
+            f"seed: {report['seed']}" + ("" if report["seed_given"] else " (random; pass --seed to fix it)"),
+            f"text-encoder outputs: {report['text_encoder_outputs']}"]
     sections = [head, _datasets(report), _regularization(report), _steps(report), _learning_rate(report),
                 _captions(report), _outputs(report), _memory(report)]
     if report["warnings"]:
