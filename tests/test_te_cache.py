@@ -97,6 +97,22 @@ def test_automatic_reuse_is_the_default_and_trains_the_same_weights(models, data
     assert same_files(tmp_path / "auto" / "last.safetensors", tmp_path / "plain" / "last.safetensors")
 
 
+def test_dreambooth_reuses_outputs_once_the_text_encoder_stops(models, data, tmp_path, caplog):
+    """--stop_text_encoder_training 2 of 4 steps: reuse starts at step 2; same weights as encoding every step."""
+    from train_db import main as train_db
+
+    common = ["--pretrained_model_name_or_path", models["sd1"]["safetensors"], "--train_data_dir", data,
+              "--resolution", "64", "--max_train_steps", "4", "--learning_rate", "1e-4", "--seed", "1",
+              "--train_batch_size", "2", "--max_data_loader_n_workers", "0", "--save_model_as", "safetensors",
+              "--stop_text_encoder_training", "2"]
+    with caplog.at_level("INFO"):
+        assert run_script(train_db, [*common, "--output_dir", tmp_path / "auto"]) == 0
+    assert any(REUSE_LINE + " once the text encoder stops training (step 2)" in r.message for r in caplog.records)
+    assert run_script(train_db, [*common, UNCACHED, "--output_dir", tmp_path / "plain"]) == 0
+    (unet_a, te_a), (unet_b, te_b) = (ldm_parts(tmp_path / x / "last.safetensors") for x in ("auto", "plain"))
+    assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a) and all(torch.equal(te_a[k], te_b[k]) for k in te_a)
+
+
 def test_automatic_reuse_stays_within_its_budget(models, tmp_path):
     """Captions past the budget are encoded at every step and not kept; the states are those of a direct
     encoding either way."""
@@ -106,7 +122,9 @@ def test_automatic_reuse_stays_within_its_budget(models, tmp_path):
 
     model = load_model(models["sd1"]["safetensors"])
 
-    class Encoder:  # the method's conditioning: the text encoder's last hidden states
+    class Encoder:  # the method's conditioning: the text encoder's last hidden states (a frozen one)
+        train_text_encoder = False
+
         def conditioning(self, batch):
             return encode_tokens(model.text_encoder, batch["input_ids"], None, None)
 

@@ -216,14 +216,17 @@ def memory_section(estimate: Any) -> dict:
 
 def text_encoder_outputs_mode(args: argparse.Namespace, group: Any) -> str:
     """How the steps get their text conditioning (docs/te_cache.md), in words."""
-    from library.training.te_cache import automatic_reuse, cache_requested
+    from library.training.te_cache import automatic_reuse, cache_requested, text_encoder_stops_later
 
     if getattr(args, "cache_text_encoder_outputs_to_disk", False):
         return "cached before training, in memory and in <image>_te_outputs.npz files"
     if cache_requested(args):
         return "cached before training, in memory"
     if automatic_reuse(args, group):
-        return "reused per caption after its first encoding (automatic; --no_cache_text_encoder_outputs turns it off)"
+        when = (f" once the text encoder stops training at step {args.stop_text_encoder_training}"
+                if text_encoder_stops_later(args) else "")
+        return (f"reused per caption after its first encoding{when} (automatic; --no_cache_text_encoder_outputs "
+                "turns it off)")
     return "encoded at every step"
 
 

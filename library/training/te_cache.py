@@ -100,12 +100,20 @@ def caption_conflicts(args: argparse.Namespace, group: Any) -> list[str]:
     return found
 
 
+def text_encoder_stops_later(args: argparse.Namespace) -> bool:
+    """True for DreamBooth with ``--stop_text_encoder_training N`` (N > 0): frozen from step N on."""
+    stop = getattr(args, "stop_text_encoder_training", None)
+    return stop is not None and stop > 0
+
+
 def automatic_reuse(args: argparse.Namespace, group: Any) -> bool:
     """True when outputs are reused without being asked: neither cache option nor
-    ``--no_cache_text_encoder_outputs`` given, a frozen text encoder and fixed captions."""
+    ``--no_cache_text_encoder_outputs`` given, fixed captions, and a text encoder that is frozen (or, with
+    :func:`text_encoder_stops_later`, frozen once it stops: reuse starts then)."""
     if cache_requested(args) or getattr(args, "no_cache_text_encoder_outputs", False):
         return False
-    return text_encoder_training(args) is None and not caption_conflicts(args, group)
+    frozen = text_encoder_training(args) is None or text_encoder_stops_later(args)
+    return frozen and not caption_conflicts(args, group)
 
 
 def check_text_encoder_cache(args: argparse.Namespace, group: Any) -> None:
@@ -137,6 +145,14 @@ def _method_trains_text_encoder(method: Any) -> bool:
         if hasattr(method, name):
             return bool(getattr(method, name))
     return True  # Textual Inversion, XTI and unknown methods
+
+
+def _text_encoder_trains_now(method: Any) -> bool:
+    """Whether the text encoder trains at this step (DreamBooth's stops at ``--stop_text_encoder_training``)."""
+    for name in ("text_encoder_training", "train_text_encoder"):
+        if hasattr(method, name):
+            return bool(getattr(method, name))
+    return True
 
 
 def _fixed_caption(entry: Any, subset: Any, group: Any) -> str:
@@ -199,6 +215,8 @@ class TextEncoderCache:
         """The cached states of the batch's captions, stacked, on ``device`` (encodes unseen captions)."""
         import torch
 
+        if self.budget_bytes is not None and _text_encoder_trains_now(self.method):
+            return self.method.conditioning(batch)  # automatic reuse waits until the text encoder stops
         missing = [c for c in dict.fromkeys(batch["captions"]) if c not in self.states]
         if missing and self.budget_bytes is not None:
             return self._conditioning_within_budget(batch["captions"], missing, device)
@@ -329,9 +347,11 @@ def build_text_encoder_cache(args: argparse.Namespace, *, accelerator: Any, mode
     On disk the main process writes the files first and the others then read them. Afterwards the text
     encoder moves to the CPU unless ``keep_text_encoder`` (sample images need it on the device).
     """
-    if automatic_reuse(args, group) and not _method_trains_text_encoder(method):
-        logger.info("text-encoder outputs are reused per caption (frozen text encoder, fixed captions); "
-                    "--no_cache_text_encoder_outputs turns this off")
+    if automatic_reuse(args, group) and (text_encoder_stops_later(args) or not _method_trains_text_encoder(method)):
+        when = (f" once the text encoder stops training (step {args.stop_text_encoder_training})"
+                if text_encoder_stops_later(args) else "")
+        logger.info("text-encoder outputs are reused per caption%s (frozen text encoder, fixed captions); "
+                    "--no_cache_text_encoder_outputs turns this off", when)
         return TextEncoderCache(method, group, args.text_encoder_batch_size or args.train_batch_size,
                                 budget_bytes=AUTO_BUDGET_BYTES)
     if not cache_requested(args):
