@@ -14,7 +14,8 @@ different training options. It runs under ``torch.no_grad`` with the trained mod
 never draws from the training generator or a global RNG: a run with validation trains bit-identical
 weights to the same run without it. Each image goes through the model on its own (one image per forward
 pass), so the value does not depend on the training batch size. With several processes each computes
-every ``world``-th image and the sums are all-reduced, so it does not depend on the process count either. See docs/validation.md.
+every ``world``-th image and the sums are all-reduced, so it does not depend on the process count either.
+See docs/validation.md.
 """
 
 from __future__ import annotations
