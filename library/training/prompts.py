@@ -62,24 +62,25 @@ class SamplePrompt:
     steps: int = DEFAULT_STEPS
 
 
-def _where(source: str, line_index: int) -> str:
-    return f"{source} line {line_index + 1}"
+def _where(source: str | None, line_index: int, option: str) -> str:
+    """``<option> <source> line <n>`` for messages (just ``<option>`` for a prompt that is not from a file)."""
+    return option if source is None else f"{option} {source} line {line_index + 1}"
 
 
 def _int_value(value: str, option: str, where: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise UserError(f"--sample_prompts {where}: --{option} {value!r} is not a whole number") from None
+        raise UserError(f"{where}: --{option} {value!r} is not a whole number") from None
 
 
 def _size(value: str, option: str, where: str) -> int:
     size = _int_value(value, option, where)
     if size < 1:
-        raise UserError(f"--sample_prompts {where}: --{option} {size} must be a positive number of pixels")
+        raise UserError(f"{where}: --{option} {size} must be a positive number of pixels")
     rounded = max(MIN_SIZE, size // SIZE_MULTIPLE * SIZE_MULTIPLE)
     if rounded != size:
-        logger.warning("--sample_prompts %s: --%s %d is not a multiple of 8 of at least 64; using %d",
+        logger.warning("%s: --%s %d is not a multiple of 8 of at least 64; using %d",
                        where, option, size, rounded)
     return rounded
 
@@ -88,14 +89,14 @@ def _steps(value: str, where: str) -> int:
     steps = _int_value(value, "s", where)
     clamped = min(MAX_STEPS, max(1, steps))
     if clamped != steps:
-        logger.warning("--sample_prompts %s: --s %d is outside 1..%d; using %d", where, steps, MAX_STEPS, clamped)
+        logger.warning("%s: --s %d is outside 1..%d; using %d", where, steps, MAX_STEPS, clamped)
     return clamped
 
 
 def _seed(value: str, where: str) -> int:
     seed = _int_value(value, "d", where)
     if not 0 <= seed <= MAX_SEED:
-        raise UserError(f"--sample_prompts {where}: --d {seed} must be a seed between 0 and 2**64-1")
+        raise UserError(f"{where}: --d {seed} must be a seed between 0 and 2**64-1")
     return seed
 
 
@@ -105,63 +106,71 @@ def _scale(value: str, where: str) -> float:
     except ValueError:
         scale = math.nan
     if not math.isfinite(scale):
-        raise UserError(f"--sample_prompts {where}: --l {value!r} is not a number (the guidance scale, e.g. 7.5)")
+        raise UserError(f"{where}: --l {value!r} is not a number (the guidance scale, e.g. 7.5)")
     return scale
 
 
-def parse_prompt_line(line: str, line_index: int, source: str = "<prompts>") -> SamplePrompt | None:
+def parse_prompt_line(line: str, line_index: int, source: str | None = "<prompts>", *,
+                      option: str = "--sample_prompts", defaults: dict | None = None) -> SamplePrompt | None:
     """Parse one line of a prompt file; None for a blank or comment line.
 
     ``line_index`` is the 0-based line number (used in file names and, plus one, in error messages);
-    ``source`` names the file in errors. Raises UserError for an unknown option or a bad value.
+    ``option`` and ``source`` name the option and file in errors (``source`` None: a prompt given on the
+    command line). ``defaults`` replace the built-in defaults of the :class:`SamplePrompt` fields that
+    the line does not set (gen_img_diffusers.py's ``--W``, ``--steps``, ...). Raises UserError for an
+    unknown option or a bad value.
     """
     text = line.strip()
     if not text or text.startswith("#"):
         return None
-    where = _where(source, line_index)
+    where = _where(source, line_index, option)
     pieces = text.split(OPTION_SEPARATOR)
-    values: dict[str, object] = {"prompt": pieces[0].strip()}
+    values: dict[str, object] = {**(defaults or {}), "prompt": pieces[0].strip()}
     for piece in pieces[1:]:
         name, _, value = piece.strip().partition(" ")
-        option, value = name.lower(), value.strip()
-        if option not in KNOWN_OPTIONS:
+        key, value = name.lower(), value.strip()
+        if key not in KNOWN_OPTIONS:
             known = " ".join(f"--{o}" for o in KNOWN_OPTIONS)
-            raise UserError(f"--sample_prompts {where}: unknown option --{name} (known: {known})")
-        if option != "n" and not value:
-            raise UserError(f"--sample_prompts {where}: --{option} needs a value")
-        if option == "n":
+            raise UserError(f"{where}: unknown option --{name} (known: {known})")
+        if key != "n" and not value:
+            raise UserError(f"{where}: --{key} needs a value")
+        if key == "n":
             values["negative_prompt"] = value
-        elif option in ("w", "h"):
-            values["width" if option == "w" else "height"] = _size(value, option, where)
-        elif option == "d":
+        elif key in ("w", "h"):
+            values["width" if key == "w" else "height"] = _size(value, key, where)
+        elif key == "d":
             values["seed"] = _seed(value, where)
-        elif option == "l":
+        elif key == "l":
             values["scale"] = _scale(value, where)
         else:
             values["steps"] = _steps(value, where)
     return SamplePrompt(line_index=line_index, **values)  # type: ignore[arg-type]
 
 
-def parse_prompts(text: str, source: str = "<prompts>") -> list[SamplePrompt]:
-    """Every prompt of a prompt file's text, in file order (see the module docstring for the syntax)."""
+def parse_prompts(text: str, source: str = "<prompts>", *, option: str = "--sample_prompts",
+                  defaults: dict | None = None) -> list[SamplePrompt]:
+    """Every prompt of a prompt file's text, in file order (see the module docstring for the syntax;
+    ``option`` and ``defaults`` as in :func:`parse_prompt_line`)."""
     prompts = []
     for index, line in enumerate(text.split("\n")):  # universal newlines already applied
-        prompt = parse_prompt_line(line, index, source)
+        prompt = parse_prompt_line(line, index, source, option=option, defaults=defaults)
         if prompt is not None:
             prompts.append(prompt)
     return prompts
 
 
-def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
-    """Read and parse ``--sample_prompts``; a missing, unreadable or TOML/JSON file raises UserError."""
+def read_prompt_file(path: str | Path, *, option: str = "--sample_prompts",
+                     defaults: dict | None = None) -> list[SamplePrompt]:
+    """Read and parse ``--sample_prompts`` (or the file of ``option``, with ``defaults`` as in
+    :func:`parse_prompt_line`); a missing, unreadable or TOML/JSON file raises UserError."""
     path = Path(path)
     if path.suffix.lower() in (".toml", ".json"):
-        raise UserError(f"--sample_prompts {path}: TOML/JSON prompt files are not supported; use a text file "
+        raise UserError(f"{option} {path}: TOML/JSON prompt files are not supported; use a text file "
                         "with one prompt per line (see docs/sampling.md)")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise UserError(f"--sample_prompts {path}: the file does not exist") from None
+        raise UserError(f"{option} {path}: the file does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--sample_prompts {path}: cannot read it as UTF-8 text ({exc})") from None
-    return parse_prompts(text, str(path))
+        raise UserError(f"{option} {path}: cannot read it as UTF-8 text ({exc})") from None
+    return parse_prompts(text, str(path), option=option, defaults=defaults)

@@ -162,6 +162,8 @@ class SampleComponents:
     tokenizer: Any
     v_parameterization: bool = False
     clip_skip: int | None = None
+    # longest prompt in tokens: 75, 150 or 225 (gen_img_diffusers.py's --max_embeddings_multiples × 75)
+    max_token_length: int = SAMPLE_MAX_TOKEN_LENGTH
     # XTI: [prompt, negative] -> per-layer states (layers, 2, L, D), routed by ``cross_attention_kwargs``
     layer_encoder: Callable[[list[str]], torch.Tensor] | None = None
 
@@ -169,13 +171,14 @@ class SampleComponents:
 def encode_prompt_pair(components: SampleComponents, prompt: str,
                        negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditioning for a prompt and its negative: the weighted long-prompt path of §8, encoded as one
-    batch so both get the same number of 77-token chunks (up to three: 225 tokens). fp32, (1, 77·m, D).
+    batch so both get the same number of 77-token chunks (up to ``components.max_token_length``, by
+    default three: 225 tokens). fp32, (1, 77·m, D).
 
     ``--clip_skip`` is applied (the reference ignores it here, a BUG fixed upstream): samples are
     conditioned the same way as training.
     """
     states = encode_weighted_captions(components.tokenizer, components.text_encoder, [prompt, negative_prompt],
-                                      SAMPLE_MAX_TOKEN_LENGTH, clip_skip=components.clip_skip)
+                                      components.max_token_length, clip_skip=components.clip_skip)
     states = states.float()
     return states[:1], states[1:]
 
@@ -193,31 +196,64 @@ def _pipeline(components: SampleComponents, scheduler: Any) -> Any:
 
 
 @torch.no_grad()
-def generate_image(components: SampleComponents, prompt: SamplePrompt, *, sampler: str = DEFAULT_SAMPLER,
-                   generator: torch.Generator, output_type: str = "np") -> np.ndarray:
-    """One image for ``prompt`` as float32 HWC in [0, 1] (``output_type="latent"``: the final latents, CHW,
-    before decoding). The initial latent and any sampler noise come from ``generator`` (a CPU generator
-    gives the same image on any device)."""
+def generate_images(components: SampleComponents, prompt: SamplePrompt, *, sampler: str = DEFAULT_SAMPLER,
+                    generators: Sequence[torch.Generator], output_type: str = "np") -> list[np.ndarray]:
+    """``len(generators)`` images of ``prompt``, denoised as one batch, as float32 HWC in [0, 1]
+    (``output_type="latent"``: the final latents, CHW, before decoding). Image i's initial latent and
+    sampler noise come from ``generators[i]`` alone (a CPU generator gives the same image on any device)."""
     steps = prompt.steps
     if SAMPLER_TABLE.get(sampler, ("",))[0] == "PNDMScheduler" and steps < PNDM_MIN_STEPS:
         logger.warning("sample %d: pndm needs at least %d steps; using %d", prompt.line_index, PNDM_MIN_STEPS,
                        PNDM_MIN_STEPS)
         steps = PNDM_MIN_STEPS
+    count = len(generators)
     extra = {}
     if components.layer_encoder is not None:
         layers = components.layer_encoder([prompt.prompt, prompt.negative_prompt]).float()
         positive, negative = layers[0, :1], layers[0, 1:]
         routed = torch.cat([layers[:, 1:], layers[:, :1]], dim=1) if prompt.scale > 1 else layers[:, :1]
+        routed = routed.repeat_interleave(count, dim=1)
         extra["cross_attention_kwargs"] = {"xti_states": routed.to(components.unet.dtype)}
     else:
         positive, negative = encode_prompt_pair(components, prompt.prompt, prompt.negative_prompt)
     pipe = _pipeline(components, build_sample_scheduler(sampler, components.v_parameterization))
     device = next(components.unet.parameters()).device
     result = pipe(prompt_embeds=positive.to(device), negative_prompt_embeds=negative.to(device),
-                  height=prompt.height, width=prompt.width, num_inference_steps=steps,
-                  guidance_scale=prompt.scale, generator=generator, output_type=output_type, **extra)
-    image = result.images[0]
-    return (image.float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)).astype(np.float32)
+                  height=prompt.height, width=prompt.width, num_inference_steps=steps, num_images_per_prompt=count,
+                  guidance_scale=prompt.scale, generator=generators[0] if count == 1 else list(generators),
+                  output_type=output_type, **extra)
+    return [(image.float().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)).astype(np.float32)
+            for image in result.images]
+
+
+def generate_image(components: SampleComponents, prompt: SamplePrompt, *, sampler: str = DEFAULT_SAMPLER,
+                   generator: torch.Generator, output_type: str = "np") -> np.ndarray:
+    """One image for ``prompt`` (see :func:`generate_images`)."""
+    return generate_images(components, prompt, sampler=sampler, generators=[generator], output_type=output_type)[0]
+
+
+def with_prompt_transform(prompt: SamplePrompt, transform: Callable[[str], str] | None) -> SamplePrompt:
+    """``prompt`` with ``transform`` applied to its prompt and negative prompt (Textual Inversion's token
+    expansion); unchanged when ``transform`` is None."""
+    if transform is None:
+        return prompt
+    return dataclasses.replace(prompt, prompt=transform(prompt.prompt),
+                               negative_prompt=transform(prompt.negative_prompt))
+
+
+def write_png(path: Path, image: np.ndarray, text: dict[str, str] | None = None) -> Path:
+    """Write a uint8 HWC image as PNG atomically, with ``text`` as PNG text chunks; returns ``path``."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+    return path
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -352,19 +388,13 @@ class Sampler:
         return paths
 
     def _one(self, accelerator: Any, prompt: SamplePrompt, *, step: int, epoch: int | None) -> Path:
-        if self.prompt_transform is not None:
-            prompt = dataclasses.replace(prompt, prompt=self.prompt_transform(prompt.prompt),
-                                         negative_prompt=self.prompt_transform(prompt.negative_prompt))
+        prompt = with_prompt_transform(prompt, self.prompt_transform)
         seed = prompt.seed if prompt.seed is not None else derived_seed(self.run_seed, step, prompt.line_index)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         image = to_uint8(generate_image(self.components, prompt, sampler=self.settings.sampler, generator=generator))
         name = sample_file_name(self.output_name, step=step, epoch=epoch, line_index=prompt.line_index,
                                 seed=prompt.seed, timestamp=time.strftime("%Y%m%d%H%M%S"))
-        path = self.sample_dir / name
-        from PIL import Image
-
-        with atomic_path(path) as tmp:
-            Image.fromarray(image).save(tmp, format="PNG")
+        path = write_png(self.sample_dir / name, image)
         log_sample_image(accelerator, image, tag=f"sample_{prompt.line_index:02d}", step=step, caption=prompt.prompt)
         return path
 
