@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -260,3 +261,56 @@ def timed_batches(batches: Iterator[ImageBatch], stats: RunStats) -> Iterator[Im
         stats.wait_seconds += time.perf_counter() - start
         stats.failed.extend(batch.failures)
         yield batch
+
+
+def caption_with(captioner: Any, paths: list[Path], extension: str, *, batch_size: int, workers: int,
+                 debug: bool) -> RunStats:
+    """Caption ``paths`` batch by batch and write one text file per image.
+
+    ``captioner`` gives ``preprocess()`` (the per-image function for :func:`iter_image_batches`) and
+    ``caption(pixels)`` (one text per image of the batch); BLIP and GIT share this loop.
+    """
+    from tqdm import tqdm
+
+    stats = RunStats()
+    start = time.perf_counter()
+    batches = iter_image_batches(paths, captioner.preprocess(), batch_size, workers)
+    with tqdm(total=len(paths), desc="captions", unit="img", smoothing=0.0) as progress:
+        for batch in timed_batches(batches, stats):
+            progress.update(len(batch.paths) + len(batch.failures))
+            if batch.pixels is None:
+                continue
+            model_start = time.perf_counter()
+            captions = captioner.caption(batch.pixels)
+            stats.model_seconds += time.perf_counter() - model_start
+            for path, caption in zip(batch.paths, captions, strict=True):
+                write_text_file(path, extension, caption)
+                stats.written += 1
+                if debug:
+                    tqdm.write(f"{path} {caption}")
+    stats.total_seconds = time.perf_counter() - start
+    return stats
+
+
+def caption_folder(args: argparse.Namespace, extension: str,
+                   caption_images: Callable[[argparse.Namespace, list[Path], str], RunStats]) -> int:
+    """The captioning scripts' run: find the images of ``args.train_data_dir``, keep existing caption
+    files unless ``--overwrite``, caption the rest with ``caption_images``, report. Returns the exit code."""
+    paths = images_to_write(args, extension)
+    if not paths:
+        return 0
+    stats = caption_images(args, paths, extension)
+    logger.info(stats.summary("captions"))
+    report_failures(stats, "caption")
+    return 0
+
+
+def images_to_write(args: argparse.Namespace, extension: str) -> list[Path]:
+    """The images of ``args.train_data_dir`` (``--recursive``) whose text file is to be written: all with
+    ``--overwrite``, else those without one (warning when two images share one text file)."""
+    paths = find_images(args.train_data_dir, args.recursive)
+    if not paths:
+        logger.warning("no images found in %s; nothing to do", args.train_data_dir)
+        return []
+    warn_shared_outputs(paths, extension)
+    return keep_existing_outputs(paths, extension, args.overwrite)

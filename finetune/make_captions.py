@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -24,21 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from finetune.image_batches import (  # noqa: E402
     RunStats,
+    add_overwrite_argument,
+    caption_folder,
+    caption_with,
     check_positive,
     check_workers,
-    find_images,
-    add_overwrite_argument,
-    iter_image_batches,
-    keep_existing_outputs,
     output_extension,
-    report_failures,
-    timed_batches,
-    warn_shared_outputs,
-    write_text_file,
 )
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
@@ -196,25 +189,8 @@ def caption_images(args: argparse.Namespace, paths: list[Path], extension: str) 
     """Load the model, caption ``paths`` batch by batch and write the caption files."""
     captioner = Captioner(args)
     workers = check_workers(args.max_data_loader_n_workers)
-    stats = RunStats()
     seed_everything(args.seed)  # after loading, so nothing the loading draws can shift the captions
-    start = time.perf_counter()
-    batches = iter_image_batches(paths, captioner.preprocess(), args.batch_size, workers)
-    with tqdm(total=len(paths), desc="captions", unit="img", smoothing=0.0) as progress:
-        for batch in timed_batches(batches, stats):
-            progress.update(len(batch.paths) + len(batch.failures))
-            if batch.pixels is None:
-                continue
-            model_start = time.perf_counter()
-            captions = captioner.caption(batch.pixels)
-            stats.model_seconds += time.perf_counter() - model_start
-            for path, caption in zip(batch.paths, captions, strict=True):
-                write_text_file(path, extension, caption)
-                stats.written += 1
-                if args.debug:
-                    tqdm.write(f"{path} {caption}")
-    stats.total_seconds = time.perf_counter() - start
-    return stats
+    return caption_with(captioner, paths, extension, batch_size=args.batch_size, workers=workers, debug=args.debug)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,18 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_options(args)
     extension = output_extension(args.caption_extension, args.caption_extention)
-    paths = find_images(args.train_data_dir, args.recursive)
-    if not paths:
-        logger.warning("no images found in %s; nothing to do", args.train_data_dir)
-        return 0
-    warn_shared_outputs(paths, extension)
-    paths = keep_existing_outputs(paths, extension, args.overwrite)
-    if not paths:
-        return 0
-    stats = caption_images(args, paths, extension)
-    logger.info(stats.summary("captions"))
-    report_failures(stats, "caption")
-    return 0
+    return caption_folder(args, extension, caption_images)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,12 @@ from finetune.image_batches import (  # noqa: E402
     RunStats,
     check_positive,
     check_workers,
-    find_images,
+    images_to_write,
     add_overwrite_argument,
     iter_image_batches,
-    keep_existing_outputs,
     output_extension,
     report_failures,
     timed_batches,
-    warn_shared_outputs,
     write_text_file,
 )
 from library.cli import run_main  # noqa: E402
@@ -315,16 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_positive(args.batch_size, "--batch_size")
     workers = check_workers(args.max_data_loader_n_workers)
     extension = output_extension(args.caption_extension, args.caption_extention)
-    paths = find_images(args.train_data_dir, args.recursive)
     ensure_model_files(args.model_dir, args.repo_id, args.force_download)
     labels = read_tag_labels(Path(args.model_dir) / TAGS_FILE)
     tagger = Tagger(Path(args.model_dir) / MODEL_FILE)
     tagger.check_labels(labels)
-    if not paths:
-        logger.warning("no images found in %s; nothing to do", args.train_data_dir)
-        return 0
-    warn_shared_outputs(paths, extension)
-    paths = keep_existing_outputs(paths, extension, args.overwrite)
+    paths = images_to_write(args, extension)
     if not paths:
         return 0
     counts: Counter = Counter()

@@ -144,3 +144,59 @@ def test_real_subprocess_exit_code_and_single_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.ckpt'}: no such file"] or \
         ("no such file" in res.stderr and len(res.stderr.strip().splitlines()) == 1), res.stderr
+
+
+@pytest.fixture(scope="module")
+def odd_model(tmp_path_factory):
+    """A diffusers model whose UNet and VAE use 8 normalisation groups and 16-channel blocks (not SD's
+    32 groups), converted to an ldm file by our own converter."""
+    from library.models.presets import get_preset
+    from library.models.random_model import build_random_model
+    from library.models.save import save_model
+    from tools.convert_diffusers20_original_sd import main as convert
+
+    root = tmp_path_factory.mktemp("odd")
+    configs = get_preset("tiny-sd1")
+    configs.unet.update(block_out_channels=[16, 32], norm_num_groups=8)
+    configs.vae.update(block_out_channels=[16, 16, 16, 16], norm_num_groups=8)
+    save_model(build_random_model(configs, seed=3), root / "odd", "diffusers_safetensors")
+    assert run_main(convert, [str(root / "odd"), str(root / "odd.safetensors")]) == 0
+    return {"diffusers": root / "odd", "ldm": root / "odd.safetensors"}
+
+
+def test_non_standard_ldm_file_asks_for_reference_model(odd_model, tmp_path, capsys):
+    """Loading it back needs the architecture: without --reference_model one line says so (no GroupNorm
+    traceback); with the original folder it loads the same weights as the folder itself."""
+    from library.models.load import load_model
+    from tests.models_util import assert_outputs_equal, component_outputs
+
+    code, err = _convert([str(odd_model["ldm"]), str(tmp_path / "back")], capsys)
+    _assert_one_line_error(code, err, str(odd_model["ldm"]), "cannot tell the architecture",
+                           "16 channels wide", "--reference_model")
+    code, err = _convert(["--reference_model", str(odd_model["diffusers"]), str(odd_model["ldm"]),
+                          str(tmp_path / "back")], capsys)
+    assert code == 0, err
+    want = load_model(odd_model["diffusers"])
+    got = load_model(tmp_path / "back")
+    assert_outputs_equal(component_outputs(got.unet, got.vae, got.text_encoder),
+                         component_outputs(want.unet, want.vae, want.text_encoder))
+
+
+def test_training_from_non_standard_ldm_file(odd_model, tmp_path, capsys):
+    """train_network.py from the converted file: exit 2 and the hint without --reference_model, trains with it."""
+    from tests.train_util import make_dataset
+    from train_network import main as train
+
+    data = make_dataset(tmp_path / "data", count=2)
+    argv = ["--pretrained_model_name_or_path", str(odd_model["ldm"]), "--train_data_dir", str(data),
+            "--resolution", "64", "--output_dir", str(tmp_path / "out"), "--network_module", "networks.lora",
+            "--network_dim", "4", "--max_train_steps", "2", "--learning_rate", "1e-3", "--seed", "1",
+            "--max_data_loader_n_workers", "0"]
+    code = run_main(train, argv)
+    _assert_one_line_error(code, capsys.readouterr().err.strip(), str(odd_model["ldm"]), "--reference_model")
+    assert not (tmp_path / "out" / "last.safetensors").exists()
+    assert run_main(train, [*argv, "--reference_model", str(odd_model["diffusers"])]) == 0
+    assert (tmp_path / "out" / "last.safetensors").is_file()
+    capsys.readouterr()  # the progress bars of the run
+    code = run_main(train, [*argv, "--reference_model", str(tmp_path / "nowhere")])
+    _assert_one_line_error(code, capsys.readouterr().err.strip(), "--reference_model", "no such folder")

@@ -231,3 +231,19 @@ def test_validation_and_ema_use_the_per_layer_conditioning(mini, data, tmp_path,
     assert len(losses) >= 2
     saved = load_file(str(tmp_path / "out" / "zqx.safetensors"))
     assert list(saved) == list(xti.SD_LAYER_NAMES)
+
+
+def test_caption_dropout_key_is_refused(mini, data, tmp_path, capsys):
+    """XTI, like Textual Inversion, has no caption dropout: caption_dropout_rate = 1.0 is refused, not applied."""
+    from tests.test_train_ti import dropout_config
+
+    config = dropout_config(tmp_path / "ds.toml", data / "3_zqx", "caption_dropout_rate = 1.0", in_subset=True)
+    argv = base_args(mini, data, tmp_path / "out")
+    i = argv.index("--train_data_dir")
+    del argv[i:i + 2]
+    assert run_script(train, [*argv, "--dataset_config", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'caption_dropout_rate' is not supported by this training script" in err[0], err
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(train, [*argv, "--dataset_config", config, "--caption_dropout_rate", "0.5"])
+    assert exit_info.value.code == 2

@@ -233,13 +233,15 @@ def _command_line_datasets(args: argparse.Namespace, support: Support) -> Checke
 
 
 def blueprint_from_dict(raw: Any, args: argparse.Namespace, *, source: str, support_dreambooth: bool = True,
-                        support_finetuning: bool = True, support_caption_dropout: bool = True) -> DatasetBlueprint:
+                        support_finetuning: bool = True, support_caption_dropout: bool | None = None
+                        ) -> DatasetBlueprint:
     """Validate an already parsed config document and resolve it against the command-line options.
 
-    ``source`` names the document in error messages (normally the file path). Raises UserError with
-    every problem found, joined by "; ".
+    ``source`` names the document in error messages (normally the file path). ``support_caption_dropout``
+    None: as the script's parser says (see :func:`_support`). Raises UserError with every problem found,
+    joined by "; ".
     """
-    support = _support(support_dreambooth, support_finetuning, support_caption_dropout)
+    support = _support(support_dreambooth, support_finetuning, support_caption_dropout, args)
     fallback = command_line_values(args)
     errors = _check_command_line(fallback)
     if errors:
@@ -257,22 +259,28 @@ def blueprint_from_dict(raw: Any, args: argparse.Namespace, *, source: str, supp
     return blueprint
 
 
-def _support(dreambooth: bool, finetuning: bool, caption_dropout: bool) -> Support:
+def _support(dreambooth: bool, finetuning: bool, caption_dropout: bool | None, args: argparse.Namespace) -> Support:
+    """What the script supports. ``caption_dropout`` None: the config may set the caption-dropout keys
+    exactly when the script registered the matching options (``--caption_dropout_rate`` ...), so a script
+    without them (Textual Inversion, XTI) refuses the keys too, as kohya's does."""
     if not (dreambooth or finetuning):
         raise ValueError("at least one of support_dreambooth / support_finetuning must be true")
+    if caption_dropout is None:
+        caption_dropout = hasattr(args, "caption_dropout_rate")
     return Support(dreambooth, finetuning, caption_dropout)
 
 
 def load_dataset_blueprint(args: argparse.Namespace, toml_path: str | os.PathLike | None, *,
                            support_dreambooth: bool = True, support_finetuning: bool = True,
-                           support_caption_dropout: bool = True) -> DatasetBlueprint:
+                           support_caption_dropout: bool | None = None) -> DatasetBlueprint:
     """Build the run's dataset blueprint from ``toml_path`` (a .toml/.json config) or, when None,
     from ``--train_data_dir`` / ``--reg_data_dir`` / ``--in_json``.
 
     Checks that every ``image_dir`` and ``metadata_file`` exists but reads no image. Raises UserError
     (one line naming the file, the dataset/subset and the key) for every user mistake.
+    ``support_caption_dropout`` None: as the script's parser says (see :func:`_support`).
     """
-    support = _support(support_dreambooth, support_finetuning, support_caption_dropout)
+    support = _support(support_dreambooth, support_finetuning, support_caption_dropout, args)
     if toml_path is not None:
         ignored = [f"--{name}" for name in LEGACY_DATA_OPTIONS if getattr(args, name, None) is not None]
         if ignored:
@@ -281,7 +289,7 @@ def load_dataset_blueprint(args: argparse.Namespace, toml_path: str | os.PathLik
         raw = read_config_file(toml_path)
         blueprint = blueprint_from_dict(raw, args, source=str(toml_path), support_dreambooth=support_dreambooth,
                                         support_finetuning=support_finetuning,
-                                        support_caption_dropout=support_caption_dropout)
+                                        support_caption_dropout=support.caption_dropout)
     else:
         fallback = command_line_values(args)
         errors = _check_command_line(fallback)

@@ -160,4 +160,20 @@ def infer_configs_from_ldm(shapes: Shapes) -> ModelConfigs:
     vae = _infer_vae(shapes, base.vae, vae_prefix) if vae_prefix is not None else base.vae
     has_te = any(k.startswith(SD2_TE_PREFIX if v2 else SD1_TE_PREFIX) for k in shapes)
     te = _infer_te(shapes, base.text_encoder, v2) if has_te else base.text_encoder
+    _check_group_norms("UNet", unet)
+    _check_group_norms("VAE", vae)
     return ModelConfigs(unet, vae, te, v2=v2, v_parameterization=False)
+
+
+def _check_group_norms(component: str, config: dict) -> None:
+    """ValueError when the inferred block widths cannot take the standard group count.
+
+    The number of normalisation groups is not stored in the weights (only one scale per channel), so it
+    is assumed to be SD's 32; narrower or odd widths mean a non-standard model whose configs must come
+    from elsewhere.
+    """
+    groups = int(config.get("norm_num_groups", 32))
+    odd = [c for c in config["block_out_channels"] if c % groups]
+    if odd:
+        raise ValueError(f"its {component} has blocks {odd[0]} channels wide, which SD's {groups} normalisation "
+                         "groups do not divide: a non-standard architecture the file does not describe")

@@ -56,16 +56,25 @@ class StableDiffusionModel:
         return self.configs.v_parameterization
 
 
-def _empty_module(cls, config: dict):
-    """Instantiate a module with parameters on the meta device (buffers stay real)."""
+def _empty_module(cls, config: dict, source: str):
+    """Instantiate a module with parameters on the meta device (buffers stay real).
+
+    A config the library cannot build (e.g. widths its normalisation groups do not divide) is a
+    UserError naming ``source``.
+    """
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
-        if cls.__name__ == "CLIPTextModel":
-            from transformers import CLIPTextConfig
+    try:
+        with init_empty_weights(include_buffers=False):
+            if cls.__name__ == "CLIPTextModel":
+                from transformers import CLIPTextConfig
 
-            return cls(CLIPTextConfig(**config))
-        return cls.from_config(config)
+                return cls(CLIPTextConfig(**config))
+            return cls.from_config(config)
+    except (ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{source}: cannot build the {cls.__name__} of this architecture ({first}); "
+                        "check --v2 / --reference_model") from None
 
 
 def fill_module(module: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str,
@@ -169,15 +178,20 @@ def load_ldm_checkpoint(path: Path, *, v2: bool | None, v_parameterization: bool
             raise UserError(f"--reference_model {reference_model} is an SD{'2' if configs.v2 else '1'} model "
                             f"but {path} is SD{'2' if v2_detected else '1'}")
     else:
-        configs = detect.infer_configs_from_ldm(sd.shapes())
+        try:
+            configs = detect.infer_configs_from_ldm(sd.shapes())
+        except ValueError as exc:
+            raise UserError(f"{path}: cannot tell the architecture from the weights ({exc}); pass the original "
+                            f"model's diffusers folder (or a folder with its unet/, vae/ and text_encoder/ "
+                            f"config.json files) with --reference_model") from None
     configs = replace(configs, v_parameterization=v_parameterization)
     plan = convert.ldm_to_diffusers_plan(sd.keys(), configs)
-    unet = fill_module(_empty_module(UNet2DConditionModel, configs.unet),
+    unet = fill_module(_empty_module(UNet2DConditionModel, configs.unet, str(path)),
                        convert.apply_plan(plan["unet"], sd.__getitem__), source=str(path), component="UNet",
                        dtype=dtype)
-    vae = fill_module(_empty_module(AutoencoderKL, configs.vae), convert.apply_plan(plan["vae"], sd.__getitem__),
-                      source=str(path), component="VAE", dtype=dtype)
-    te = _empty_module(CLIPTextModel, configs.text_encoder)
+    vae = fill_module(_empty_module(AutoencoderKL, configs.vae, str(path)),
+                      convert.apply_plan(plan["vae"], sd.__getitem__), source=str(path), component="VAE", dtype=dtype)
+    te = _empty_module(CLIPTextModel, configs.text_encoder, str(path))
     te_tensors = convert.apply_plan(plan["text_encoder"], sd.__getitem__)
     te = fill_module(te, _to_module_keys(te_tensors, te), source=str(path), component="text encoder", dtype=dtype)
     return unet, vae, te, configs, sd
@@ -278,7 +292,7 @@ def load_vae(spec: str, configs: ModelConfigs, dtype: torch.dtype | None) -> Any
         raise UserError(f"--vae {spec}: no such file or folder")
     sd = open_state_dict(path)
     keys = sd.keys()
-    vae = _empty_module(AutoencoderKL, configs.vae)
+    vae = _empty_module(AutoencoderKL, configs.vae, f"--vae {spec}")
     if any(k.startswith("encoder.down_blocks.") for k in keys):  # diffusers-layout state dict
         tensors: Iterable[tuple[str, torch.Tensor]] = ((k, sd[k]) for k in keys)
     else:
