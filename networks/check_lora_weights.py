@@ -1,5 +1,8 @@
 """Print the weight statistics of every LoRA module (spot untrained, all-zero ``lora_up`` modules).
 
+LoHa/LoKr files are read too: their ``hada_*``/``lokr_*`` factors are listed instead, and the factor that
+starts at zero (``hada_w2_a``, ``lokr_w2`` or ``lokr_w2_b``) is the one checked for an untrained module.
+
     python networks/check_lora_weights.py my_lora.safetensors
 
 Output: "number of LoRA modules: N" (N counts the lora_up and lora_down keys, i.e. twice the module
@@ -20,6 +23,7 @@ import torch  # noqa: E402
 
 from library.cli import run_main  # noqa: E402
 from networks.lora_files import load_lora_file  # noqa: E402
+from networks.lycoris_common import LYCORIS_KEYS, ZERO_INIT_KEYS  # noqa: E402
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -40,23 +44,29 @@ def stats_line(key: str, value: torch.Tensor) -> str:
     return f"{key},{shape},{float(value.mean())},{float(value.min())}"
 
 
+def is_weight_key(key: str) -> bool:
+    """A LoRA ``lora_up``/``lora_down`` weight or a LoHa/LoKr factor (not an alpha or other key)."""
+    return "lora_up" in key or "lora_down" in key or key.partition(".")[2] in LYCORIS_KEYS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Load the file (one-line error and exit 2 when it is not a LoRA) and print the statistics."""
     args = setup_parser().parse_args(argv)
     print(f"loading: {args.file}")
-    lora = load_lora_file(args.file, "file")
-    values = [(k, v) for k, v in lora.tensors.items() if "lora_up" in k or "lora_down" in k]
+    lora = load_lora_file(args.file, "file", allow_lycoris=True)
+    values = [(k, v) for k, v in lora.tensors.items() if is_weight_key(k)]
     print(f"number of LoRA modules: {len(values)}")
     if args.show_all_keys:
-        values += [(k, v) for k, v in lora.tensors.items() if "lora_up" not in k and "lora_down" not in k]
+        values += [(k, v) for k, v in lora.tensors.items() if not is_weight_key(k)]
         print(f"number of all modules: {len(values)}")
-    zero_up = 0
+    zero: dict[str, int] = {}
     for key, value in values:
         print(stats_line(key, value))
-        if "lora_up" in key and not bool(value.detach().float().abs().amax() > 0):
-            zero_up += 1
-    if zero_up:
-        print(f"{zero_up} module(s) have an all-zero lora_up weight (untrained: they change nothing)")
+        part = key.partition(".")[2].removesuffix(".weight")
+        if part in ("lora_up", *ZERO_INIT_KEYS) and not bool(value.detach().float().abs().amax() > 0):
+            zero[part] = zero.get(part, 0) + 1
+    for part, count in zero.items():
+        print(f"{count} module(s) have an all-zero {part} weight (untrained: they change nothing)")
     return 0
 
 

@@ -116,11 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not targets:
         raise UserError(f"--unit {unit}: the DyLoRA rank is {max_rank}, so there is no smaller rank to split out "
                         "(ranks are multiples of the unit below the full rank)")
+    from library.output_safety import check_target
+
     source = Path(args.model).resolve()
     for rank in targets:
         path = output_path(args.save_to, rank)
         if path.resolve() == source:
             raise UserError(f"--save_to {args.save_to}: the split file {path} would overwrite --model")
+        check_target(path, "network", what="--save_to")
 
     print(f"DyLoRA rank {max_rank}, unit {unit}: writing ranks {', '.join(map(str, targets))}")
     for rank in targets:

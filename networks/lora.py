@@ -3,7 +3,10 @@
 Files are the kohya-ss/sd-scripts layout (file_formats.md §1) and load in AUTOMATIC1111, ComfyUI
 and diffusers. Module selection: Linear and 1×1 convs inside ``Transformer2DModel`` (UNet) and
 ``CLIPAttention``/``CLIPMLP`` (text encoder); with ``conv_dim``/``conv_block_dims`` also the layers
-of ``ResnetBlock2D``/``Downsample2D``/``Upsample2D`` (3×3 convs at the conv rank).
+of ``ResnetBlock2D``/``Downsample2D``/``Upsample2D`` (3×3 convs at the conv rank). Options beyond
+kohya's: DoRA (``dora_wd``, :mod:`networks.lora_dora`), LoRA+ (``loraplus_*lr_ratio``,
+:mod:`networks.lora_groups`), rsLoRA (``rs_lora``) and per-module rules (``module_rules``,
+:mod:`networks.module_rules`); docs/train_network.md describes them.
 
 Use from Python on a diffusers pipeline::
 
@@ -16,6 +19,7 @@ Use from Python on a diffusers pipeline::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,7 +36,6 @@ from networks.lora_common import (
     TEXT_ENCODER_TARGET_MODULES,
     UNET_CONV_TARGET_MODULES,
     UNET_TARGET_MODULES,
-    adapt_shape,
     block_index,
     block_lr_weight_of,
     block_settings,
@@ -41,11 +44,14 @@ from networks.lora_common import (
     find_target_modules,
     is_conv3x3,
     load_state_dict_file,
-    lora_delta,
     parse_float_arg,
     parse_int_arg,
     save_state_dict_file,
 )
+from networks.lora_dora import DoRAModule, dora_axis_of, dora_shapes_from_state_dict
+from networks.lora_groups import network_param_groups
+from networks.lora_module import LoRAModule, match_dtype  # noqa: F401 - match_dtype: public name kept here
+from networks.lora_options import EXTRA_NETWORK_ARGS, LORAPLUS_ARGS, parse_extra_args
 
 logger = logging.getLogger(__name__)
 
@@ -55,185 +61,8 @@ DEFAULT_NETWORK_DIM = 4
 KNOWN_NETWORK_ARGS = (
     "conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
     "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
-    "dropout", "rank_dropout", "module_dropout",
+    "dropout", "rank_dropout", "module_dropout", *EXTRA_NETWORK_ARGS,
 )
-
-
-def match_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x`` cast to the LoRA weight's dtype, unless autocast will choose the dtype anyway."""
-    if x.dtype == weight.dtype:
-        return x
-    try:
-        autocast = torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # torch < 2.4 has no device-type argument
-        autocast = torch.is_autocast_enabled()
-    return x if autocast else x.to(weight.dtype)
-
-
-class LoRAModule(nn.Module):
-    """A low-rank update ``m · (alpha/rank) · up(down(x))`` added to one Linear or Conv2d.
-
-    The wrapped layer is kept outside the module tree (its weights never appear in the network's
-    state dict, and the LoRA weights never in the base model's). ``apply_to`` replaces the layer's
-    ``forward``; ``restore`` undoes it; ``merge_to`` adds the update to the layer's weight.
-    """
-
-    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
-                 alpha: float | int | torch.Tensor | None = 1, dropout: float | None = None,
-                 rank_dropout: float | None = None, module_dropout: float | None = None,
-                 init_weights: bool = True) -> None:
-        """Create the down/up layers for ``org_module`` (kaiming-uniform down, zero up)."""
-        super().__init__()
-        self.lora_name = lora_name
-        self.lora_dim = int(lora_dim)
-        self.is_conv = isinstance(org_module, nn.Conv2d)
-        self.is_conv3x3 = is_conv3x3(org_module)
-        self._build_layers(org_module)
-        if init_weights:
-            self.reset_parameters()
-        if isinstance(alpha, torch.Tensor):
-            alpha = float(alpha.detach().float())
-        if alpha is None or alpha == 0:
-            alpha = self.lora_dim
-        # A Python int stays int64, a float float32 (the on-disk dtype of an unconverted save).
-        self.register_buffer("alpha", torch.tensor(alpha))
-        self.scale = float(alpha) / self.lora_dim
-        self.multiplier = multiplier
-        self.dropout = dropout
-        self.rank_dropout = rank_dropout
-        self.module_dropout = module_dropout
-        self._org_module = [org_module]  # a list keeps it out of the module tree
-        self.org_forward = None
-        self._had_own_forward = False
-
-    def _build_layers(self, org: nn.Module) -> None:
-        """Create ``lora_down``/``lora_up`` matching the wrapped layer's type and shape."""
-        if self.is_conv:
-            self.lora_down = nn.Conv2d(org.in_channels, self.lora_dim, org.kernel_size, org.stride, org.padding,
-                                       bias=False)
-            self.lora_up = nn.Conv2d(self.lora_dim, org.out_channels, 1, 1, bias=False)
-        else:
-            self.lora_down = nn.Linear(org.in_features, self.lora_dim, bias=False)
-            self.lora_up = nn.Linear(self.lora_dim, org.out_features, bias=False)
-
-    def reset_parameters(self) -> None:
-        """Down: Kaiming-uniform with a = √5; up: zeros (so a fresh module changes nothing)."""
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-
-    @property
-    def org_module(self) -> nn.Module:
-        """The wrapped Linear/Conv2d."""
-        return self._org_module[0]
-
-    # -- hooking -------------------------------------------------------------------------------
-
-    def apply_to(self) -> None:
-        """Replace the wrapped layer's ``forward`` by this module's (idempotent)."""
-        if self.org_forward is not None:
-            return
-        org = self.org_module
-        self._had_own_forward = "forward" in org.__dict__
-        self.org_forward = org.forward
-        org.forward = self.forward
-
-    def restore(self) -> None:
-        """Give the wrapped layer its own ``forward`` back."""
-        if self.org_forward is None:
-            return
-        org = self.org_module
-        if self._had_own_forward:
-            org.forward = self.org_forward
-        else:
-            org.__dict__.pop("forward", None)
-        self.org_forward = None
-
-    def set_multiplier(self, multiplier: float) -> None:
-        """Change the strength ``m`` of this module."""
-        self.multiplier = multiplier
-
-    # -- maths ---------------------------------------------------------------------------------
-
-    def get_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full (down, up) weights as stored in a file."""
-        return self.lora_down.weight, self.lora_up.weight
-
-    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled update ``m · s · up(down(x))`` with the training-time dropouts."""
-        h = self.lora_down(match_dtype(x, self.lora_down.weight))
-        if self.dropout is not None and self.training:
-            h = torch.nn.functional.dropout(h, p=self.dropout)
-        scale = self.scale
-        if self.rank_dropout is not None and self.training:
-            keep = torch.rand((h.shape[0], self.lora_dim), device=h.device) > self.rank_dropout
-            if self.is_conv:
-                keep = keep[:, :, None, None]
-            else:
-                keep = keep.reshape(h.shape[0], *([1] * (h.dim() - 2)), self.lora_dim)
-            h = h * keep.to(h.dtype)
-            scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(h) * (self.multiplier * scale)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``org(x) + m · (alpha/rank) · up(down(x))``."""
-        out = self.org_forward(x, *args, **kwargs)
-        if self.multiplier == 0:
-            return out
-        if self.module_dropout is not None and self.training and torch.rand(1).item() < self.module_dropout:
-            return out
-        return out + self.lora_forward(x).to(out.dtype)
-
-    @torch.no_grad()
-    def merge_to(self, sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
-        """Add ``m · s · ΔW`` to the wrapped weight (computed in float32, stored as ``dtype``).
-
-        ``sd`` holds ``lora_down.weight``/``lora_up.weight`` (and optionally ``alpha``); without it
-        this module's own weights are used. A hooked forward is restored so the update is not
-        applied twice.
-        """
-        org = self.org_module
-        weight = org.weight
-        device = weight.device if device is None else torch.device(device)
-        dtype = weight.dtype if dtype is None else dtype
-        if sd is None:
-            down, up = self.get_weights()
-            scale = self.scale
-        else:
-            down, up = sd["lora_down.weight"], sd["lora_up.weight"]
-            alpha = float(sd["alpha"]) if "alpha" in sd else float(down.shape[0])
-            scale = alpha / down.shape[0]
-        down = down.detach().to(device=device, dtype=torch.float32)
-        up = up.detach().to(device=device, dtype=torch.float32)
-        if weight.dim() == 4 and down.dim() == 2:  # 2-D file, conv layer
-            down, up = down[:, :, None, None], up[:, :, None, None]
-        elif weight.dim() == 2 and down.dim() == 4:  # 4-D file (1×1), linear layer
-            down, up = down.flatten(1), up.flatten(1)
-        delta = lora_delta(down, up).reshape(weight.shape)
-        merged = weight.detach().to(device=device, dtype=torch.float32) + self.multiplier * scale * delta
-        org.weight.data = merged.to(dtype)
-        self.restore()
-
-    # -- state dict ----------------------------------------------------------------------------
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """Accept 2-D or 4-D (1×1) weights, keep the incoming alpha's dtype, and refresh the scale."""
-        for key, param in (("lora_down.weight", self.lora_down.weight), ("lora_up.weight", self.lora_up.weight)):
-            full = prefix + key
-            if full in state_dict:
-                state_dict[full] = adapt_shape(state_dict[full], param.shape)
-        alpha_key = prefix + "alpha"
-        incoming = state_dict.get(alpha_key)
-        if isinstance(incoming, torch.Tensor) and incoming.numel() == 1:
-            state_dict[alpha_key] = incoming.reshape(())
-            value = float(incoming)
-            if not self.alpha.is_floating_point() and value != int(value):  # keep 0.5 from becoming 0
-                self._buffers["alpha"] = torch.empty((), dtype=torch.float32, device=self.alpha.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if isinstance(incoming, torch.Tensor):
-            self.scale = float(self.alpha.float()) / self.lora_dim
 
 
 class LoRANetwork(nn.Module):
@@ -254,11 +83,17 @@ class LoRANetwork(nn.Module):
                  block_alphas: list[float] | None = None, conv_block_dims: list[int] | None = None,
                  conv_block_alphas: list[float] | None = None, modules_dim: Mapping[str, int] | None = None,
                  modules_alpha: Mapping[str, float] | None = None, module_class: type = LoRAModule,
-                 module_kwargs: Mapping[str, Any] | None = None, for_inference: bool = False) -> None:
+                 module_kwargs: Mapping[str, Any] | None = None, for_inference: bool = False,
+                 dora: str | Mapping[str, tuple[int, ...]] | None = None, rs_lora: bool = False,
+                 module_rules: Any = None) -> None:
         """Find the target layers and create one ``module_class`` per layer with a non-zero rank.
 
-        Ranks come from ``modules_dim`` (from a file) if given, else from the per-block lists for
-        UNet layers when ``block_dims`` is set, else from ``lora_dim``/``conv_lora_dim``.
+        Ranks come from ``modules_dim`` (from a file) if given, else from the first matching rule of
+        ``module_rules`` (:mod:`networks.module_rules`), else from the per-block lists for UNet layers
+        when ``block_dims`` is set, else from ``lora_dim``/``conv_lora_dim``. ``dora`` makes DoRA
+        modules (:mod:`networks.lora_dora`): an axis (``"in"``/``"out"``) for every module, or
+        ``{lora_name: stored dora_scale shape}`` for the modules of a file. ``rs_lora`` stores
+        ``alpha·√rank`` as alpha (scale ``alpha/√rank`` for loaders that compute ``alpha/rank``).
         """
         super().__init__()
         self.multiplier = multiplier
@@ -274,6 +109,12 @@ class LoRANetwork(nn.Module):
         self.down_lr_weight: list[float] | None = None
         self.mid_lr_weight: float | None = None
         self.up_lr_weight: list[float] | None = None
+        self.loraplus_lr_ratio: float | None = None
+        self.loraplus_unet_lr_ratio: float | None = None
+        self.loraplus_text_encoder_lr_ratio: float | None = None
+        self.dora, self.rs_lora, self.module_rules = dora, rs_lora, module_rules
+        self.module_lrs: dict[str, float] = {}  # lora_name → absolute lr from a module rule
+        self._candidates: list[str] = []  # every target layer's name (for the unused-rule warning)
         extra = dict(module_kwargs or {})
         if for_inference:
             extra["init_weights"] = False
@@ -282,11 +123,15 @@ class LoRANetwork(nn.Module):
             """One module per target layer with a non-zero rank."""
             loras = []
             for lora_name, layer in find_target_modules(root, prefix, targets):
+                self._candidates.append(lora_name)
                 dim, alpha_ = self._resolve_dim(lora_name, prefix == LORA_PREFIX_UNET, is_conv3x3(layer))
                 if not dim:
                     continue
-                loras.append(module_class(lora_name, layer, multiplier, dim, alpha_, dropout=dropout,
-                                          rank_dropout=rank_dropout, module_dropout=module_dropout, **extra))
+                if rs_lora:  # alpha' = alpha·√r, so alpha'/r = alpha/√r
+                    alpha_ = (float(alpha_) if alpha_ else float(dim)) * math.sqrt(dim)
+                cls, kw = self._module_class_for(lora_name, layer, module_class, extra)
+                loras.append(cls(lora_name, layer, multiplier, dim, alpha_, dropout=dropout,
+                                 rank_dropout=rank_dropout, module_dropout=module_dropout, **kw))
             return loras
 
         self.text_encoder_loras = create(LORA_PREFIX_TEXT_ENCODER, text_encoder, TEXT_ENCODER_TARGET_MODULES)
@@ -296,10 +141,27 @@ class LoRANetwork(nn.Module):
         self.unet_loras = create(LORA_PREFIX_UNET, unet, unet_targets)
         logger.info("LoRA: %d text-encoder modules, %d UNet modules", len(self.text_encoder_loras),
                     len(self.unet_loras))
+        if module_rules is not None:
+            for rule in module_rules.unused(self._candidates):
+                logger.warning("module_rules %s: the rule with pattern %r decides for no module", module_rules.path,
+                               rule.pattern)
         for lora in self.text_encoder_loras + self.unet_loras:
             if lora.lora_name in self._modules:
                 raise ValueError(f"duplicated LoRA name: {lora.lora_name}")
             self.add_module(lora.lora_name, lora)
+
+    def _module_class_for(self, lora_name: str, layer: nn.Module, module_class: type,
+                          extra: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+        """The class (LoRA or DoRA) and extra keyword arguments of one module."""
+        axis = self.dora if isinstance(self.dora, str) else None
+        if isinstance(self.dora, Mapping) and lora_name in self.dora:
+            try:
+                axis = dora_axis_of(self.dora[lora_name], layer.weight.shape)
+            except ValueError as exc:
+                raise UserError(f"LoRA module {lora_name}: {exc}") from None
+        if axis is None:
+            return module_class, dict(extra)
+        return DoRAModule, {**extra, "dora_axis": axis}
 
     def _resolve_dim(self, lora_name: str, is_unet: bool, conv3x3: bool) -> tuple[int | None, Any]:
         """Rank and alpha of one layer (None/0 rank: no module)."""
@@ -307,6 +169,18 @@ class LoRANetwork(nn.Module):
             if lora_name not in self._modules_dim:
                 return None, None
             return self._modules_dim[lora_name], self._modules_alpha[lora_name]
+        rule = self.module_rules.match(lora_name) if self.module_rules is not None else None
+        if rule is not None and rule.exclude:
+            return None, None
+        dim, alpha = self._default_dim(lora_name, is_unet, conv3x3)
+        if rule is None or not dim:  # rules change the modules the network makes, never add any
+            return dim, alpha
+        if rule.lr is not None:
+            self.module_lrs[lora_name] = rule.lr
+        return (rule.dim if rule.dim is not None else dim), (rule.alpha if rule.alpha is not None else alpha)
+
+    def _default_dim(self, lora_name: str, is_unet: bool, conv3x3: bool) -> tuple[int | None, Any]:
+        """Rank and alpha from the block lists or the network rank (no rules)."""
         if is_unet and self._block_dims is not None:
             idx = block_index(lora_name)
             if not conv3x3:
@@ -403,11 +277,16 @@ class LoRANetwork(nn.Module):
                      metadata: Mapping[str, Any] | None = None) -> None:
         """Write the network: ``.safetensors`` with metadata and ``sshs_*`` hashes, else ``torch.save``.
 
-        With ``dtype`` every tensor (alpha included) is cast to it.
+        With ``dtype`` every tensor (alpha included) is cast to it. With module rules their content is
+        added to ``ss_network_args`` (key ``module_rules_content``, a JSON list) beside the file name.
         """
         state_dict = self.state_dict()
         if dtype is not None:
             state_dict = {k: v.detach().to("cpu").to(dtype) for k, v in state_dict.items()}
+        if metadata and self.module_rules is not None and "ss_network_args" in metadata:
+            network_args = json.loads(metadata["ss_network_args"])
+            network_args["module_rules_content"] = self.module_rules.to_json()
+            metadata = {**metadata, "ss_network_args": json.dumps(network_args)}
         save_state_dict_file(state_dict, file, metadata)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -439,37 +318,20 @@ class LoRANetwork(nn.Module):
                                  default_lr: float | None = None) -> list[dict]:
         """Optimizer parameter groups: one for the text encoder, one for the UNet, or in block-lr mode
         one per UNet block (order of first appearance, lr = (unet_lr or default_lr) × block weight,
-        groups with lr 0 left out). ``lr`` is only set where a value is known."""
+        groups with lr 0 left out); then the modules with a module-rule ``lr``. LoRA+ splits each group
+        (the ``lora_up`` weights at ratio × lr). ``lr`` is only set where a value is known
+        (:mod:`networks.lora_groups`)."""
         self.requires_grad_(True)
-        groups: list[dict] = []
+        return network_param_groups(self, text_encoder_lr, unet_lr, default_lr)
 
-        def params_of(loras: list[LoRAModule]) -> list[nn.Parameter]:
-            """All parameters of these modules."""
-            return [p for lora in loras for p in lora.parameters()]
-
-        if self.text_encoder_loras:
-            group: dict = {"params": params_of(self.text_encoder_loras)}
-            if text_encoder_lr is not None:
-                group["lr"] = text_encoder_lr
-            groups.append(group)
-        if self.unet_loras and self.block_lr:
-            by_block: dict[int, list[LoRAModule]] = {}
-            for lora in self.unet_loras:
-                by_block.setdefault(block_index(lora.lora_name), []).append(lora)
-            for loras in by_block.values():
-                group = {"params": params_of(loras)}
-                base = unet_lr if unet_lr is not None else default_lr
-                if base is not None:
-                    group["lr"] = base * self.get_lr_weight(loras[0])
-                    if group["lr"] == 0:
-                        continue
-                groups.append(group)
-        elif self.unet_loras:
-            group = {"params": params_of(self.unet_loras)}
-            if unet_lr is not None:
-                group["lr"] = unet_lr
-            groups.append(group)
-        return groups
+    def set_loraplus_lr_ratio(self, loraplus_lr_ratio: float | None, loraplus_unet_lr_ratio: float | None,
+                              loraplus_text_encoder_lr_ratio: float | None) -> None:
+        """LoRA+: the ``lora_up`` weights train at ratio × lr (the part's own ratio, else the common one)."""
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+        logger.info("LoRA+ lr ratio: text encoder %s, UNet %s", loraplus_text_encoder_lr_ratio or loraplus_lr_ratio,
+                    loraplus_unet_lr_ratio or loraplus_lr_ratio)
 
     def module_dims(self) -> dict[str, tuple[int, float]]:
         """``{lora_name: (rank, alpha)}`` of every module."""
@@ -485,6 +347,59 @@ def _parse_dropout(key: str, value: Any) -> float | None:
     return p
 
 
+def _parse_network_args(network_dim: int | None, network_alpha: float | None, neuron_dropout: Any,
+                        kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Defaults, types and ranges of :func:`create_network`'s arguments (UserError naming the option)."""
+    check_known_args(kwargs, KNOWN_NETWORK_ARGS)
+    if network_dim is None:
+        network_dim = DEFAULT_NETWORK_DIM
+    if network_alpha is None:
+        network_alpha = 1.0
+    if network_dim < 1:
+        raise UserError(f"--network_dim must be at least 1, got {network_dim}")
+    if network_alpha < 0:
+        raise UserError(f"--network_alpha must be >= 0, got {network_alpha:g}")
+    conv_dim = parse_int_arg("conv_dim", kwargs.get("conv_dim"))
+    conv_alpha = parse_float_arg("conv_alpha", kwargs.get("conv_alpha"))
+    if conv_dim is not None and conv_alpha is None:
+        conv_alpha = 1.0
+    if conv_dim is not None and conv_dim < 1:
+        raise UserError(f"--network_args conv_dim={conv_dim}: must be at least 1 (leave conv_dim out for no "
+                        "3x3-convolution modules)")
+    if conv_alpha is not None and conv_alpha < 0:
+        raise UserError(f"--network_args conv_alpha={kwargs.get('conv_alpha')}: must be >= 0")
+    dropout = _parse_dropout("neuron_dropout", neuron_dropout)
+    if dropout is None:
+        dropout = _parse_dropout("dropout", kwargs.get("dropout"))
+    blocks = block_settings(network_dim, network_alpha, conv_dim, conv_alpha, kwargs)
+    for key in ("block_alphas", "conv_block_alphas"):
+        if any(a < 0 for a in blocks.get(key) or []):
+            raise UserError(f"--network_args {key}={kwargs.get(key)}: alphas must be >= 0")
+    threshold = parse_float_arg("block_lr_zero_threshold", kwargs.get("block_lr_zero_threshold"))
+    if threshold is not None and threshold < 0:
+        raise UserError(f"--network_args block_lr_zero_threshold={kwargs.get('block_lr_zero_threshold')}: "
+                        "must be >= 0")
+    return {"network_dim": network_dim, "network_alpha": network_alpha, "conv_dim": conv_dim,
+            "conv_alpha": conv_alpha, "blocks": blocks, "dropout": dropout,
+            "extra": parse_extra_args(kwargs, dropout),
+            "rank_dropout": _parse_dropout("rank_dropout", kwargs.get("rank_dropout")),
+            "module_dropout": _parse_dropout("module_dropout", kwargs.get("module_dropout"))}
+
+
+def check_network_args(network_dim: int | None, network_alpha: float | None, neuron_dropout: Any = None,
+                       **kwargs: Any) -> None:
+    """Check what :func:`create_network` would get (``--network_dim``, ``--network_alpha``,
+    ``--network_dropout``, ``--network_args``) without building anything, so a training script can refuse
+    a bad value before it loads the model. Raises :class:`~library.errors.UserError` naming the option.
+    Warnings (ignored or padded values) are left to :func:`create_network`, so they are said once."""
+    quiet = logging.getLogger(block_settings.__module__)
+    was_disabled, quiet.disabled = quiet.disabled, True
+    try:
+        _parse_network_args(network_dim, network_alpha, neuron_dropout, dict(kwargs))
+    finally:
+        quiet.disabled = was_disabled
+
+
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: nn.Module | None,
                    text_encoder: nn.Module | None, unet: nn.Module | None, neuron_dropout: float | None = None,
                    **kwargs: Any) -> LoRANetwork:
@@ -493,31 +408,23 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     ``network_dim`` None → 4; ``network_alpha`` None → 1.0 (0 → alpha = rank). ``kwargs`` are the
     ``--network_args`` (strings, parsed here): conv_dim, conv_alpha, block_dims, block_alphas,
     conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight,
-    block_lr_zero_threshold, and the later-upstream rank_dropout/module_dropout/dropout. An unknown
-    or malformed key raises :class:`~library.errors.UserError`.
+    block_lr_zero_threshold, the later-upstream rank_dropout/module_dropout/dropout, and dora_wd,
+    dora_axis, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio, rs_lora,
+    module_rules (docs/train_network.md). An unknown or malformed key raises
+    :class:`~library.errors.UserError`.
     """
-    check_known_args(kwargs, KNOWN_NETWORK_ARGS)
-    if network_dim is None:
-        network_dim = DEFAULT_NETWORK_DIM
-    if network_alpha is None:
-        network_alpha = 1.0
-    conv_dim = parse_int_arg("conv_dim", kwargs.get("conv_dim"))
-    conv_alpha = parse_float_arg("conv_alpha", kwargs.get("conv_alpha"))
-    if conv_dim is not None and conv_alpha is None:
-        conv_alpha = 1.0
-    if conv_dim is not None and conv_dim < 0:
-        raise UserError(f"--network_args conv_dim={conv_dim}: must not be negative")
-    dropout = _parse_dropout("neuron_dropout", neuron_dropout)
-    if dropout is None:
-        dropout = _parse_dropout("dropout", kwargs.get("dropout"))
-    rank_dropout = _parse_dropout("rank_dropout", kwargs.get("rank_dropout"))
-    module_dropout = _parse_dropout("module_dropout", kwargs.get("module_dropout"))
-    blocks = block_settings(network_dim, network_alpha, conv_dim, conv_alpha, kwargs)
+    parsed = _parse_network_args(network_dim, network_alpha, neuron_dropout, kwargs)
+    network_dim, network_alpha = parsed["network_dim"], parsed["network_alpha"]
+    conv_dim, conv_alpha, blocks = parsed["conv_dim"], parsed["conv_alpha"], parsed["blocks"]
+    dropout, rank_dropout, module_dropout = parsed["dropout"], parsed["rank_dropout"], parsed["module_dropout"]
     network = LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
                           dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
                           conv_lora_dim=conv_dim, conv_alpha=conv_alpha, block_dims=blocks.get("block_dims"),
                           block_alphas=blocks.get("block_alphas"), conv_block_dims=blocks.get("conv_block_dims"),
-                          conv_block_alphas=blocks.get("conv_block_alphas"))
+                          conv_block_alphas=blocks.get("conv_block_alphas"), dora=parsed["extra"].dora_axis,
+                          rs_lora=parsed["extra"].rs_lora, module_rules=parsed["extra"].rules)
+    if parsed["extra"].loraplus is not None:
+        network.set_loraplus_lr_ratio(*parsed["extra"].loraplus.values())
     if blocks.get("block_lr"):
         down_w, mid_w, up_w = blocks["lr_weights"]
         network.set_block_lr_weight(up_w, mid_w, down_w)
@@ -534,7 +441,8 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     Returns ``(network, weights_sd)``; the weights are not loaded (call ``load_state_dict`` after
     ``apply_to``, or ``merge_to``). ``for_inference`` skips the random init. Of the extra
     ``kwargs`` (``--dim_from_weights`` training) the dropouts ``neuron_dropout``/``dropout``,
-    ``rank_dropout`` and ``module_dropout`` are used; others are ignored.
+    ``rank_dropout`` and ``module_dropout`` are used, and the LoRA+ ratios; others are ignored. Modules
+    with a ``dora_scale`` are DoRA modules, on the axis the tensor's shape tells.
     """
     if weights_sd is None:
         weights_sd, _ = load_state_dict_file(file)
@@ -545,5 +453,9 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
                           modules_alpha=modules_alpha, for_inference=for_inference, dropout=dropout,
                           rank_dropout=_parse_dropout("rank_dropout", kwargs.get("rank_dropout")),
-                          module_dropout=_parse_dropout("module_dropout", kwargs.get("module_dropout")))
+                          module_dropout=_parse_dropout("module_dropout", kwargs.get("module_dropout")),
+                          dora=dora_shapes_from_state_dict(weights_sd) or None)
+    loraplus = parse_extra_args({k: kwargs.get(k) for k in LORAPLUS_ARGS}, None).loraplus
+    if loraplus is not None:
+        network.set_loraplus_lr_ratio(*loraplus.values())
     return network, dict(weights_sd)

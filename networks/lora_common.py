@@ -351,10 +351,13 @@ def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.
 
     ``.safetensors``: tensors plus string metadata with ``sshs_model_hash``/``sshs_legacy_hash``
     added (the caller's dict is not changed); any other extension: ``torch.save`` of the dict, no
-    metadata.
+    metadata, in the legacy form AUTOMATIC1111's safe loader accepts (:mod:`library.pickle_files`).
+    Every tensor is written with its own bytes only (never the larger storage it may be a view of).
     """
+    from library.pickle_files import save_pickle, standalone
+
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    tensors = {k: standalone(v) for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
@@ -363,7 +366,7 @@ def save_state_dict_file(state_dict: Mapping[str, torch.Tensor], path: str | os.
             meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)
             save_file(tensors, str(tmp), meta)
         else:
-            torch.save(tensors, str(tmp))
+            save_pickle(tensors, tmp)
 
 
 def network_metadata(network_module: str, network_dim: Any, network_alpha: Any,

@@ -31,10 +31,12 @@ from networks.lora_common import (
     network_metadata,
     save_state_dict_file,
 )
+from networks.lycoris_common import LYCORIS_KEYS, lycoris_module_weights, module_kind
 
 logger = logging.getLogger(__name__)
 
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+DORA = "dora_scale"  # DoRA magnitude, [1, in(, 1, 1)] or [out, 1(, 1, 1)] (networks/lora_dora.py)
 PRECISION_NAMES = ("float", "fp16", "bf16")
 _DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SD_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
@@ -123,12 +125,18 @@ def torch_device(name: str | None) -> torch.device:
 
 @dataclass
 class LoRAModuleWeights:
-    """The down/up weights and alpha of one LoRA module, as stored in the file."""
+    """The down/up weights, alpha and (DoRA) ``dora_scale`` of one LoRA module, as stored in the file."""
 
     name: str
     down: torch.Tensor
     up: torch.Tensor
     alpha: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None
+
+    @property
+    def is_dora(self) -> bool:
+        """A DoRA module: the layer weight is re-normalised, so ΔW depends on the base weight."""
+        return self.dora_scale is not None
 
     @property
     def rank(self) -> int:
@@ -174,6 +182,10 @@ class LoRAModuleWeights:
         """(out, in, kernel) of the wrapped layer: equal signatures can be merged."""
         return self.out_features, self.in_features, self.kernel
 
+    def fits(self, layer_signature: tuple[int, int, tuple[int, int]]) -> bool:
+        """Whether the module can be merged into a layer of this (out, in, kernel)."""
+        return self.signature() == tuple(layer_signature)
+
     def check_finite(self, source: str | os.PathLike) -> None:
         """UserError when the weights hold NaN/inf (a diverged training run)."""
         if not (torch.isfinite(self.down).all() and torch.isfinite(self.up).all()):
@@ -194,10 +206,25 @@ class LoRAModuleWeights:
         return (up.reshape(self.out_features, self.rank).to(device=device),
                 down.reshape(self.rank, -1).to(device=device))
 
-    def delta(self, multiplier: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``multiplier · alpha/rank · up∘down`` in float32 (4-D for convs, 2-D for Linear)."""
+    def delta(self, multiplier: float = 1.0, dtype: torch.dtype | None = None,
+              base: torch.Tensor | None = None) -> torch.Tensor:
+        """``multiplier · alpha/rank · up∘down`` in float32 (4-D for convs, 2-D for Linear).
+
+        A DoRA module needs the layer's weight ``base``: its change is ``multiplier · (W' − W)`` with
+        ``W' = dora_scale · (W + s·ΔW) / ‖W + s·ΔW‖`` (:mod:`networks.lora_dora`), in ``base``'s shape."""
         down, up = self.weights(dtype)
-        return lora_delta(down, up) * (multiplier * self.scale)
+        if not self.is_dora:
+            return lora_delta(down, up) * (multiplier * self.scale)
+        if base is None:
+            raise ValueError(f"DoRA module {self.name}: the layer weight is needed to compute its change")
+        from networks.lora_dora import dora_axis_of, dora_diff
+
+        base = base.detach().float()
+        device = base.device
+        scaled = (lora_delta(down.to(device), up.to(device)) * self.scale).reshape(base.shape)
+        magnitude = self.dora_scale.to(dtype).float() if dtype is not None else self.dora_scale.float()
+        axis = dora_axis_of(magnitude.shape, base.shape)
+        return dora_diff(base, scaled, magnitude.to(device), axis, multiplier)
 
 
 @dataclass
@@ -234,7 +261,8 @@ def _not_a_lora_reason(keys: list[str], shapes: Mapping[str, tuple[int, ...]]) -
     if family == "vae_only":
         return "it holds VAE weights, not a LoRA"
     if any("hada_w" in k or "lokr_w" in k for k in keys):
-        return "it is a LyCORIS LoHa/LoKr file; only LoRA files (lora_down/lora_up keys) are supported"
+        return ("it is a LyCORIS LoHa/LoKr file; this tool reads only LoRA files (lora_down/lora_up keys); "
+                "networks/merge_lora.py --sd_model merges LoHa/LoKr into a model")
     if any("lora_A." in k or "lora_B." in k for k in keys):
         return "it is a PEFT/diffusers-format LoRA (lora_A/lora_B keys); only kohya-format LoRA files are supported"
     if "emb_params" in keys or "string_to_param" in keys:
@@ -244,8 +272,12 @@ def _not_a_lora_reason(keys: list[str], shapes: Mapping[str, tuple[int, ...]]) -
     return f"it has no '<module>.lora_down.weight' keys (first key: '{keys[0]}')"
 
 
-def load_lora_file(path: str | os.PathLike, option: str = "--model") -> LoRAFile:
+def load_lora_file(path: str | os.PathLike, option: str = "--model", allow_lycoris: bool = False) -> LoRAFile:
     """Read and check a LoRA file (``.safetensors`` by content, else a torch pickle, on CPU).
+
+    With ``allow_lycoris`` LoHa/LoKr modules are read too (as
+    :class:`~networks.lycoris_common.LycorisModuleWeights`, which offer ``delta``/``fits``); without it a
+    file with such modules is refused.
 
     Raises UserError (naming ``option`` and the path) for a missing file, an unreadable file, a file
     that is not a LoRA (a whole checkpoint, a VAE, a LyCORIS file …) and for modules with a missing
@@ -261,33 +293,63 @@ def load_lora_file(path: str | os.PathLike, option: str = "--model") -> LoRAFile
     try:
         lazy = open_state_dict(path)
     except UserError as exc:
-        raise UserError(f"{option} {exc}") from None
+        lazy = _open_legacy_pickle(path)  # open_state_dict memory-maps, which needs torch's zip form
+        if lazy is None:
+            raise UserError(f"{option} {exc}") from None
     is_safetensors = _is_safetensors_file(path)
     keys = sorted(lazy.keys()) if is_safetensors else list(lazy.keys())
-    if not any(k.endswith("." + DOWN) for k in keys):
+    lycoris = any(k.partition(".")[2] in LYCORIS_KEYS for k in keys)
+    if (lycoris and not allow_lycoris) or not (lycoris or any(k.endswith("." + DOWN) for k in keys)):
         raise UserError(f"{option} {path} is not a LoRA file: {_not_a_lora_reason(keys, lazy.shapes())}")
     tensors = {k: lazy[k] for k in keys}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     extra: list[str] = []
     for key in keys:
         name, _, rest = key.partition(".")
-        if rest in (DOWN, UP, ALPHA):
+        if rest in (DOWN, UP, ALPHA, DORA) or rest in LYCORIS_KEYS:
             grouped.setdefault(name, {})[rest] = tensors[key]
         else:
             extra.append(key)
     modules: dict[str, LoRAModuleWeights] = {}
     for name, parts in grouped.items():
+        if module_kind(parts) is not None:
+            modules[name] = lycoris_module_weights(name, parts, f"{option} {path}")
+            continue
         if DOWN not in parts or UP not in parts:
-            if DOWN not in parts and UP not in parts:  # an orphan alpha
-                extra.append(f"{name}.{ALPHA}")
+            if DOWN not in parts and UP not in parts:  # an orphan alpha / dora_scale
+                extra.extend(f"{name}.{rest}" for rest in parts)
                 continue
             have, lack = (DOWN, UP) if DOWN in parts else (UP, DOWN)
             raise UserError(f"{option} {path}: LoRA module {name} has {have} but no {lack}")
-        module = LoRAModuleWeights(name, parts[DOWN], parts[UP], parts.get(ALPHA))
+        module = LoRAModuleWeights(name, parts[DOWN], parts[UP], parts.get(ALPHA), parts.get(DORA))
         _check_module_shapes(module, path, option)
         modules[name] = module
     metadata = dict(lazy.metadata or {}) if is_safetensors else {}
     return LoRAFile(path, tensors, metadata, modules, is_safetensors, extra)
+
+
+def _open_legacy_pickle(path: Path) -> Any:
+    """A torch pickle in the legacy (non-zip) form, the form our ``.pt``/``.ckpt`` network files take
+    (library/pickle_files.py), read whole as a state dict; None when the file is not one or unreadable."""
+    import zipfile
+
+    from library.models.statedict import LazyStateDict
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"\x80\x02" or zipfile.is_zipfile(path):
+        return None
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a readable legacy pickle: the caller reports the first error
+        return None
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        return None
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    return LazyStateDict(path, tensors.__getitem__, {k: tuple(v.shape) for k, v in tensors.items()}, {},
+                         {k: v.dtype for k, v in tensors.items()})
 
 
 def _is_safetensors_file(path: Path) -> bool:
@@ -304,11 +366,27 @@ def _check_module_shapes(m: LoRAModuleWeights, path: Path, option: str) -> None:
     if not ok:
         raise UserError(f"{option} {path}: LoRA module {m.name} has inconsistent shapes: lora_down "
                         f"{tuple(down.shape)}, lora_up {tuple(up.shape)} (expected [r, in(, k, k)] and [out, r(, 1, 1)])")
+    if m.dora_scale is not None:
+        from networks.lora_dora import dora_axis_of
+
+        try:
+            dora_axis_of(m.dora_scale.shape, (m.out_features, m.in_features))
+        except ValueError as exc:
+            raise UserError(f"{option} {path}: LoRA module {m.name}: {exc}") from None
 
 
-def load_lora_files(paths: Sequence[str], option: str = "--models") -> list[LoRAFile]:
+def refuse_dora(lora: LoRAFile, tool: str, option: str = "--model") -> None:
+    """UserError when ``lora`` has DoRA modules (``dora_scale``), which ``tool`` cannot keep."""
+    dora = [name for name, module in lora.modules.items() if getattr(module, "is_dora", False)]
+    if dora:
+        raise UserError(f"{option} {lora.path} is a DoRA file ({len(dora)} modules with dora_scale, e.g. {dora[0]}); "
+                        f"{tool} works on plain LoRA only and cannot keep the magnitude vectors (merge it into a "
+                        "model with merge_lora.py --sd_model instead)")
+
+
+def load_lora_files(paths: Sequence[str], option: str = "--models", allow_lycoris: bool = False) -> list[LoRAFile]:
     """Load several LoRA files (see :func:`load_lora_file`)."""
-    return [load_lora_file(p, option) for p in paths]
+    return [load_lora_file(p, option, allow_lycoris) for p in paths]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +533,7 @@ def match_lora_to_model(lora: LoRAFile, layers: Mapping[str, nn.Module], model_v
             logger.info("no module found for LoRA weight: %s.%s", name, DOWN)
             continue
         module.check_finite(lora.path)
-        if module.signature() != layer_signature(layer):
+        if not module.fits(layer_signature(layer)):
             raise UserError(f"--models {lora.path} does not fit {model_name}: LoRA module {name} is "
                             f"{_describe(module.signature())} but the model layer is "
                             f"{_describe(layer_signature(layer))}; the LoRA was made for another model")
@@ -470,9 +548,11 @@ def match_lora_to_model(lora: LoRAFile, layers: Mapping[str, nn.Module], model_v
 def merge_module_into_layer(layer: nn.Module, module: LoRAModuleWeights, ratio: float,
                             merge_dtype: torch.dtype | None = None) -> None:
     """``W ← W + ratio · alpha/rank · up∘down`` (LoRA tensors rounded to ``merge_dtype``, sum in float32,
-    stored in the layer's dtype). 2-D LoRAs on 1×1 convs and 4-D ones on Linear layers are reshaped."""
+    stored in the layer's dtype); a DoRA module adds ``ratio · (W' − W)`` instead. 2-D LoRAs on 1×1 convs
+    and 4-D ones on Linear layers are reshaped."""
     weight = layer.weight
-    delta = module.delta(ratio, merge_dtype).to(weight.device).reshape(weight.shape)
+    base = weight.detach() if getattr(module, "is_dora", False) else None
+    delta = module.delta(ratio, merge_dtype, base).to(weight.device).reshape(weight.shape)
     weight.data = (weight.detach().float() + delta).to(weight.dtype)
 
 
@@ -488,9 +568,13 @@ def add_overwrite_input_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def refuse_overwriting_inputs(save_to: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]],
-                              allowed: bool = False) -> None:
+                              allowed: bool = False, kind: str = "network") -> None:
     """UserError when ``save_to`` is one of the input files/folders (the input would be lost), unless
-    ``allowed`` (``--overwrite_input``) and it is a file: the atomic write then replaces it in one rename."""
+    ``allowed`` (``--overwrite_input``) and it is a file: the atomic write then replaces it in one rename.
+    Any other existing ``save_to`` must be a file of ``kind`` (:func:`library.output_safety.check_target`):
+    nothing else is ever replaced."""
+    from library.output_safety import check_target
+
     target = Path(save_to)
     if not target.exists():
         return
@@ -510,6 +594,8 @@ def refuse_overwriting_inputs(save_to: str | os.PathLike, inputs: Iterable[tuple
             raise UserError(f"--save_to {save_to} is the same file as {option} {source}; choose another output "
                             "name, or pass --overwrite_input to replace it")
         logger.warning("--overwrite_input: %s (%s) will be replaced by the result", save_to, option)
+        return
+    check_target(target, kind, what="--save_to")
 
 
 def check_save_to(save_to: str | None, wants_folder: bool = False) -> Path:
@@ -523,14 +609,14 @@ def check_save_to(save_to: str | None, wants_folder: bool = False) -> Path:
 
 
 def check_merge_args(args: argparse.Namespace, wants_folder: bool = False,
-                     other_inputs: Sequence[tuple[str, str | None]] = ()) -> Path:
+                     other_inputs: Sequence[tuple[str, str | None]] = (), kind: str = "network") -> Path:
     """The checks of the merge tools: ``--models``/``--ratios`` (:func:`check_models_and_ratios`),
     ``--save_to`` (:func:`check_save_to`) and not an input (``--models`` or ``other_inputs``) unless
     ``--overwrite_input``; returns it."""
     check_models_and_ratios(args.models, args.ratios)
     save_to = check_save_to(args.save_to, wants_folder)
     refuse_overwriting_inputs(save_to, [*other_inputs, *(("--models", m) for m in args.models)],
-                              allowed=args.overwrite_input)
+                              allowed=args.overwrite_input, kind=kind)
     return save_to
 
 

@@ -5,10 +5,12 @@
     python networks/merge_lora.py --save_to ab.safetensors --models a.safetensors b.safetensors --ratios 0.6 0.4
 
 With ``--sd_model`` every LoRA is added to the model's weights, ``W ← W + ratio · alpha/rank · up∘down``
-(text encoder and UNet, 3×3 convolutions included), and the model is saved: an ldm single file keeps
-every other key of the input file (EMA weights etc.). Without it the LoRAs are combined into one LoRA
+(text encoder and UNet, 3×3 convolutions included; a DoRA module adds ``ratio · (W' − W)``, see
+networks/lora_dora.py), and the model is saved: an ldm single file keeps
+every other key of the input file (EMA weights etc.). LoHa/LoKr files merge the same way with the ΔW of
+their type (networks/lycoris_common.py). Without it the LoRAs are combined into one LoRA
 of the same rank (tools_and_preprocessing.md §2.1): this is not the exact sum of the LoRAs; use
-svd_merge_lora.py for that.
+svd_merge_lora.py for that (neither takes LoHa/LoKr files).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from networks.lora_files import (  # noqa: E402
     merged_lora_metadata,
     model_lora_layers,
     output_dtypes,
+    refuse_dora,
     save_lora_file,
 )
 
@@ -152,7 +155,9 @@ def merge_lora_weights(loras: Sequence[LoRAFile], ratios: Sequence[float], merge
 
 
 def merge_loras_to_file(args, loras: list[LoRAFile], merge_dtype: torch.dtype, save_dtype: torch.dtype) -> None:
-    """Mode B: write the combined LoRA with minimal ``ss_*`` metadata and hashes."""
+    """Mode B: write the combined LoRA with minimal ``ss_*`` metadata and hashes (DoRA files refused)."""
+    for lora in loras:
+        refuse_dora(lora, "merge_lora.py without --sd_model (LoRAs into one LoRA)", "--models")
     common_sd_version(loras)
     tensors, ranks, alphas = merge_lora_weights(loras, args.ratios, merge_dtype)
     metadata = merged_lora_metadata(loras, tensors)
@@ -168,10 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     into_model = args.sd_model is not None
     if into_model and not Path(args.sd_model).exists():
         raise UserError(f"--sd_model {args.sd_model}: no such file or folder")
-    save_to = check_merge_args(args, wants_folder=into_model and not Path(args.save_to or "").suffix,
-                               other_inputs=[("--sd_model", args.sd_model)])
+    to_folder = into_model and not Path(args.save_to or "").suffix
+    save_to = check_merge_args(args, wants_folder=to_folder, other_inputs=[("--sd_model", args.sd_model)],
+                               kind=("diffusers" if to_folder else "checkpoint") if into_model else "network")
     merge_dtype, save_dtype = output_dtypes(args)
-    loras = load_lora_files(args.models, "--models")
+    loras = load_lora_files(args.models, "--models", allow_lycoris=into_model)
     if into_model:
         merge_into_model(args, loras, merge_dtype, save_dtype)
     else:

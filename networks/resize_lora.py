@@ -38,6 +38,7 @@ from networks.lora_files import (  # noqa: E402
     check_ranks,
     check_save_to,
     load_lora_file,
+    refuse_dora,
     output_dtypes,
     refuse_overwriting_inputs,
     require_options,
@@ -152,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, save_dtype = output_dtypes(args)
     device = torch_device(args.device)
     lora = load_lora_file(args.model, "--model")
+    refuse_dora(lora, "resize_lora.py")
     old_dim = first_linear_rank(lora)
     out: dict[str, torch.Tensor] = {}
     fro_values: list[float] = []

@@ -37,6 +37,7 @@ from networks.lora_files import (  # noqa: E402
     check_ranks,
     common_sd_version,
     load_lora_files,
+    refuse_dora,
     merged_lora_metadata,
     output_dtypes,
     save_lora_file,
@@ -111,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     merge_dtype, save_dtype = output_dtypes(args)
     device = torch_device(args.device)
     loras = load_lora_files(args.models, "--models")
+    for lora in loras:
+        refuse_dora(lora, "svd_merge_lora.py", "--models")
     common_sd_version(loras)
     logger.info("new rank: %d, new conv rank: %s", args.new_rank, args.new_conv_rank or args.new_rank)
     tensors, ranks = svd_merge(loras, args.ratios, args.new_rank, args.new_conv_rank, device, merge_dtype)
