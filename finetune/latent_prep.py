@@ -37,6 +37,7 @@ from library.data.buckets import (
 from library.data.images import read_image_sizes
 from library.data.latents import CacheStats, LatentRequest, cache_latents, default_latent_workers, flip_npz_path
 from library.errors import UserError
+from library.output_safety import KIND_WORDS, classify
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,19 @@ def _promote(final: Path, flip_aug: bool) -> tuple[bool, bool]:
     if flip_aug:
         os.replace(staging_flip, flip_npz_path(final))
         return True, False
-    return True, _remove(flip_npz_path(final))
+    old_flip = flip_npz_path(final)
+    return True, classify(old_flip) == "latents" and _remove(old_flip)
+
+
+def refuse_foreign_files(planned: Sequence[PlannedImage]) -> None:
+    """UserError naming the first latent file name held by something that is no latent cache (fine_tune.py
+    reads exactly ``<stem>.npz``, so no other name can be chosen; the user's file is never replaced)."""
+    for item in planned:
+        for path in (item.npz_path, flip_npz_path(item.npz_path)):
+            found = classify(path)
+            if found not in ("missing", "latents"):
+                raise UserError(f"{path}: the latent file of {item.image_path} would replace {KIND_WORDS[found]} "
+                                "that is no latent cache; it is left untouched — move it away first")
 
 
 def encode_planned(planned: Sequence[PlannedImage], vae: torch.nn.Module, *, batch_size: int = 1,
@@ -226,6 +239,7 @@ def encode_planned(planned: Sequence[PlannedImage], vae: torch.nn.Module, *, bat
     record when present); otherwise every image is encoded again. Images that cannot be decoded are
     listed in ``stats.failed``; their old files are left alone.
     """
+    refuse_foreign_files(planned)
     for item in planned:  # leftovers of an interrupted run
         _remove(_staging_path(item.npz_path))
         _remove(flip_npz_path(_staging_path(item.npz_path)))

@@ -422,6 +422,25 @@ def test_latent_file_collisions_are_refused(tiny, tmp_path, capsys):
     assert (data / "x.npz").exists() and (data / "sub" / "x.npz").exists()
 
 
+def test_a_users_npz_is_never_replaced_or_deleted(tiny, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_image(data / "x.png", (64, 64))
+    write_image(data / "y.png", (64, 64))
+    np.savez(data / "x.npz", notes=np.arange(3))  # the user's own file at x's latent name
+    (data / "y_flip.npz").write_bytes(b"not a zip")  # and at y's mirrored name (removed without --flip_aug)
+    mine = {p.name: p.read_bytes() for p in data.glob("*.npz")}
+    (tmp_path / "m.json").write_text("{}", encoding="utf-8")
+    argv = [data, tmp_path / "m.json", tmp_path / "o.json", tiny["safetensors"], *BUCKETS]
+    assert run_script(prepare_main, argv) == 2
+    assert "x.npz" in error_line(capsys) and {p.name: p.read_bytes() for p in data.glob("*.npz")} == mine
+    (data / "x.npz").unlink()
+    assert run_script(prepare_main, argv) == 2
+    assert "y_flip.npz" in error_line(capsys) and (data / "y_flip.npz").read_bytes() == b"not a zip"
+    (data / "y_flip.npz").unlink()
+    assert run_script(prepare_main, argv) == 0
+    assert sorted(p.name for p in data.glob("*.npz")) == ["x.npz", "y.npz"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--max_resolution", "512x512"], "--max_resolution: must be 'size' or 'width,height'"),
     (["--bucket_reso_steps", "12"], "--bucket_reso_steps must be a positive multiple of 8"),

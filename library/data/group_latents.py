@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from library.data.latents import LatentRequest, cache_latents, npz_paths
+from library.data.cache_names import latent_cache_paths
+from library.data.latents import LatentRequest, cache_latents
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ def cache_group_latents(group: Any, vae: Any, *, to_disk: bool, batch_size: int 
     ``.npz`` files beside the images. Images that fail to load are left out of training."""
     keys: list[tuple[int, int]] = []
     requests: list[LatentRequest] = []
+    cache_paths = latent_cache_paths(_images_to_cache(group)) if to_disk else {}
     for di, ds in enumerate(group.datasets):
         for ei, (entry, assignment) in enumerate(zip(ds.entries, ds.assignments)):
             if entry.path is None or group.uses_latents(di, ei):
@@ -26,7 +28,7 @@ def cache_group_latents(group: Any, vae: Any, *, to_disk: bool, batch_size: int 
             path = Path(entry.path)
             requests.append(LatentRequest(image_path=path, bucket_reso=assignment.bucket,
                                           resized_size=assignment.resized_size, flip=subset.flip_aug,
-                                          npz_path=npz_paths(path)[0] if to_disk else None))
+                                          npz_path=cache_paths.get(path)))
             keys.append((di, ei))
     if not requests:
         return
@@ -40,3 +42,9 @@ def cache_group_latents(group: Any, vae: Any, *, to_disk: bool, batch_size: int 
     if stats.failed:
         logger.warning("left out %d image(s) that could not be encoded: %s", len(stats.failed),
                        "; ".join(f"{p}: {why}" for p, why in stats.failed[:10]))
+
+
+def _images_to_cache(group: Any) -> list[Path]:
+    """Every image of ``group`` that gets a latent cache (those without pre-computed latents)."""
+    return [Path(entry.path) for di, ds in enumerate(group.datasets) for ei, entry in enumerate(ds.entries)
+            if entry.path is not None and not group.uses_latents(di, ei)]

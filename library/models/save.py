@@ -127,12 +127,16 @@ def save_diffusers_folder(path: str | os.PathLike, components: dict[str, dict[st
                           configs: ModelConfigs, scheduler: dict, tokenizer: Any, *, safetensors: bool,
                           save_dtype: torch.dtype | None) -> None:
     """Write a ``StableDiffusionPipeline`` folder (model_index.json, unet/, vae/, text_encoder/,
-    scheduler/, tokenizer/) atomically, with ``text_model.``-prefixed text-encoder keys."""
+    scheduler/, tokenizer/) atomically, with ``text_model.``-prefixed text-encoder keys, and the manifest
+    (:data:`library.output_safety.MANIFEST`) that lets a later save replace it; an existing folder of that
+    name is replaced only when it is such a save, unchanged since."""
     import diffusers
 
     from library.models.tokenizer import save_tokenizer
 
-    with atomic_path(path) as tmp:
+    from library.output_safety import write_manifest
+
+    with atomic_path(path, replace_kind="diffusers") as tmp:
         for sub in ("unet", "vae", "text_encoder", "scheduler"):
             (tmp / sub).mkdir(parents=True)
         ver = diffusers.__version__
@@ -157,6 +161,7 @@ def save_diffusers_folder(path: str | os.PathLike, components: dict[str, dict[st
             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"]})
+        write_manifest(tmp, "diffusers")  # what proves the folder ours when a later save replaces it
 
 
 def _public(config: dict) -> dict:

@@ -157,7 +157,7 @@ def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
 
     Used for ``--tokenizer_cache_dir`` and for the ``tokenizer/`` subfolder of a diffusers model folder.
     """
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder, replace_kind="tokenizer") as tmp:
         tmp.mkdir()
         tokenizer.save_pretrained(str(tmp))
         _ensure_vocab_files(tokenizer, tmp)

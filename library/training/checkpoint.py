@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,16 +74,6 @@ def step_to_remove(step: int, every: int | None, keep: int | None) -> int | None
     return old if old > 0 else None
 
 
-def remove_output(path: Path) -> None:
-    """Delete an old save (file or folder) if it exists."""
-    if path.is_dir():
-        shutil.rmtree(path)
-        logger.info("removed old save %s", path)
-    elif path.exists():
-        path.unlink()
-        logger.info("removed old save %s", path)
-
-
 def rng_states(generator: torch.Generator) -> dict[str, Any]:
     """Python, NumPy, torch (CPU, CUDA) and the training noise generator states."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -106,7 +95,8 @@ def restore_rng_states(states: dict[str, Any], generator: torch.Generator) -> No
 
 def save_state(folder: Path, *, progress: TrainProgress, trainable: dict[str, torch.Tensor], optimizer: Any,
                scheduler: Any, generator: torch.Generator, scaler: Any = None, extra: dict | None = None) -> Path:
-    """Write a state folder atomically (an existing one with the same name is replaced)."""
+    """Write a state folder atomically; an existing state folder of that name is replaced in one step (the
+    name never points at nothing), anything else there is refused (:mod:`library.fileio`)."""
     payload = {
         "version": STATE_VERSION, "progress": asdict(progress),
         "trainable": {k: v.detach().cpu().clone() for k, v in trainable.items()},
@@ -114,7 +104,7 @@ def save_state(folder: Path, *, progress: TrainProgress, trainable: dict[str, to
         "rng": rng_states(generator), "scaler": scaler.state_dict() if scaler is not None else None,
         "extra": extra or {},
     }
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder, replace_kind="state") as tmp:
         tmp.mkdir()
         torch.save(payload, tmp / STATE_FILE)
         (tmp / "state.json").write_text(json.dumps(asdict(progress), indent=2) + "\n", encoding="utf-8")
