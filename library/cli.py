@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable, Sequence
@@ -9,6 +10,16 @@ from typing import Callable, Sequence
 from library.errors import UserError
 
 EXIT_USER_ERROR = 2
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes (bad type, unknown option, invalid choice) are one line,
+    ``error: argument --x: ...``, and exit code 2, like every other user error of the scripts
+    (argparse would first print the whole usage, dozens of lines for a training script)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        """Print ``error: <message>`` and a pointer to ``--help``; exit 2."""
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -37,11 +48,3 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         return 130
     return int(code or 0)
 
-
-def not_yet_available(script: str, what: str) -> Callable[[Sequence[str] | None], int]:
-    """A main() for an entry script whose method has not landed: it says so and exits 2."""
-
-    def main(argv: Sequence[str] | None = None) -> int:
-        raise UserError(f"{script}: {what} is not implemented in this version yet")
-
-    return main

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 from library.training.loss_options import loss_metadata
 from library.training.plan import RunPlan
+from library.config.arguments import latents_cached
 
 
 def _legacy_file_hash(path: Path) -> str:
@@ -123,10 +125,50 @@ def dataset_metadata(group: Any, blueprint: Any, args: argparse.Namespace, plan:
     return meta
 
 
+def _later_upstream_keys(args: argparse.Namespace, group: Any) -> dict[str, str]:
+    """``ss_*`` keys the current reference writes beyond the 2023 set (options this toolkit lacks keep the
+    reference's default: fp8 base weights off, no weight-norm scaling, no resize interpolation choice)."""
+    validation = getattr(group, "validation", None)
+    split = getattr(args, "validation_split", None)
+    return {
+        "ss_adaptive_noise_scale": str(args.adaptive_noise_scale),
+        "ss_network_dropout": str(args.network_dropout),
+        "ss_validation_split": str(split if split is not None else 0.0),
+        "ss_validation_seed": str(getattr(args, "validation_seed", None)),
+        "ss_validate_every_n_steps": str(getattr(args, "validate_every_n_steps", None)),
+        "ss_validate_every_n_epochs": str(getattr(args, "validate_every_n_epochs", None)),
+        "ss_max_validation_steps": str(getattr(args, "max_validation_steps", None)),
+        "ss_num_validation_images": str(validation.num_images if validation is not None else 0),
+        "ss_fp8_base": str(bool(getattr(args, "fp8_base", False))),
+        "ss_fp8_base_unet": str(bool(getattr(args, "fp8_base_unet", False))),
+        "ss_noise_offset_random_strength": str(bool(getattr(args, "noise_offset_random_strength", False))),
+        "ss_resize_interpolation": str(getattr(args, "resize_interpolation", None)),
+        "ss_scale_weight_norms": str(getattr(args, "scale_weight_norms", None)),
+    }
+
+
+def lora_modelspec(args: argparse.Namespace, *, group: Any, v2: bool, v_parameterization: bool,
+                   timestamp: float) -> dict[str, str]:
+    """The ``modelspec.*`` keys of a LoRA from this run (``modelspec.date`` is set again at each save)."""
+    from library.modelspec import file_title, modelspec_metadata, training_resolution, user_fields
+
+    return modelspec_metadata(v2=v2, v_parameterization=v_parameterization, adapter="lora", title=file_title(args),
+                              resolution=training_resolution(group), timestamp=timestamp,
+                              clip_skip=args.clip_skip, user=user_fields(args))
+
+
 def network_metadata(args: argparse.Namespace, *, group: Any, blueprint: Any, plan: RunPlan, seed: int,
                      session_id: int, started_at: float, optimizer_name: str, v2: bool,
-                     recorded_lrs: dict[str, str] | None = None) -> dict[str, str]:
-    """The metadata fixed for the run (per-save keys are added by :func:`for_save`)."""
+                     recorded_lrs: dict[str, str] | None = None, v_parameterization: bool | None = None
+                     ) -> dict[str, str]:
+    """The metadata fixed for the run (per-save keys are added by :func:`for_save`): the ``ss_*`` keys,
+    ``ss_base_model_version`` and the ``modelspec.*`` header (docs/train_network.md, "File format").
+
+    ``v_parameterization`` is the model's (default: ``--v_parameterization``)."""
+    from library.modelspec import base_model_version
+
+    if v_parameterization is None:
+        v_parameterization = bool(getattr(args, "v_parameterization", False))
     minimal = {"ss_network_module": str(args.network_module), "ss_network_dim": str(args.network_dim),
                "ss_network_alpha": str(args.network_alpha)}
     if args.network_args:
@@ -148,7 +190,7 @@ def network_metadata(args: argparse.Namespace, *, group: Any, blueprint: Any, pl
         "ss_lr_warmup_steps": str(args.lr_warmup_steps), "ss_lr_scheduler": str(args.lr_scheduler),
         "ss_mixed_precision": str(args.mixed_precision), "ss_full_fp16": str(args.full_fp16), "ss_v2": str(v2),
         "ss_clip_skip": str(args.clip_skip), "ss_max_token_length": str(args.max_token_length),
-        "ss_cache_latents": str(args.cache_latents), "ss_seed": str(seed), "ss_lowram": str(args.lowram),
+        "ss_cache_latents": str(latents_cached(args)), "ss_seed": str(seed), "ss_lowram": str(args.lowram),
         "ss_noise_offset": str(args.noise_offset), "ss_multires_noise_iterations": str(args.multires_noise_iterations),
         "ss_multires_noise_discount": str(args.multires_noise_discount), "ss_min_snr_gamma": str(args.min_snr_gamma),
         "ss_prior_loss_weight": str(args.prior_loss_weight), "ss_max_grad_norm": str(args.max_grad_norm),
@@ -159,6 +201,10 @@ def network_metadata(args: argparse.Namespace, *, group: Any, blueprint: Any, pl
         "ss_sd_scripts_commit_hash": "(unknown)", "ss_optimizer": optimizer_name,
     }
     meta.update(loss_metadata(args))  # loss / noise options (library/training/loss_options.py)
+    meta.update(_later_upstream_keys(args, group))
+    meta["ss_base_model_version"] = base_model_version(v2, v_parameterization)
+    meta.update(lora_modelspec(args, group=group, v2=v2, v_parameterization=v_parameterization,
+                               timestamp=started_at))
     meta.update(recorded_lrs or {})
     meta.update(minimal)
     meta.update(dataset_metadata(group, blueprint, args, plan))
@@ -228,5 +274,9 @@ class RunMetadata:
 
 
 def for_save(base: dict[str, str], *, epoch: int, step: int) -> dict[str, str]:
-    """The header for one save: the run's metadata plus epoch, step and finish time."""
-    return dict(base, ss_training_finished_at=str(time.time()), ss_epoch=str(epoch), ss_steps=str(step))
+    """The header for one save: the run's metadata plus epoch, step, finish time (and the modelspec date)."""
+    now = time.time()
+    meta = dict(base, ss_training_finished_at=str(now), ss_epoch=str(epoch), ss_steps=str(step))
+    if "modelspec.date" in meta:
+        meta["modelspec.date"] = datetime.datetime.fromtimestamp(int(now)).isoformat()
+    return meta

@@ -20,7 +20,8 @@ import torch
 from library.data.tokens import encode_tokens
 from library.errors import UserError
 
-from library.methods.base import single_group_learning_rates
+from library.methods.base import MethodBase
+from library.output_safety import OutputLayout
 
 logger = logging.getLogger(__name__)
 
@@ -169,23 +170,41 @@ def read_embedding_file(path: str | Path) -> torch.Tensor:
     return data.detach().reshape(1, -1) if data.dim() == 1 else data.detach()
 
 
-def embedding_metadata(model: Any, title: str) -> dict[str, str]:
-    """The ``modelspec`` header of a saved embedding (as kohya writes it)."""
-    from library.models.save import modelspec_metadata
+def embedding_metadata(model: Any, title: str | None, *, resolution: tuple[int, int] | None = None,
+                       clip_skip: int | None = None, user: dict[str, str | None] | None = None,
+                       timestamp: float | None = None) -> dict[str, str]:
+    """The ``modelspec`` header of a saved embedding, the keys and values the reference writes
+    (:mod:`library.modelspec`); ``timestamp`` (default now) gives ``modelspec.date``."""
+    import time
 
-    meta = modelspec_metadata(model.configs, title)
-    meta["modelspec.architecture"] += "/textual-inversion"
-    meta["modelspec.implementation"] = "https://github.com/Stability-AI/generative-models"
-    return meta
+    from library.modelspec import modelspec_metadata
+
+    configs = model.configs
+    return modelspec_metadata(v2=configs.v2, v_parameterization=configs.v_parameterization,
+                              adapter="textual-inversion", title=title, resolution=resolution,
+                              timestamp=time.time() if timestamp is None else timestamp, clip_skip=clip_skip,
+                              user=user)
+
+
+def header_fields(args: argparse.Namespace, group: Any) -> dict[str, Any]:
+    """What :func:`embedding_metadata` takes from the run: title, training resolution, clip skip and the
+    ``--metadata_*`` fields."""
+    from library.modelspec import file_title, training_resolution, user_fields
+
+    return {"title": file_title(args), "resolution": training_resolution(group), "clip_skip": args.clip_skip,
+            "user": user_fields(args)}
 
 
 def write_embedding_file(path: Path, vectors: torch.Tensor, save_format: str, *, token_string: str, step: int,
                          metadata: dict[str, str] | None = None) -> Path:
     """Write ``vectors`` atomically: safetensors ``{"emb_params": T}`` (+ metadata) or a ``.pt``/``.ckpt``
-    in AUTOMATIC1111's layout ``{"string_to_token", "string_to_param": {"*": T}, "name", "step", ...}``."""
+    in AUTOMATIC1111's layout ``{"string_to_token", "string_to_param": {"*": T}, "name", "step", ...}``,
+    pickled in the form its safe loader accepts (:mod:`library.pickle_files`). Only the vectors' own
+    bytes are written, never the embedding table they may be a view of."""
     from library.fileio import atomic_path
+    from library.pickle_files import save_pickle, standalone
 
-    vectors = vectors.detach().cpu().contiguous()
+    vectors = standalone(vectors)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         if save_format == "safetensors":
@@ -193,8 +212,8 @@ def write_embedding_file(path: Path, vectors: torch.Tensor, save_format: str, *,
 
             save_file({"emb_params": vectors}, str(tmp), metadata=metadata)
         else:
-            torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": token_string,
-                        "step": step, "sd_checkpoint": None, "sd_checkpoint_name": None}, str(tmp))
+            save_pickle({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": token_string,
+                         "step": step, "sd_checkpoint": None, "sd_checkpoint_name": None}, tmp)
     return path
 
 
@@ -231,21 +250,29 @@ def initial_vectors(tokenizer: Any, embedding: torch.nn.Embedding, num_vectors: 
     return (base.mean(0) + noise * base.std(0)).to(table.dtype)
 
 
-class TextualInversionMethod:
+def output_layout(save_model_as: str) -> OutputLayout:
+    """``<name>.safetensors`` / ``.pt`` / ``.ckpt`` embedding files (XTI too)."""
+    return OutputLayout("embedding", f".{save_model_as}")
+
+
+class TextualInversionMethod(MethodBase):
     """Train the rows of new tokens in the text encoder's token-embedding matrix."""
 
     name = "textual_inversion"
 
     def __init__(self, *, model: Any, token_string: str, token_ids: list[int], clip_skip: int | None,
                  max_token_length: int | None, save_format: str, save_dtype: torch.dtype | None,
-                 device: torch.device, gradient_checkpointing: bool = False):
-        """Call :func:`prepare_textual_inversion` first (it adds the tokens and sets the vectors)."""
+                 device: torch.device, gradient_checkpointing: bool = False,
+                 header: dict[str, Any] | None = None):
+        """Call :func:`prepare_textual_inversion` first (it adds the tokens and sets the vectors).
+        ``header``: :func:`header_fields` of the run, for the safetensors header (default: title = file name)."""
         if save_format not in EMBEDDING_FORMATS:
             raise UserError(f"--save_model_as {save_format}: expected one of {', '.join(EMBEDDING_FORMATS)}")
         self.model, self.token_string, self.token_ids = model, token_string, token_ids
         self.clip_skip, self.max_token_length = clip_skip, max_token_length
         self.save_format, self.save_dtype, self.device = save_format, save_dtype, device
         self.gradient_checkpointing = gradient_checkpointing
+        self.header = header
         self.embedding = token_embedding(model.text_encoder)
         self.first_id = token_ids[0]
         self.original_rows = self.embedding.weight.detach()[:self.first_id].clone()
@@ -257,10 +284,6 @@ class TextualInversionMethod:
     def param_groups(self) -> list[dict[str, Any]]:
         """The whole token-embedding matrix, at ``--learning_rate``."""
         return [{"params": [self.embedding.weight]}]
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The token-embedding matrix."""
-        return [self.embedding.weight]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The new rows only (the others always equal the base model's)."""
@@ -282,9 +305,6 @@ class TextualInversionMethod:
         self.model.text_encoder.train(training)
         self.model.unet.train(training and self.gradient_checkpointing)
 
-    def on_epoch_start(self, epoch: int) -> None:
-        """Nothing to do per epoch."""
-
     def conditioning(self, batch: dict[str, Any]) -> torch.Tensor:
         """Text-encoder hidden states with gradients (they flow back into the embedding rows)."""
         with torch.enable_grad():
@@ -296,17 +316,14 @@ class TextualInversionMethod:
         with torch.no_grad():
             self.embedding.weight[:self.first_id] = self.original_rows
 
-    def learning_rates(self, optimizer: Any) -> dict[str, float]:
-        """``lr`` of the single group (and ``lr/d*lr`` for D-Adaptation / Prodigy)."""
-        return single_group_learning_rates(optimizer)
-
     def save(self, output_dir: Path, name: str, *, epoch: int, step: int, final: bool) -> Path:
         """Write ``output_dir/name.<pt|ckpt|safetensors>`` with the trained vectors in ``--save_precision``."""
         vectors = self.vectors()
         if self.save_dtype is not None:
             vectors = vectors.to(self.save_dtype)
         path = Path(output_dir) / f"{name}.{self.save_format}"
-        meta = embedding_metadata(self.model, name) if self.save_format == "safetensors" else None
+        header = self.header or {"title": name}
+        meta = embedding_metadata(self.model, **header) if self.save_format == "safetensors" else None
         return write_embedding_file(path, vectors, self.save_format, token_string=self.token_string, step=step,
                                     metadata=meta)
 
@@ -328,7 +345,7 @@ def freeze_and_place(model: Any, args: argparse.Namespace, *, device: torch.devi
                      weight_dtype: torch.dtype) -> None:
     """Freeze everything but the token-embedding matrix and place the parts: UNet and VAE in
     ``weight_dtype``; the text encoder in fp32, or ``weight_dtype`` with --full_fp16/--full_bf16."""
-    from library.training.session import place
+    from library.models.placement import place
 
     te = model.text_encoder
     model.unet.requires_grad_(False)

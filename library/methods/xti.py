@@ -166,10 +166,12 @@ def prepare_xti(model: Any, tokenizer: Any, args: argparse.Namespace, *, seed: i
 
 
 def write_xti_file(path: Path, vectors: dict[str, torch.Tensor], save_format: str) -> Path:
-    """Write ``{layer name: [n, D]}`` atomically as safetensors or a torch pickle (``.pt`` / ``.ckpt``)."""
+    """Write ``{layer name: [n, D]}`` atomically as safetensors or a torch pickle (``.pt`` / ``.ckpt``, in
+    the legacy form of :mod:`library.pickle_files`); each tensor holds only its own rows."""
     from library.fileio import atomic_path
+    from library.pickle_files import save_pickle, standalone
 
-    vectors = {k: v.detach().cpu().contiguous() for k, v in vectors.items()}
+    vectors = {k: standalone(v) for k, v in vectors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         if save_format == "safetensors":
@@ -177,7 +179,7 @@ def write_xti_file(path: Path, vectors: dict[str, torch.Tensor], save_format: st
 
             save_file(vectors, str(tmp))
         else:
-            torch.save(vectors, str(tmp))
+            save_pickle(vectors, tmp)
     return path
 
 

@@ -1,0 +1,214 @@
+"""The allowed range of every numeric option of the training scripts, checked before anything loads.
+
+:data:`BOUNDS` maps an option's argparse name to its :class:`Bound`; :func:`bound_problems` returns one
+message per option outside its range (``--network_dim must be at least 1, got 0``) and
+:func:`network_arg_problems` asks the ``--network_module`` to check ``--network_args`` the same way.
+A few options keep their checks beside their other rules (:data:`CHECKED_ELSEWHERE`) and
+:data:`UNBOUNDED` lists the ones any value of their type suits. docs/guardrails.md lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+from library.errors import UserError
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A range ``low .. high`` (None: open-ended); ``low_open`` / ``high_open`` exclude the end itself.
+
+    Every float option must also be finite (argparse's ``float`` accepts ``nan`` and ``inf``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        """True when ``value`` lies in the range."""
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        """The range in words, as the error messages and the docs say it."""
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            if self.low is None:
+                return "a finite number"
+            return f"> {low}" if self.low_open else (f"at least {low}" if isinstance(self.low, int) else f">= {low}")
+        if self.low is None:
+            return f"< {high}" if self.high_open else f"at most {high}"
+        if self.low_open and self.high_open:
+            return f"between {low} and {high} (exclusive)"
+        if self.high_open:
+            return f"at least {low} and below {high}"
+        if self.low_open:
+            return f"above {low} and at most {high}"
+        return f"between {low} and {high}"
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else (str(value) if isinstance(value, int) else f"{value:g}")
+
+
+AT_LEAST_1 = Bound(1)
+AT_LEAST_0 = Bound(0)
+NON_NEGATIVE = Bound(0.0)
+POSITIVE = Bound(0.0, low_open=True)
+UNIT = Bound(0.0, 1.0)  # a probability or share, both ends allowed
+DROPOUT = Bound(0.0, 1.0, high_open=True)
+FINITE = Bound()
+SEED = Bound(0, 2**32 - 1)  # numpy's seed range (accelerate's set_seed seeds numpy too)
+
+BOUNDS: Mapping[str, Bound] = MappingProxyType({
+    # data loading and datasets (the dataset config's keys have the same rules, library/config/keys.py)
+    "seed": SEED,
+    "train_batch_size": AT_LEAST_1,
+    "vae_batch_size": AT_LEAST_1,
+    "max_data_loader_n_workers": AT_LEAST_0,
+    "prior_loss_weight": NON_NEGATIVE,
+    "keep_tokens": AT_LEAST_0,
+    "min_bucket_reso": AT_LEAST_1,
+    "max_bucket_reso": AT_LEAST_1,
+    "bucket_reso_steps": AT_LEAST_1,
+    "token_warmup_min": AT_LEAST_0,
+    "token_warmup_step": NON_NEGATIVE,
+    "caption_dropout_rate": UNIT,
+    "caption_dropout_every_n_epochs": AT_LEAST_0,
+    "caption_tag_dropout_rate": UNIT,
+    "dataset_repeats": AT_LEAST_1,
+    # training length, precision, noise
+    "max_train_epochs": AT_LEAST_0,  # 0 = not given (--max_train_steps counts)
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "clip_skip": AT_LEAST_1,
+    "noise_offset": NON_NEGATIVE,
+    "adaptive_noise_scale": FINITE,  # may be negative (the offset is clamped at 0)
+    "multires_noise_iterations": AT_LEAST_1,
+    "multires_noise_discount": UNIT,
+    "min_snr_gamma": NON_NEGATIVE,  # 0 = off
+    # optimizer and schedule
+    "learning_rate": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,  # 0 = no clipping
+    "lr_warmup_steps": AT_LEAST_0,
+    "lr_scheduler_num_cycles": AT_LEAST_1,
+    "lr_scheduler_power": POSITIVE,
+    # saving and sampling
+    "save_every_n_epochs": AT_LEAST_1,
+    "save_n_epoch_ratio": AT_LEAST_1,
+    "save_every_n_steps": AT_LEAST_1,
+    "save_last_n_epochs": AT_LEAST_1,
+    "save_last_n_epochs_state": AT_LEAST_1,
+    "save_last_n_steps": AT_LEAST_1,
+    "save_last_n_steps_state": AT_LEAST_1,
+    "sample_every_n_steps": AT_LEAST_1,
+    "sample_every_n_epochs": AT_LEAST_1,
+    # train_network.py
+    "network_dim": AT_LEAST_1,
+    "network_alpha": NON_NEGATIVE,  # 0 = the rank (scale 1)
+    "network_dropout": DROPOUT,
+    "unet_lr": NON_NEGATIVE,
+    "text_encoder_lr": NON_NEGATIVE,
+    # train_textual_inversion.py / _XTI.py
+    "num_vectors_per_token": AT_LEAST_1,
+})
+
+# options whose range is checked beside the other rules of their module (same up-front check, same wording)
+CHECKED_ELSEWHERE: Mapping[str, str] = MappingProxyType({
+    "max_train_steps": "at least 1 (unless --max_train_epochs is given); library/training/args.py",
+    "max_token_length": "75, 150 or 225 (argparse choices)",
+    "ema_decay": "between 0 and 1 (exclusive); library/training/ema.py",
+    "ema_update_every": "at least 1; library/training/ema.py",
+    "validation_split": "at least 0 and below 1; library/training/validation.py",
+    "validation_seed": "at least 0; library/training/validation.py",
+    "validate_every_n_steps": "at least 1; library/training/validation.py",
+    "validate_every_n_epochs": "at least 1; library/training/validation.py",
+    "huber_c": "> 0; library/training/loss_options.py",
+    "huber_scale": "> 0; library/training/loss_options.py",
+    "ip_noise_gamma": ">= 0; library/training/loss_options.py",
+    "text_encoder_batch_size": "at least 1, with --cache_text_encoder_outputs (unused without); "
+                               "library/training/te_cache.py, before the model loads",
+    "resolution": "'size' or 'width,height', positive integers; checked here with the config's parser",
+    "face_crop_aug_range": "'low,high' numbers with low <= high; checked here with the config's parser",
+})
+
+# numeric options that take any value of their type
+UNBOUNDED: Mapping[str, str] = MappingProxyType({
+    "stop_text_encoder_training": "any integer (0 or negative: the text encoder never trains)",
+})
+
+# options whose float values are checked elsewhere only for their range: still refuse nan / inf here
+_FINITE_ONLY = ("huber_c", "huber_scale", "ip_noise_gamma")
+
+
+def _missing(args: argparse.Namespace, name: str) -> bool:
+    return getattr(args, name, None) is None or isinstance(getattr(args, name), bool)
+
+
+def bound_problems(args: argparse.Namespace) -> list[str]:
+    """One message per option of ``args`` outside its range (options the script lacks are skipped)."""
+    from library.config.arguments import parse_face_crop_option, parse_resolution_option
+
+    problems = []
+    for name, bound in BOUNDS.items():
+        if _missing(args, name):
+            continue
+        value = getattr(args, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{name} must be a finite number, got {value}")
+        elif not bound.contains(value):
+            problems.append(f"--{name} must be {bound.describe()}, got {_number(value) or value}")
+    for name in _FINITE_ONLY:
+        value = getattr(args, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{name} must be a finite number, got {value}")
+    for name, parse in (("resolution", parse_resolution_option), ("face_crop_aug_range", parse_face_crop_option)):
+        try:
+            parse(getattr(args, name, None), f"--{name}")
+        except UserError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def network_arg_problems(args: argparse.Namespace, found: list[str] = ()) -> list[str]:
+    """``--network_args`` checked by the network module's ``check_network_args`` (if it has one), with
+    ``--network_dim`` / ``--network_alpha`` / ``--network_dropout``; a module that cannot be imported is
+    left to the script's own import, which names it. Nothing more is said when ``found`` (the problems
+    reported so far) already names one of those three options."""
+    import importlib
+
+    name = getattr(args, "network_module", None)
+    own = ("--network_dim ", "--network_alpha ", "--network_dropout ")
+    if not name or any(p.startswith(own) for p in found):
+        return []
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return []
+    check = getattr(module, "check_network_args", None)
+    if check is None:
+        return []
+    from library.config.arguments import parse_network_args
+
+    try:
+        kwargs = parse_network_args(getattr(args, "network_args", None))
+        if getattr(args, "network_weights", None) and getattr(args, "dim_from_weights", False):
+            return []  # ranks and alphas come from the file; create_network_from_weights checks the rest
+        check(args.network_dim, args.network_alpha, neuron_dropout=getattr(args, "network_dropout", None), **kwargs)
+    except UserError as exc:
+        return [str(exc)]
+    return []
+
+
+def option_ranges() -> dict[str, str]:
+    """``{option name: allowed range in words}`` of every option with a range (for docs and tests)."""
+    out = {name: bound.describe() for name, bound in BOUNDS.items()}
+    out.update(CHECKED_ELSEWHERE)
+    return out
