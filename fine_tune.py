@@ -35,13 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, set up, train, and say where the model went."""
-    args = build_parser().parse_args(argv)
+    from library.config.option_file import parse_with_config_file
+    args = parse_with_config_file(build_parser(), argv)
     from library.errors import UserError
-    from library.methods.full_model import FullModelMethod, prepare_full_model, resolve_save_format
+    from library.methods.full_model import FullModelMethod, output_layout, prepare_full_model, resolve_save_format
     from library.models.save import precision_dtype
-    from library.staged import debug_dataset
-    from library.training import dry_run, session
-    from library.training.args import validate_training_args
+    from library.dataset_debug import debug_dataset
+    from library.dry_run.report import run_dry_run
+    from library.training import session
+    from library.training.args import dry_run_requested, validate_training_args
     from library.training.sampling import sample_settings
 
     if args.diffusers_xformers and importlib.util.find_spec("xformers") is None:
@@ -53,9 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling = sample_settings(args)
     save_dtype = precision_dtype(args.save_precision)
     te_steps = None if args.train_text_encoder else 0
-    if dry_run.requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
-        return dry_run.run_dry_run(args, "finetune", support_dreambooth=False, support_finetuning=True)
-    run = session.prepare_run(args, "finetuning", support_dreambooth=False, support_finetuning=True)
+    layout = output_layout(args.save_model_as, args.use_safetensors, args.pretrained_model_name_or_path)
+    if dry_run_requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
+        return run_dry_run(args, "finetune", layout=layout, support_dreambooth=False, support_finetuning=True)
+    run = session.prepare_run(args, "finetuning", layout=layout, support_dreambooth=False, support_finetuning=True)
     accelerator, model, weight_dtype = run.accelerator, run.model, run.weight_dtype
     prepare_full_model(model, text_encoder_trains=args.train_text_encoder,
                        gradient_checkpointing=args.gradient_checkpointing, device=accelerator.device,

@@ -42,12 +42,14 @@ def text_encoder_steps(stop_text_encoder_training: int | None) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, set up, train, and say where the model went."""
-    args = build_parser().parse_args(argv)
-    from library.methods.full_model import FullModelMethod, prepare_full_model, resolve_save_format
+    from library.config.option_file import parse_with_config_file
+    args = parse_with_config_file(build_parser(), argv)
+    from library.methods.full_model import FullModelMethod, output_layout, prepare_full_model, resolve_save_format
     from library.models.save import precision_dtype
-    from library.staged import debug_dataset
-    from library.training import dry_run, session
-    from library.training.args import validate_training_args
+    from library.dataset_debug import debug_dataset
+    from library.dry_run.report import run_dry_run
+    from library.training import session
+    from library.training.args import dry_run_requested, validate_training_args
     from library.training.sampling import sample_settings
 
     validate_training_args(args)
@@ -56,9 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampling = sample_settings(args)
     save_dtype = precision_dtype(args.save_precision)
     te_steps = text_encoder_steps(args.stop_text_encoder_training)
-    if dry_run.requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
-        return dry_run.run_dry_run(args, "dreambooth", support_dreambooth=True, support_finetuning=False)
-    run = session.prepare_run(args, "dreambooth", support_dreambooth=True, support_finetuning=False)
+    layout = output_layout(args.save_model_as, args.use_safetensors, args.pretrained_model_name_or_path)
+    if dry_run_requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
+        return run_dry_run(args, "dreambooth", layout=layout, support_dreambooth=True, support_finetuning=False)
+    run = session.prepare_run(args, "dreambooth", layout=layout, support_dreambooth=True, support_finetuning=False)
     accelerator, model, weight_dtype = run.accelerator, run.model, run.weight_dtype
     prepare_full_model(model, text_encoder_trains=te_steps != 0, gradient_checkpointing=args.gradient_checkpointing,
                        device=accelerator.device, weight_dtype=weight_dtype,

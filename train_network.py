@@ -30,13 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, set up, train, and say where the network went."""
-    args = build_parser().parse_args(argv)
-    from library.methods.network import NetworkMethod, import_network_module, parse_network_args
+    from library.config.option_file import parse_with_config_file
+    args = parse_with_config_file(build_parser(), argv)
+    from library.config.arguments import parse_network_args
+    from library.methods.network import NetworkMethod, import_network_module, network_text_encoder, output_layout
     from library.methods.network_metadata import RunMetadata, model_hash_jobs, network_metadata
     from library.models.save import precision_dtype
-    from library.staged import debug_dataset
-    from library.training import dry_run, session
-    from library.training.args import validate_training_args
+    from library.dataset_debug import debug_dataset
+    from library.dry_run.report import run_dry_run
+    from library.training import session
+    from library.training.args import dry_run_requested, validate_training_args
     from library.training.sampling import sample_settings
     from library.errors import UserError
     import torch
@@ -48,9 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     network_module = import_network_module(args.network_module)
     network_kwargs = parse_network_args(args.network_args)
     save_dtype = precision_dtype(args.save_precision)
-    if dry_run.requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
-        return dry_run.run_dry_run(args, "network", support_dreambooth=True, support_finetuning=True)
-    run = session.prepare_run(args, "network_train", support_dreambooth=True, support_finetuning=True)
+    layout = output_layout(args.save_model_as)
+    if dry_run_requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
+        return run_dry_run(args, "network", layout=layout, support_dreambooth=True, support_finetuning=True)
+    run = session.prepare_run(args, "network_train", layout=layout, support_dreambooth=True, support_finetuning=True)
     accelerator, model, weight_dtype = run.accelerator, run.model, run.weight_dtype
 
     train_unet, train_te = not args.network_train_text_encoder_only, not args.network_train_unet_only
@@ -58,12 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for module in (unet, te, model.vae):
         module.requires_grad_(False)
         module.eval()
+    te_view = network_text_encoder(args.network_module, te)  # kohya's lora_te_text_model_* names for LyCORIS
     if args.network_weights and args.dim_from_weights:
-        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, model.vae, te, unet,
+        network, _ = network_module.create_network_from_weights(1.0, args.network_weights, model.vae, te_view, unet,
                                                                 **network_kwargs)
     else:
-        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, model.vae, te, unet,
-                                                neuron_dropout=args.network_dropout, **network_kwargs)
+        network = network_module.create_network(1.0, args.network_dim, args.network_alpha, model.vae, te_view,
+                                                unet, neuron_dropout=args.network_dropout, **network_kwargs)
     network.apply_to(te, unet, train_te, train_unet)
     if args.network_weights:
         try:
@@ -98,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = network_metadata(args, group=run.group, blueprint=run.blueprint, plan=plan, seed=run.seed,
                                 session_id=trainer.progress.session_id, started_at=trainer.progress.started_at,
                                 optimizer_name=built.description, v2=model.v2,
+                                v_parameterization=model.v_parameterization,
                                 recorded_lrs=session.recorded_learning_rates(args, built))
         method.metadata = RunMetadata(base, {} if args.no_metadata else model_hash_jobs(args), args.no_metadata)
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from library.cli import run_main
+from library.cli import OneLineErrorParser, run_main
 
 
 def build_parser(prog: str = "train_textual_inversion.py", description: str | None = None
@@ -23,7 +23,7 @@ def build_parser(prog: str = "train_textual_inversion.py", description: str | No
     from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
     from library.training import args as training_args
 
-    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.strip().splitlines()[0])
+    parser = OneLineErrorParser(prog=prog, description=description or __doc__.strip().splitlines()[0])
     add_model_arguments(parser)
     add_data_loading_arguments(parser)
     add_dataset_group(parser, support_dreambooth=True, support_caption=True, support_caption_dropout=False)
@@ -36,35 +36,15 @@ def build_parser(prog: str = "train_textual_inversion.py", description: str | No
     return parser
 
 
-def debug_dataset(args: argparse.Namespace, replacements: dict) -> int:
-    """``--debug_dataset`` with the new tokens added and the captions rewritten as training would."""
-    from pathlib import Path
-
-    from library.config import load_dataset_blueprint
-    from library.data.dataset import build_dataset_group
-    from library.data.debug import run_debug_dataset
-    from library.methods.textual_inversion import add_tokens, token_strings
-    from library.models.tokenizer import load_tokenizer
-    from library.training import session
-
-    blueprint = load_dataset_blueprint(args, args.dataset_config, support_dreambooth=True, support_finetuning=True)
-    tokenizer = load_tokenizer(args.v2, args.tokenizer_cache_dir)
-    add_tokens(tokenizer, token_strings(args.token_string, args.num_vectors_per_token))
-    seed = session.choose_seed(args)
-    group = build_dataset_group(blueprint, seed=seed, tokenizer=tokenizer, max_token_length=args.max_token_length)
-    group.replacements = replacements
-    run_debug_dataset(group, Path(args.debug_dataset_dir or Path(args.output_dir or ".") / "debug_dataset"))
-    return 0
-
-
 def train(args: argparse.Namespace, *, xti: bool = False) -> int:
     """Set up and run Textual Inversion (``xti``: one set of vectors per UNet cross-attention layer)."""
     from library.errors import UserError
     from library.methods import textual_inversion as ti
     from library.methods import xti as xti_method
     from library.models.save import precision_dtype
-    from library.training import dry_run, session
-    from library.training.args import validate_training_args
+    from library.dry_run.report import run_dry_run
+    from library.training import session
+    from library.training.args import dry_run_requested, validate_training_args
     from library.training.sampling import sample_settings
 
     token = ti.check_options(args.token_string, args.num_vectors_per_token)
@@ -74,7 +54,10 @@ def train(args: argparse.Namespace, *, xti: bool = False) -> int:
     replacements = ti.caption_replacements(token, args.num_vectors_per_token, object_template=args.use_object_template,
                                            style_template=args.use_style_template)
     if args.debug_dataset:
-        return debug_dataset(args, replacements)
+        from library.dataset_debug import debug_dataset
+
+        return debug_dataset(args, support_dreambooth=True, support_caption=True, replacements=replacements,
+                             new_tokens=ti.token_strings(args.token_string, args.num_vectors_per_token))
     args.output_name = args.output_name or token
     sampling = sample_settings(args)
     save_dtype = precision_dtype(args.save_precision)
@@ -84,16 +67,18 @@ def train(args: argparse.Namespace, *, xti: bool = False) -> int:
         if not replacements.get(""):
             ti.warn_captions_without_token(group, token)
 
-    if dry_run.requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
-        return dry_run.run_dry_run(args, "xti" if xti else "textual_inversion", configure_group=configure_group)
-    run = session.prepare_run(args, "xti" if xti else "textual_inversion", support_dreambooth=True,
+    layout = ti.output_layout(args.save_model_as)
+    if dry_run_requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
+        return run_dry_run(args, "xti" if xti else "textual_inversion", layout=layout,
+                           configure_group=configure_group)
+    run = session.prepare_run(args, "xti" if xti else "textual_inversion", layout=layout, support_dreambooth=True,
                               support_finetuning=True, configure_group=configure_group)
     accelerator, seed, tokenizer, model = run.accelerator, run.seed, run.tokenizer, run.model
     weight_dtype = run.weight_dtype
     device = accelerator.device
     common = dict(model=model, token_string=token, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
                   save_format=args.save_model_as, save_dtype=save_dtype, device=device,
-                  gradient_checkpointing=args.gradient_checkpointing)
+                  gradient_checkpointing=args.gradient_checkpointing, header=ti.header_fields(args, run.group))
     if xti:
         layers, ids = xti_method.prepare_xti(model, tokenizer, args, seed=seed, device=device,
                                              weight_dtype=weight_dtype)
@@ -112,7 +97,8 @@ def train(args: argparse.Namespace, *, xti: bool = False) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, set up, train, and say where the embedding went."""
-    return train(build_parser().parse_args(argv))
+    from library.config.option_file import parse_with_config_file
+    return train(parse_with_config_file(build_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ from library.cli import run_main
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, set up, train XTI embeddings, and say where they went."""
+    from library.config.option_file import parse_with_config_file
     from train_textual_inversion import build_parser, train
 
     parser = build_parser("train_textual_inversion_XTI.py", __doc__.strip().splitlines()[0])
-    return train(parser.parse_args(argv), xti=True)
+    return train(parse_with_config_file(parser, argv), xti=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ sys.path.insert(0, {repo!r})
 import argparse
 from library.config import load_dataset_blueprint
 from library.data.dataset import build_dataset_group
-from library.staged import build_parser
+from library.dataset_debug import build_parser
 args = build_parser("bench", support_dreambooth=True, support_caption=True,
                     support_caption_dropout=True).parse_args([])
 group = build_dataset_group(load_dataset_blueprint(args, {config!r}), seed=0)
@@ -60,7 +60,7 @@ def in_process(config: Path) -> tuple[float, int]:
     """Seconds for one build_dataset_group in this process, and the batch count."""
     from library.config import load_dataset_blueprint
     from library.data.dataset import build_dataset_group
-    from library.staged import build_parser
+    from library.dataset_debug import build_parser
 
     args = build_parser("bench", support_dreambooth=True, support_caption=True,
                         support_caption_dropout=True).parse_args([])

@@ -1,7 +1,7 @@
 """Seconds per training step of each method: our loop versus the bare forward + backward + AdamW step.
 
     python bench/train_step.py [--preset tiny-sd1|sd1|both] [--method lora|db|ft|ti|xti|all]
-                               [--steps 6] [--resolution 256]
+                               [--steps 6] [--resolution 256] [--extra '--torch_compile ...']
 
 Every method trains at batch 1 with AdamW and cached latents: ``lora`` a UNet-only LoRA (dim 4, alpha 1,
 train_network.py), ``db`` DreamBooth (UNet + text encoder, train_db.py), ``ft`` fine-tuning (UNet only,
@@ -202,12 +202,14 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def bench_one(method: str, preset: str, steps: int, resolution: int, cache: Path) -> None:
-    """Measure one (method, preset) in this process and print its figures."""
+def bench_one(method: str, preset: str, steps: int, resolution: int, cache: Path, extra: list[str] = ()) -> None:
+    """Measure one (method, preset) in this process and print its figures; ``extra`` options are added to
+    the training command line (e.g. ``--torch_compile --dynamo_backend aot_eager``)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         data = make_images(tmp_path / "data", resolution)
-        argv = train_argv(method, model_file(preset, cache), data, tmp_path / "out", resolution, steps + 2)
+        argv = [*train_argv(method, model_file(preset, cache), data, tmp_path / "out", resolution, steps + 2),
+                *extra]
         launch = launch_to_first_step(argv) if method == "lora" else None
         ours, interleaved, trainer = measure_ours(method, argv, resolution)
         rss = peak_rss_gib()  # before a sequential floor's own optimizer adds its moments
@@ -255,6 +257,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--cache", default="/tmp/sdtrain_bench_model")
+    parser.add_argument("--extra", default="", help="extra training options, e.g. '--torch_compile "
+                        "--dynamo_backend aot_eager' (one string)")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import logging
@@ -263,12 +267,13 @@ def main() -> int:
     cache.mkdir(parents=True, exist_ok=True)
     if args.single:
         steps = args.steps if args.preset == "sd1" else max(args.steps, 30)
-        bench_one(args.method, args.preset, steps, args.resolution, cache)
+        bench_one(args.method, args.preset, steps, args.resolution, cache, args.extra.split())
         return 0
     for preset in (["tiny-sd1", "sd1"] if args.preset == "both" else [args.preset]):
         for method in (list(SCRIPTS) if args.method == "all" else [args.method]):
             subprocess.run([sys.executable, __file__, "--single", "--preset", preset, "--method", method, "--steps",
-                            str(args.steps), "--resolution", str(args.resolution), "--cache", str(cache)],
+                            str(args.steps), "--resolution", str(args.resolution), "--cache", str(cache),
+                            f"--extra={args.extra}"],
                            check=True)
     return 0
 

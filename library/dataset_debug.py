@@ -7,7 +7,9 @@ import argparse
 import logging
 import random
 from pathlib import Path
+from typing import Sequence
 
+from library.config.arguments import latents_cached
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +28,12 @@ def build_parser(script: str, *, support_dreambooth: bool, support_caption: bool
     return parser
 
 
-def debug_dataset(args: argparse.Namespace, *, support_dreambooth: bool, support_caption: bool) -> int:
-    """Build the datasets from the options and run :func:`library.data.debug.run_debug_dataset`."""
+def debug_dataset(args: argparse.Namespace, *, support_dreambooth: bool, support_caption: bool,
+                  new_tokens: Sequence[str] = (), replacements: dict[str, str] | None = None) -> int:
+    """Build the datasets from the options and run :func:`library.data.debug.run_debug_dataset`.
+
+    ``new_tokens`` are added to the tokenizer first and ``replacements`` rewrite the captions, as Textual
+    Inversion training does."""
     from library.config import load_dataset_blueprint
     from library.data.dataset import build_dataset_group, check_cache_compatibility
     from library.data.debug import run_debug_dataset
@@ -35,11 +41,17 @@ def debug_dataset(args: argparse.Namespace, *, support_dreambooth: bool, support
 
     blueprint = load_dataset_blueprint(args, args.dataset_config, support_dreambooth=support_dreambooth,
                                        support_finetuning=support_caption)
-    check_cache_compatibility(blueprint, args.cache_latents or args.cache_latents_to_disk)
+    check_cache_compatibility(blueprint, latents_cached(args))
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
     tokenizer = load_tokenizer(args.v2, args.tokenizer_cache_dir)
+    if new_tokens:
+        from library.methods.textual_inversion import add_tokens
+
+        add_tokens(tokenizer, list(new_tokens))
     group = build_dataset_group(blueprint, seed=seed, tokenizer=tokenizer, max_token_length=args.max_token_length,
                                 weighted_captions=args.weighted_captions)
+    if replacements is not None:
+        group.replacements = replacements
     out = Path(args.debug_dataset_dir or Path(args.output_dir or ".") / "debug_dataset")
     run_debug_dataset(group, out)
     return 0

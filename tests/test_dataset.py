@@ -16,7 +16,7 @@ from library.config import load_dataset_blueprint
 from library.data.dataset import build_dataset_group, check_cache_compatibility
 from library.errors import UserError
 from library.models.tokenizer import load_tokenizer
-from library.staged import build_parser
+from library.dataset_debug import build_parser
 
 
 @pytest.fixture(autouse=True)

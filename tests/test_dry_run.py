@@ -197,7 +197,7 @@ def test_activation_count_matches_a_real_forward_pass():
     from diffusers import UNet2DConditionModel
 
     from library.models.presets import get_preset
-    from library.training import dry_run_memory as mem
+    from library.dry_run import memory as mem
 
     config = get_preset("tiny-sd1").unet
     torch.manual_seed(0)

@@ -110,12 +110,14 @@ def test_fp16_scaler_overflow_is_not_a_stop():
     from library.errors import UserError
     from library.training.guard import TrainingGuard
 
-    class Method:
+    from library.methods.base import MethodBase
+
+    class Method(MethodBase):
         def __init__(self):
             self.p = torch.nn.Parameter(torch.zeros(3))
 
-        def trainable_parameters(self):
-            return [self.p]
+        def param_groups(self):
+            return [{"params": [self.p]}]
 
     class Single:
         num_processes = 1

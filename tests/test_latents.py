@@ -12,10 +12,10 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from library.data.images import load_image_rgb, resize_and_crop
+from library.data.latent_loading import make_batches
 from library.data.latents import (
     CacheStats,
     LatentRequest,
-    _make_batches,
     cache_latents,
     encode_batch,
     flip_npz_path,
@@ -243,7 +243,7 @@ def test_unrequested_flip_file_is_kept_unless_asked(tmp_path, vae):
 def test_make_batches_groups_by_bucket_and_respects_size(tmp_path):
     buckets = [(64, 96), (96, 64)] * 5 + [(64, 64)] * 3  # two buckets of equal area, interleaved
     requests = [LatentRequest(Path(f"{i}.png"), b, b) for i, b in enumerate(buckets)]
-    batches = _make_batches(requests, range(len(requests)), 4)
+    batches = make_batches(requests, range(len(requests)), 4)
     assert [len(b) for b in batches] == [3, 4, 1, 4, 1]
     for batch in batches:
         assert len({item[2] for item in batch}) == 1

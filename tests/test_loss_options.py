@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from library.methods.base import MethodBase
 from library.training import diffusion, loss_options
 from tests.train_util import make_dataset, run_script
 from train_network import main as train_network
@@ -106,7 +107,7 @@ def test_debiased_weight_by_hand():
 # ---- the loop's Trainer.loss on a fixed batch ---------------------------------------------------
 
 
-class FixedText:
+class FixedText(MethodBase):
     """A method whose conditioning is a fixed tensor; the UNet's parameters are 'trained'."""
 
     name = "fixed-text"
@@ -114,8 +115,8 @@ class FixedText:
     def __init__(self, unet, cond):
         self.unet, self.cond = unet, cond
 
-    def trainable_parameters(self):
-        return list(self.unet.parameters())
+    def param_groups(self):
+        return [{"params": list(self.unet.parameters())}]
 
     def conditioning(self, batch):
         return self.cond

@@ -123,7 +123,7 @@ def test_automatic_reuse_stays_within_its_budget(models, tmp_path):
     model = load_model(models["sd1"]["safetensors"])
 
     class Encoder:  # the method's conditioning: the text encoder's last hidden states (a frozen one)
-        train_text_encoder = False
+        text_encoder_in_optimizer = text_encoder_training = False
 
         def conditioning(self, batch):
             return encode_tokens(model.text_encoder, batch["input_ids"], None, None)

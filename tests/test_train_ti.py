@@ -211,3 +211,58 @@ def test_captions_without_the_token_are_warned_about(models, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert run_script(train, base_args(models, data, tmp_path / "out", steps=1)) == 0
     assert any("1 of 2 training caption(s) do not contain 'zqx'" in r.message for r in caplog.records)
+
+
+def dropout_config(path: Path, image_dir: Path, line: str, in_subset: bool) -> Path:
+    """A one-subset TOML setting a caption-dropout key in [general] or in the subset."""
+    general, subset = ("", line) if in_subset else (line, "")
+    path.write_text(f"[general]\n{general}\n[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n"
+                    f"  image_dir = '{image_dir}'\n  class_tokens = 'zqx'\n  {subset}\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("line, in_subset", [("caption_dropout_rate = 1.0", False),
+                                             ("caption_dropout_every_n_epochs = 1", True),
+                                             ("caption_tag_dropout_rate = 0.5", True)])
+def test_caption_dropout_keys_are_refused(models, data, tmp_path, capsys, line, in_subset):
+    """As in kohya, Textual Inversion has no caption dropout: the config keys are refused, not applied."""
+    config = dropout_config(tmp_path / "ds.toml", data / "3_zqx", line, in_subset)
+    argv = base_args(models, data, tmp_path / "out")
+    i = argv.index("--train_data_dir")
+    del argv[i:i + 2]
+    assert run_script(train, [*argv, "--dataset_config", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    key = line.split(" =")[0]
+    where = "datasets[0].subsets[0]" if in_subset else "[general]"
+    assert len(err) == 1 and f"{where}: '{key}' is not supported by this training script" in err[0], err
+    assert str(config) in err[0]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("option", ["--caption_dropout_rate", "--caption_dropout_every_n_epochs",
+                                    "--caption_tag_dropout_rate"])
+def test_caption_dropout_options_are_not_accepted(models, data, tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(train, base_args(models, data, tmp_path / "out", option, "1"))
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {option} 1" in capsys.readouterr().err
+
+
+def test_sdpa_and_lowram_are_accepted_and_change_nothing(models, data, tmp_path, captured, capsys):
+    """--sdpa is the default attention (every UNet processor is PyTorch SDPA either way) and --lowram has
+    nothing to do: the trained vectors are bit-identical; --help says so."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    results = []
+    for name, extra in (("plain", []), ("flags", ["--sdpa", "--lowram"])):
+        assert run_script(train, base_args(models, data, tmp_path / name, *extra, steps=2)) == 0
+        processors = captured["model"].unet.attn_processors.values()
+        assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
+        results.append(torch.load(tmp_path / name / "zqx.pt", weights_only=True)["string_to_param"]["*"])
+    assert torch.equal(results[0], results[1])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_script(train, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--sdpa PyTorch scaled-dot-product attention: what the UNet uses anyway" in text
+    assert "--lowram accepted for kohya command lines, changes nothing" in text

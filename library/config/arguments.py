@@ -130,6 +130,23 @@ def parse_face_crop_option(value: Any, option: str = "--face_crop_aug_range") ->
     raise UserError(f"{option}: must be 'low,high' with two numbers, low <= high, got '{value}'")
 
 
+def parse_network_args(items: list[str] | None) -> dict[str, str]:
+    """``--network_args key=value ...`` → dict of strings (values are converted by the module)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or "=" in value:
+            raise UserError(f"--network_args {item!r}: expected key=value (one '=')")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def latents_cached(args: argparse.Namespace) -> bool:
+    """Whether latents are cached before training: ``--cache_latents`` or ``--cache_latents_to_disk`` (which
+    implies it)."""
+    return bool(args.cache_latents or args.cache_latents_to_disk)
+
+
 def caption_extension_option(args: argparse.Namespace) -> str | None:
     """The effective caption extension: the legacy ``--caption_extention`` spelling wins when given."""
     legacy = getattr(args, "caption_extention", None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -360,7 +359,3 @@ def build_dataset_group(blueprint: DatasetBlueprint, *, seed: int, tokenizer: An
         logger.info("%s", line)
     return group
 
-
-def image_paths(group: DatasetGroup) -> list[Path]:
-    """Every image file of the group (for tools that need the raw list)."""
-    return [Path(e.path) for ds in group.datasets for e in ds.entries if e.path is not None]

@@ -1,5 +1,5 @@
 """What each method trains and where its memory goes, for ``--dry_run`` (on the meta model of
-:mod:`library.training.dry_run_memory`; nothing is allocated).
+:mod:`library.dry_run.memory`; nothing is allocated).
 
 The dtypes follow the training scripts exactly: LoRA keeps the UNet and VAE in the mixed-precision dtype
 and the text encoder in fp32; DreamBooth / fine-tuning keep the trained UNet (and text encoder) in fp32
@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from library.training import dry_run_memory as mem
+from library.dry_run import memory as mem
+from library.config.arguments import latents_cached
 
 METHOD_NAMES = {"network": "LoRA-family network (train_network.py)", "dreambooth": "DreamBooth (train_db.py)",
                 "finetune": "fine-tuning (fine_tune.py)", "textual_inversion": "Textual Inversion",
@@ -54,7 +55,8 @@ def text_encoder_trains(args: argparse.Namespace, method: str) -> bool:
 
 def _network(args: argparse.Namespace, meta: mem.MetaModel, weight_dtype: torch.dtype, half: bool) -> Trainable:
     from library.errors import UserError
-    from library.methods.network import import_network_module, parse_network_args
+    from library.config.arguments import parse_network_args
+    from library.methods.network import import_network_module
 
     module = import_network_module(args.network_module)
     kwargs = parse_network_args(args.network_args)
@@ -269,7 +271,7 @@ def estimate_memory(args: argparse.Namespace, method: str, meta: mem.MetaModel, 
 
     rows = _activation_rows(args, method, meta, trainable, buckets, weight_dtype, vae_in_step)
     cache_phase = None
-    if args.cache_latents and buckets:
+    if latents_cached(args) and buckets:
         largest = max(buckets, key=lambda b: b[0][0] * b[0][1])[0]
         vae_only = counts["vae"] * mem.element_size(weight_dtype)
         cache_phase = vae_only + mem.vae_encode_transient(meta, image_size=largest, batch=max(1, args.vae_batch_size),

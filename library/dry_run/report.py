@@ -3,7 +3,7 @@
 The report is built from the same code the run uses — the dataset group (image headers only), the step
 plan, the real learning-rate scheduler on a one-number optimizer, the dataset's own caption processing
 for the first batches of epoch 1, the trainer's file names — plus a memory estimate from the model's
-configs on the meta device (:mod:`library.training.dry_run_estimate`). Sections: datasets and buckets,
+configs on the meta device (:mod:`library.dry_run.estimate`). Sections: datasets and buckets,
 regularization images, steps, learning rate, sample captions, output files, memory. docs/dry_run.md.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
+from library.config.arguments import latents_cached
 
 logger = logging.getLogger(__name__)
 
@@ -27,30 +28,11 @@ TOP_ACTIVATION_BUCKETS = 3
 GIB = 2 ** 30
 
 
-def add_dry_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--dry_run`` and ``--dry_run_json``."""
-    g = parser.add_argument_group("dry run (docs/dry_run.md)")
-    g.add_argument("--dry_run", action="store_true",
-                   help="print buckets, steps, the lr schedule, sample captions, the files to be written and a "
-                        "memory estimate without loading the model, then exit")
-    g.add_argument("--dry_run_json", type=str, default=None,
-                   help="also write the dry-run report as JSON to this file (implies --dry_run)")
-
-
-def requested(args: argparse.Namespace) -> bool:
-    """True when ``--dry_run`` or ``--dry_run_json`` was given."""
-    return bool(getattr(args, "dry_run", False) or getattr(args, "dry_run_json", None))
-
-
 # ---- sections (each returns JSON-ready data) ----------------------------------------------------------
 
 def _batch_sizes(samples: int, batch: int) -> list[int]:
     full, rest = divmod(samples, batch)
     return [batch] * full + ([rest] if rest else [])
-
-
-def _sizes_text(sizes: list[int]) -> str:
-    return " + ".join(f"{size}x{count}" for size, count in sorted(Counter(sizes).items(), reverse=True))
 
 
 def dataset_section(group: Any) -> list[dict]:
@@ -181,21 +163,6 @@ def activation_buckets(group: Any) -> list[tuple[tuple[int, int], int]]:
     return ranked[:TOP_ACTIVATION_BUCKETS]
 
 
-def output_file_namer(args: argparse.Namespace, method: str):
-    """The method's file (or folder) name for a save stem, as its ``save()`` writes it."""
-    if method == "network":
-        from library.methods.network import SAVE_EXTENSIONS
-
-        return lambda stem: stem + SAVE_EXTENSIONS[args.save_model_as]
-    if method in ("dreambooth", "finetune"):
-        from library.methods.full_model import resolve_save_format
-
-        source = "ldm" if Path(os.path.expanduser(str(args.pretrained_model_name_or_path))).is_file() else "diffusers"
-        fmt = resolve_save_format(args.save_model_as, args.use_safetensors, source)
-        return lambda stem: f"{stem}.{fmt}" if fmt in ("ckpt", "safetensors") else f"{stem}/"
-    return lambda stem: f"{stem}.{args.save_model_as}"
-
-
 def memory_section(estimate: Any) -> dict:
     """The estimate as JSON-ready data (bytes)."""
     return {"device": estimate.device.name, "device_total_bytes": estimate.device.total_bytes,
@@ -230,15 +197,16 @@ def text_encoder_outputs_mode(args: argparse.Namespace, group: Any) -> str:
     return "encoded at every step"
 
 
-def build_report(args: argparse.Namespace, method: str, *, support_dreambooth: bool, support_finetuning: bool,
+def build_report(args: argparse.Namespace, method: str, *, layout: Any, support_dreambooth: bool,
+                 support_finetuning: bool,
                  configure_group: Any = None) -> dict:
     """Everything the dry run reports, as JSON-ready data. Reads image headers, the dataset config and
     the model's header / configs; loads no weights and encodes nothing. ``configure_group(group)`` is the
     script's own dataset hook (Textual Inversion's caption replacements), as for ``session.prepare_run``."""
-    from library.training import dry_run_estimate as estimate_mod
-    from library.training import dry_run_memory as mem
+    from library.dry_run import estimate as estimate_mod
+    from library.dry_run import memory as mem
     from library.training import session
-    from library.training.dry_run_outputs import plan_outputs
+    from library.training.save_plan import plan_outputs
     from library.training.plan import make_plan
     from library.training.prompts import read_prompt_file
 
@@ -263,7 +231,7 @@ def build_report(args: argparse.Namespace, method: str, *, support_dreambooth: b
     meta = mem.build_meta_model(args)
     trainable = estimate_mod.plan_trainable(args, method, meta)
     prompts = len(read_prompt_file(args.sample_prompts)) if getattr(args, "sample_prompts", None) else 0
-    outputs = plan_outputs(args, plan, output_file_namer(args, method), sample_prompts=prompts)
+    outputs = plan_outputs(args, plan, layout.file_name, sample_prompts=prompts)
     validation = getattr(group, "validation", None)
     report = {
         "method": method, "method_name": estimate_mod.METHOD_NAMES[method],
@@ -281,7 +249,7 @@ def build_report(args: argparse.Namespace, method: str, *, support_dreambooth: b
         "outputs": outputs.to_json(),
     }
     estimate = estimate_mod.estimate_memory(args, method, meta, trainable, activation_buckets(group),
-                                            vae_in_step=not args.cache_latents and not group.precomputed_ok,
+                                            vae_in_step=not latents_cached(args) and not group.precomputed_ok,
                                             device=mem.training_device())
     report["memory"] = memory_section(estimate)
     report["warnings"] = _warnings(report)
@@ -317,16 +285,16 @@ def _check_json_target(args: argparse.Namespace) -> None:
             raise UserError(f"--dry_run_json {args.dry_run_json} is the --{option} file; give another path")
 
 
-def run_dry_run(args: argparse.Namespace, method: str, *, support_dreambooth: bool = True,
+def run_dry_run(args: argparse.Namespace, method: str, *, layout: Any, support_dreambooth: bool = True,
                 support_finetuning: bool = True, configure_group: Any = None) -> int:
     """Build the report, print it (main process only), write ``--dry_run_json`` if asked; returns 0."""
-    from library.training.dry_run_text import render_report
+    from library.dry_run.text import render_report
 
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0
     _check_json_target(args)
-    report = build_report(args, method, support_dreambooth=support_dreambooth, support_finetuning=support_finetuning,
-                          configure_group=configure_group)
+    report = build_report(args, method, layout=layout, support_dreambooth=support_dreambooth,
+                          support_finetuning=support_finetuning, configure_group=configure_group)
     print(render_report(report))
     if args.dry_run_json:
         from library.fileio import atomic_write_text

@@ -1,4 +1,4 @@
-"""The text form of the ``--dry_run`` report (the data comes from :func:`library.training.dry_run.build_report`)."""
+"""The text form of the ``--dry_run`` report (the data comes from :func:`library.dry_run.report.build_report`)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from library.data.tokens import (apply_token_weights, encode_tokens, encode_weig
                                  tokenize_captions_no_padding)
 from library.errors import UserError
 
-from library.methods.base import single_group_learning_rates
+from library.methods.base import MethodBase
+from library.output_safety import OutputLayout
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,16 @@ def resolve_save_format(save_model_as: str | None, use_safetensors: bool, source
     return fmt
 
 
+def output_layout(save_model_as: str | None, use_safetensors: bool, model_path: str) -> OutputLayout:
+    """``<name>.ckpt`` / ``.safetensors`` checkpoints or ``<name>/`` diffusers folders, as
+    :func:`resolve_save_format` chooses for the input model ``model_path``."""
+    source = "ldm" if Path(os.path.expanduser(str(model_path))).is_file() else "diffusers"
+    fmt = resolve_save_format(save_model_as, use_safetensors, source)
+    if fmt in ("ckpt", "safetensors"):
+        return OutputLayout("checkpoint", f".{fmt}")
+    return OutputLayout("diffusers", "/")
+
+
 def output_path(output_dir: Path, name: str, save_format: str) -> Path:
     """``output_dir/name.ckpt`` / ``name.safetensors`` for ldm files, ``output_dir/name/`` for diffusers."""
     if save_format in ("ckpt", "safetensors"):
@@ -71,7 +83,7 @@ def prepare_full_model(model: Any, *, text_encoder_trains: bool, gradient_checkp
     UNet: trainable, fp32 (``weight_dtype`` with --full_fp16/--full_bf16). Text encoder: the same when it
     trains, else frozen in ``weight_dtype``. VAE: frozen in ``weight_dtype``.
     """
-    from library.training.session import place
+    from library.models.placement import place
 
     unet, te, vae = model.unet, model.text_encoder, model.vae
     vae.requires_grad_(False)
@@ -90,7 +102,7 @@ def prepare_full_model(model: Any, *, text_encoder_trains: bool, gradient_checkp
         te.eval()
 
 
-class FullModelMethod:
+class FullModelMethod(MethodBase):
     """Train the UNet (and the text encoder while it trains) of a Stable Diffusion model in place."""
 
     name = "full_model"
@@ -126,10 +138,6 @@ class FullModelMethod:
         """One group over every trained parameter, at the optimizer's default lr (``--learning_rate``)."""
         return [{"params": list(self._params)}]
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """UNet parameters, plus the text encoder's when it is in the optimizer."""
-        return list(self._params)
-
     def _modules(self) -> dict[str, torch.nn.Module]:
         modules = {"unet": self.model.unet}
         if self.text_encoder_in_optimizer:
@@ -158,9 +166,6 @@ class FullModelMethod:
         """UNet in train mode while training; the text encoder only while it still trains."""
         self.model.unet.train(training)
         self.model.text_encoder.train(training and self.text_encoder_training)
-
-    def on_epoch_start(self, epoch: int) -> None:
-        """Nothing to do per epoch."""
 
     def conditioning(self, batch: dict[str, Any]) -> torch.Tensor:
         """Text-encoder hidden states, with gradients only while the text encoder trains.
@@ -191,10 +196,6 @@ class FullModelMethod:
                 p.grad = None
             self.text_encoder_training = False
             logger.info("text encoder training stopped at step %d; the UNet continues", global_step)
-
-    def learning_rates(self, optimizer: Any) -> dict[str, float]:
-        """``lr`` of the (single) group, and ``lr/d*lr`` for D-Adaptation / Prodigy, as kohya's D/F log them."""
-        return single_group_learning_rates(optimizer)
 
     def save(self, output_dir: Path, name: str, *, epoch: int, step: int, final: bool) -> Path:
         """Write the whole model (UNet, text encoder, VAE) as ``name.ckpt``/``name.safetensors`` or a

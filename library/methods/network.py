@@ -11,6 +11,8 @@ import torch
 
 from library.data.tokens import encode_tokens, encode_weighted_tokens, apply_token_weights
 from library.errors import UserError
+from library.methods.base import MethodBase
+from library.output_safety import OutputLayout
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +32,25 @@ def import_network_module(name: str | None) -> Any:
     return module
 
 
-def parse_network_args(items: list[str] | None) -> dict[str, str]:
-    """``--network_args key=value ...`` → dict of strings (values are converted by the module)."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key or "=" in value:
-            raise UserError(f"--network_args {item!r}: expected key=value (one '=')")
-        out[key.strip()] = value.strip()
-    return out
+def network_text_encoder(module_name: str | None, text_encoder: Any) -> Any:
+    """The text encoder as a third-party ``--network_module`` (e.g. ``lycoris.kohya``) gets it: transformers
+    5 dropped the ``text_model.`` level of CLIP's module paths, so such modules would name their modules
+    ``lora_te_encoder_…``; a wrapper holding the model as ``text_model`` gives them kohya's
+    ``lora_te_text_model_encoder_…`` names. Our own ``networks.*`` modules add the level themselves."""
+    if (text_encoder is None or str(module_name or "").startswith("networks.")
+            or hasattr(text_encoder, "text_model")):
+        return text_encoder
+    view = torch.nn.Module()
+    view.text_model = text_encoder
+    return view
 
 
-class NetworkMethod:
+def output_layout(save_model_as: str) -> OutputLayout:
+    """``<name>.safetensors`` / ``.ckpt`` / ``.pt`` network files."""
+    return OutputLayout("network", SAVE_EXTENSIONS[save_model_as])
+
+
+class NetworkMethod(MethodBase):
     """Train a network (LoRA, DyLoRA, ...) applied to a frozen model."""
 
     name = "network"
@@ -54,14 +63,20 @@ class NetworkMethod:
         """``metadata(epoch, step, final)`` returns the ``ss_*`` header for a save."""
         self.model, self.network = model, network
         self.train_unet, self.train_text_encoder = train_unet, train_text_encoder
+        self.text_encoder_in_optimizer = self.text_encoder_training = train_text_encoder
         self.clip_skip, self.max_token_length = clip_skip, max_token_length
         self.weighted_captions = weighted_captions
         self.save_format, self.save_dtype = save_format, save_dtype
         self.device = device
         self.metadata = metadata
         groups = network.prepare_optimizer_params(text_encoder_lr, unet_lr, learning_rate)
+        descriptions = None
+        if isinstance(groups, tuple):  # the newer kohya/LyCORIS form: (param groups, lr descriptions)
+            groups, descriptions = groups
         self.groups = groups if isinstance(groups[0], dict) else [{"params": list(groups)}]
         self._group_names = self._name_groups()
+        if descriptions and len(descriptions) == len(self.groups):
+            self._group_names = [f"lr/{d}" for d in descriptions]
 
     def _name_groups(self) -> list[str]:
         if len(self.groups) == 1:
@@ -79,10 +94,6 @@ class NetworkMethod:
     def param_groups(self) -> list[dict[str, Any]]:
         """The network's parameter groups (text encoder, UNet or per-block)."""
         return self.groups
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Every trainable network parameter."""
-        return [p for g in self.groups for p in g["params"]]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The network's weights."""
@@ -111,9 +122,6 @@ class NetworkMethod:
                 hidden = encode_weighted_tokens(te, ids, self.clip_skip)
                 return apply_token_weights(hidden, batch["token_weights"].to(self.device))
             return encode_tokens(te, ids, self.clip_skip, self.max_token_length)
-
-    def after_step(self, global_step: int) -> None:
-        """Nothing to do after a step for networks."""
 
     def learning_rates(self, optimizer: Any) -> dict[str, float]:
         """Current lr per group, named as the reference logs them."""

@@ -21,7 +21,9 @@ def build_training_parser(prog: str, description: str, *, support_dreambooth: bo
     logging and sampling. Scripts add their saving group and their own options."""
     from library.options import add_data_loading_arguments, add_dataset_group, add_model_arguments
 
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    from library.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog=prog, description=description)
     add_model_arguments(parser)
     add_data_loading_arguments(parser)
     add_dataset_group(parser, support_dreambooth=support_dreambooth, support_caption=support_caption,
@@ -31,6 +33,11 @@ def build_training_parser(prog: str, description: str, *, support_dreambooth: bo
     add_logging_arguments(parser)
     add_sample_arguments(parser)
     return parser
+
+
+#: the --dynamo_backend names kohya accepts (torch.compile backends; which run depends on the installation)
+DYNAMO_BACKENDS = ["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                   "fx2trt", "onnxrt", "tensorrt", "ipex", "tvm"]
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreambooth: bool) -> None:
@@ -48,8 +55,20 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
     a("--clip_skip", type=int, default=None, help="use the n-th text-encoder layer from the end (2 = penultimate)")
     a("--xformers", action="store_true", help="xformers memory-efficient attention in the UNet")
     a("--mem_eff_attn", action="store_true", help="memory-efficient (sliced) attention in the UNet")
-    a("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
-    a("--lowram", action="store_true", help="load weights straight to the accelerator (accepted; loading is lazy)")
+    a("--torch_compile", action="store_true",
+      help="compile the UNet forward with torch.compile (first steps are slow while it compiles)")
+    a("--dynamo_backend", type=str, default="inductor", choices=DYNAMO_BACKENDS,
+      help="torch.compile backend with --torch_compile (default inductor)")
+    a("--dynamo_mode", type=str, default=None, choices=["default", "reduce-overhead", "max-autotune"],
+      help="torch.compile mode with --torch_compile (default: torch's)")
+    a("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention: what the UNet uses anyway "
+      "unless --xformers or --mem_eff_attn is given; accepted for kohya command lines, changes nothing")
+    a("--lowram", action="store_true", help="accepted for kohya command lines, changes nothing: weights are always "
+      "read lazily (memory-mapped) and converted tensor by tensor, so RAM holds about one copy of the model")
+    a("--reference_model", type=str, default=None, metavar="FOLDER",
+      help="diffusers folder of the base model's architecture (only its unet/, vae/, text_encoder/ config.json "
+      "are read), for an ldm --pretrained_model_name_or_path whose layout is not standard SD1/SD2 (e.g. a "
+      "converted custom model); ignored for diffusers models")
     a("--noise_offset", type=float, default=None, help="offset-noise strength (about 0.1)")
     a("--adaptive_noise_scale", type=float, default=None, help="add scale*|latent mean| to the noise offset")
     a("--multires_noise_iterations", type=int, default=None, help="pyramid-noise levels (6-10)")
@@ -59,10 +78,26 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
     add_te_cache_arguments(parser)
     add_validation_arguments(parser)
     add_ema_arguments(parser)
-    from library.training.dry_run import add_dry_run_arguments
     add_dry_run_arguments(parser)
+    from library.config.option_file import add_option_file_arguments
+    add_option_file_arguments(parser)  # --config_file / --output_config (docs/config_file.md)
     if support_dreambooth:
         pass  # --prior_loss_weight lives in the data-loading group (read by the datasets)
+
+
+def add_dry_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dry_run`` and ``--dry_run_json``."""
+    g = parser.add_argument_group("dry run (docs/dry_run.md)")
+    g.add_argument("--dry_run", action="store_true",
+                   help="print buckets, steps, the lr schedule, sample captions, the files to be written and a "
+                        "memory estimate without loading the model, then exit")
+    g.add_argument("--dry_run_json", type=str, default=None,
+                   help="also write the dry-run report as JSON to this file (implies --dry_run)")
+
+
+def dry_run_requested(args: argparse.Namespace) -> bool:
+    """True when ``--dry_run`` or ``--dry_run_json`` was given."""
+    return bool(getattr(args, "dry_run", False) or getattr(args, "dry_run_json", None))
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +138,9 @@ def add_saving_arguments(parser: argparse.ArgumentParser, *, model_formats: tupl
     a("--save_last_n_steps_state", type=int, default=None, help="the same for step states")
     a("--save_state", action="store_true", help="also save the training state (for --resume) with every save")
     a("--resume", type=str, default=None, help="resume from a saved state folder (exactly where it stopped)")
+    from library.modelspec import add_metadata_arguments
+
+    add_metadata_arguments(parser)
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +192,9 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate_training_args(args: argparse.Namespace) -> None:
     """Check option combinations up front; every problem is reported together in one UserError."""
-    problems = []
+    from library.training.bounds import bound_problems, network_arg_problems
+
+    problems = bound_problems(args)  # every numeric option's range (library/training/bounds.py)
     if args.noise_offset is not None and args.multires_noise_iterations is not None:
         problems.append("--noise_offset and --multires_noise_iterations cannot be combined")
     if args.adaptive_noise_scale is not None and args.noise_offset is None:
@@ -163,12 +203,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
         problems.append("--full_fp16 needs --mixed_precision fp16")
     if args.full_bf16 and args.mixed_precision != "bf16":
         problems.append("--full_bf16 needs --mixed_precision bf16")
-    if args.gradient_accumulation_steps < 1:
-        problems.append("--gradient_accumulation_steps must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1 and not args.max_train_epochs:
-        problems.append("--max_train_steps must be at least 1")
-    if args.clip_skip is not None and args.clip_skip < 1:
-        problems.append("--clip_skip must be at least 1")
+        problems.append(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
     if getattr(args, "log_with", None) in ("tensorboard", "all") and not args.logging_dir:
         problems.append(f"--log_with {args.log_with} needs --logging_dir")
     if args.xformers:
@@ -177,12 +213,24 @@ def validate_training_args(args: argparse.Namespace) -> None:
         if importlib.util.find_spec("xformers") is None:
             problems.append("--xformers needs the package 'xformers' (pip install xformers); "
                             "without it PyTorch's scaled-dot-product attention is used by default")
+    if args.torch_compile:
+        import torch._dynamo
+
+        available = torch._dynamo.list_backends(exclude_tags=())
+        if args.dynamo_backend not in available:
+            problems.append(f"--dynamo_backend {args.dynamo_backend} is not available in this torch installation "
+                            f"(available: {', '.join(sorted(torch._dynamo.list_backends()))})")
+        elif args.dynamo_backend == "inductor" and not torch.cuda.is_available():
+            problems.append("--torch_compile --dynamo_backend inductor needs a CUDA GPU: on the CPU its compiled UNet "
+                            "backward gives wrong gradients with this torch (docs/train_network.md); "
+                            "--dynamo_backend aot_eager compiles correctly on the CPU")
     if hasattr(args, "output_dir") and not args.output_dir and not getattr(args, "debug_dataset", False):
         problems.append("--output_dir is required (where trained files are written)")
     if getattr(args, "network_train_unet_only", False) and getattr(args, "network_train_text_encoder_only", False):
         problems.append("--network_train_unet_only and --network_train_text_encoder_only leave nothing to train; "
                         "give at most one")
     problems += validation_problems(args) + ema_problems(args)
+    problems += network_arg_problems(args, problems)
     if problems:
         raise UserError("; ".join(problems))
     check_loss_arguments(args)

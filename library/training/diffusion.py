@@ -31,6 +31,8 @@ SNR_CLAMP = 1000.0  # upper clamp of SNR in the debiased / v-pred-like scales (S
 # Schedule
 
 
+LATENT_SCALE = 0.18215  # the SD VAE latent scaling factor: model latents = VAE latents × this
+
 def make_noise_scheduler(v_parameterization: bool, zero_terminal_snr: bool = False) -> DDPMScheduler:
     """The training noise scheduler: DDPM, scaled_linear betas 0.00085-0.012, 1000 steps, no clipping.
 

@@ -48,9 +48,7 @@ def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ema_problems(args: argparse.Namespace) -> list[str]:
-    """Range problems of the EMA options (for the up-front option check); ``--save_ema`` turns on ``--ema``."""
-    if getattr(args, "save_ema", False):
-        args.ema = True
+    """Range problems of the EMA options (for the up-front option check)."""
     problems = []
     decay = getattr(args, "ema_decay", DEFAULT_DECAY)
     if decay is not None and not 0.0 < decay < 1.0:

@@ -29,7 +29,7 @@ def parameter_names(method: Any, model: Any) -> dict[int, str]:
     names (``lora_unet_…​.lora_up.weight``), model parameters as ``unet.…`` / ``text_encoder.…``."""
     trained = {id(p) for p in method.trainable_parameters()}
     names: dict[int, str] = {}
-    roots = [("", getattr(method, "network", None)), ("unet.", getattr(model, "unet", None)),
+    roots = [("", method.network), ("unet.", getattr(model, "unet", None)),
              ("text_encoder.", getattr(model, "text_encoder", None))]
     for prefix, root in roots:
         if not isinstance(root, torch.nn.Module):

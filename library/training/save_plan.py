@@ -74,11 +74,6 @@ def _exists(output_dir: Path, name: str) -> bool:
     return (output_dir / name.rstrip("/")).exists()
 
 
-def _existing_with_stem(output_dir: Path, stem: str) -> list[str]:
-    """Files the trainer's retention rule would delete for ``stem`` (``<stem>.*`` or the folder ``<stem>``)."""
-    if not output_dir.is_dir():
-        return []
-    return sorted(p.name for p in output_dir.glob(f"{stem}*") if p.name.split(".")[0] == stem)
 
 
 def plan_outputs(args: argparse.Namespace, plan: RunPlan, file_name, *, sample_prompts: int) -> OutputPlan:
@@ -103,9 +98,8 @@ def plan_outputs(args: argparse.Namespace, plan: RunPlan, file_name, *, sample_p
             target = file_name(old) if suffix is None else f"{old}-state/"
             removed.add(target)
             written = any(s.name == target for s in result.saves)
-            if not written:  # an earlier run's file with that name
-                result.deleted_existing += (_existing_with_stem(out_dir, old) if suffix is None
-                                            else [target] if _exists(out_dir, target) else [])
+            if not written and _exists(out_dir, target):  # an earlier run's save of exactly that name
+                result.deleted_existing.append(target)
 
     if every_steps:
         for step in range((start_step // every_steps + 1) * every_steps, plan.max_train_steps, every_steps):

@@ -14,9 +14,12 @@ from typing import Any
 
 import torch
 
+from library.config.arguments import latents_cached
 from library.data.masks import attach_mask_source
+from library.models.placement import place
 from library.errors import UserError
 from library.training.loss_options import step_fields
+from library.training.output_targets import check_outputs
 from library.training.te_cache import build_text_encoder_cache, check_text_encoder_cache
 from library.training.plan import RunPlan, make_plan, save_every_n_epochs
 from library.training.trainer import SaveSettings, StepSettings
@@ -102,9 +105,7 @@ def load_datasets(args: argparse.Namespace, tokenizer: Any, seed: int, *, suppor
 
     blueprint = load_dataset_blueprint(args, args.dataset_config, support_dreambooth=support_dreambooth,
                                        support_finetuning=support_finetuning)
-    if args.cache_latents_to_disk:
-        args.cache_latents = True
-    check_cache_compatibility(blueprint, args.cache_latents)
+    check_cache_compatibility(blueprint, latents_cached(args))
     group = build_dataset_group(blueprint, seed=seed, tokenizer=tokenizer, max_token_length=args.max_token_length,
                                 weighted_captions=getattr(args, "weighted_captions", False))
     if len(group) == 0:
@@ -129,11 +130,17 @@ def load_base_model(args: argparse.Namespace, weight_dtype: torch.dtype):
                       reference_model=getattr(args, "reference_model", None), dtype=torch.float32)
 
 
-def place(module: Any, device: Any, dtype: torch.dtype) -> None:
-    """Move a model to ``device`` and cast it only when its dtype differs (diffusers warns on any cast)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
+def compile_unet(unet: Any, args: argparse.Namespace) -> None:
+    """``--torch_compile``: compile the UNet's forward in place (``nn.Module.compile``, so its weight names and
+    saved files stay as they are) with ``--dynamo_backend`` / ``--dynamo_mode`` (the backend was checked
+    with the other options)."""
+    if not args.torch_compile:
+        return
+    options = {"backend": args.dynamo_backend}
+    if args.dynamo_mode and args.dynamo_mode != "default":
+        options["mode"] = args.dynamo_mode
+    unet.compile(**options)
+    logger.info("UNet forward compiled with torch.compile (%s)", ", ".join(f"{k}={v}" for k, v in options.items()))
 
 
 def set_attention(unet: Any, args: argparse.Namespace) -> None:
@@ -152,7 +159,7 @@ def cache_latents(args: argparse.Namespace, group: Any, vae: Any, accelerator: A
 
     In memory every process encodes for itself; on disk the main process writes the files first and the
     others then load them."""
-    if not args.cache_latents:
+    if not latents_cached(args):
         return
     from library.data.group_latents import cache_group_latents
 
@@ -184,11 +191,12 @@ def step_settings(args: argparse.Namespace, v_parameterization: bool, weight_dty
                         max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype, **step_fields(args))
 
 
-def save_settings(args: argparse.Namespace, plan: RunPlan) -> SaveSettings:
-    """The saving options; ``--output_dir`` is required."""
+def save_settings(args: argparse.Namespace, plan: RunPlan, layout: Any) -> SaveSettings:
+    """The saving options, for saves named by ``layout``; ``--output_dir`` is required."""
     if not args.output_dir:
         raise UserError("--output_dir is required (where trained files are written)")
     return SaveSettings(output_dir=Path(args.output_dir), output_name=args.output_name,
+                        layout=layout,
                         every_n_epochs=save_every_n_epochs(plan.num_epochs, args.save_every_n_epochs,
                                                            args.save_n_epoch_ratio),
                         every_n_steps=args.save_every_n_steps, last_n_epochs=args.save_last_n_epochs,
@@ -260,25 +268,23 @@ def optimizer_and_schedule(args: argparse.Namespace, param_groups: list[dict[str
 
 def make_trainer(args: argparse.Namespace, *, accelerator: Any, model: Any, group: Any, method: Any, built: Any,
                  scheduler: Any, plan: RunPlan, seed: int, weight_dtype: torch.dtype, logging_enabled: bool,
-                 sampler: Any = None):
+                 layout: Any, sampler: Any = None):
     """The :class:`~library.training.trainer.Trainer` for a prepared method, with the step and saving
     options of ``args`` (DataLoader workers included), its EMA (``--ema``) and validator (held-out images)."""
     from library.training.ema import make_ema
     from library.training.trainer import Trainer
     from library.training.validation import make_validator
 
-    trainer = Trainer(accelerator=accelerator, model=model, group=group, method=method, optimizer=built.optimizer,
-                      lr_scheduler=scheduler, plan=plan,
-                      step=step_settings(args, model.v_parameterization, weight_dtype),
-                      save=save_settings(args, plan), seed=seed, num_workers=loader_workers(args),
-                      persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled,
-                      sampler=sampler)
-    trainer.ema = make_ema(args, method, accelerator)
-    trainer.validator = make_validator(args, group, seed)
-    keep_te = sampler is not None or trainer.validator is not None  # both still run the text encoder
-    trainer.text_encoder_cache = build_text_encoder_cache(args, accelerator=accelerator, model=model, group=group,
-                                                          method=method, keep_text_encoder=keep_te)
-    return trainer
+    validator = make_validator(args, group, seed)
+    keep_te = sampler is not None or validator is not None  # both still run the text encoder
+    te_cache = build_text_encoder_cache(args, accelerator=accelerator, model=model, group=group, method=method,
+                                        keep_text_encoder=keep_te)
+    return Trainer(accelerator=accelerator, model=model, group=group, method=method, optimizer=built.optimizer,
+                   lr_scheduler=scheduler, plan=plan, step=step_settings(args, model.v_parameterization, weight_dtype),
+                   save=save_settings(args, plan, layout), seed=seed, num_workers=loader_workers(args),
+                   persistent_workers=args.persistent_data_loader_workers, logging_enabled=logging_enabled,
+                   sampler=sampler, ema=make_ema(args, method, accelerator), validator=validator,
+                   text_encoder_cache=te_cache)
 
 
 @dataclass
@@ -293,12 +299,14 @@ class PreparedRun:
     group: Any
     weight_dtype: torch.dtype
     model: Any
+    layout: Any  # library.training.output_targets.OutputLayout: how the method names its saves
 
 
-def prepare_run(args: argparse.Namespace, tracker_name: str, *, support_dreambooth: bool, support_finetuning: bool,
-                configure_group: Any = None) -> PreparedRun:
+def prepare_run(args: argparse.Namespace, tracker_name: str, *, layout: Any, support_dreambooth: bool,
+                support_finetuning: bool, configure_group: Any = None) -> PreparedRun:
     """The set-up every script shares, in order: accelerate, seed, tokenizer, datasets (then
-    ``configure_group(group)``, e.g. TI's caption replacements), the model, attention, cached latents."""
+    ``configure_group(group)``, e.g. TI's caption replacements), the output check for the method's save
+    ``layout`` (:class:`library.output_safety.OutputLayout`), the model, attention, cached latents."""
     accelerator, logging_enabled = make_accelerator(args, tracker_name)
     seed = choose_seed(args)
     tokenizer = tokenizer_for(args)
@@ -310,6 +318,8 @@ def prepare_run(args: argparse.Namespace, tracker_name: str, *, support_dreamboo
             group.validation.replacements = group.replacements
     attach_mask_source(args, group)  # --masked_loss / alpha_mask (library/data/masks.py)
     check_text_encoder_cache(args, group)  # refuse --cache_text_encoder_outputs before loading the model
+    check_outputs(args, layout, blueprint, run_plan(args, group, accelerator),
+                  sampling=bool(getattr(args, "sample_prompts", None)), main_process=accelerator.is_main_process)
     weight_dtype = DTYPES[args.mixed_precision]
     model = load_base_model(args, weight_dtype)
     if getattr(args, "diffusers_xformers", False):
@@ -320,7 +330,7 @@ def prepare_run(args: argparse.Namespace, tracker_name: str, *, support_dreamboo
     cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
     if group.validation is not None:
         cache_latents(args, group.validation, model.vae, accelerator, weight_dtype, seed)
-    return PreparedRun(accelerator, logging_enabled, seed, tokenizer, blueprint, group, weight_dtype, model)
+    return PreparedRun(accelerator, logging_enabled, seed, tokenizer, blueprint, group, weight_dtype, model, layout)
 
 
 def train(args: argparse.Namespace, run: Any, method: Any, *, sampling: Any, description: str, result_name: str,
@@ -336,9 +346,10 @@ def train(args: argparse.Namespace, run: Any, method: Any, *, sampling: Any, des
     sampler = make_sampler(sampling, args, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
                            tokenizer=run.tokenizer, v_parameterization=model.v_parameterization, seed=run.seed,
                            **(sampler_options or {}))
+    compile_unet(model.unet, args)  # after the method's changes (LoRA modules), before the first forward
     trainer = make_trainer(args, accelerator=accelerator, model=model, group=run.group, method=method, built=built,
                            scheduler=scheduler, plan=plan, seed=run.seed, weight_dtype=run.weight_dtype,
-                           logging_enabled=run.logging_enabled, sampler=sampler)
+                           logging_enabled=run.logging_enabled, layout=run.layout, sampler=sampler)
     if args.resume:
         trainer.resume(args.resume)
     if before_start is not None:

@@ -118,8 +118,6 @@ def automatic_reuse(args: argparse.Namespace, group: Any) -> bool:
 
 def check_text_encoder_cache(args: argparse.Namespace, group: Any) -> None:
     """Refuse ``--cache_text_encoder_outputs[_to_disk]`` where it would change training (one UserError)."""
-    if getattr(args, "cache_text_encoder_outputs_to_disk", False):
-        args.cache_text_encoder_outputs = True
     if not cache_requested(args):
         return
     if getattr(args, "no_cache_text_encoder_outputs", False):
@@ -141,18 +139,12 @@ def check_text_encoder_cache(args: argparse.Namespace, group: Any) -> None:
 
 def _method_trains_text_encoder(method: Any) -> bool:
     """The authoritative check on a built method (the argument check above runs before loading)."""
-    for name in ("train_text_encoder", "text_encoder_in_optimizer"):
-        if hasattr(method, name):
-            return bool(getattr(method, name))
-    return True  # Textual Inversion, XTI and unknown methods
+    return bool(method.text_encoder_in_optimizer)
 
 
 def _text_encoder_trains_now(method: Any) -> bool:
     """Whether the text encoder trains at this step (DreamBooth's stops at ``--stop_text_encoder_training``)."""
-    for name in ("text_encoder_training", "train_text_encoder"):
-        if hasattr(method, name):
-            return bool(getattr(method, name))
-    return True
+    return bool(method.text_encoder_training)
 
 
 def _fixed_caption(entry: Any, subset: Any, group: Any) -> str:

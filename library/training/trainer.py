@@ -16,22 +16,30 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from library.data.dataset import BatchSpec, DatasetGroup
 from library.methods.base import Method
 from library.training import diffusion, loss_options
+from library.errors import UserError
+from library.output_safety import check_target, remove_save
 from library.training.checkpoint import (TrainProgress, epoch_name, epoch_to_remove, final_name, load_state,
-                                         remove_output, restore_rng_states, save_state, step_name, step_to_remove)
+                                         restore_rng_states, save_state, step_name, step_to_remove)
 from library.training.guard import TrainingGuard, total_grad_norm
 from library.training.plan import RunPlan
 from library.training.tracking import LossAverage, Tracker
 
+if TYPE_CHECKING:  # annotations only: these modules import the trainer's neighbours
+    from library.training.ema import ExponentialMovingAverage
+    from library.training.sampling import Sampler
+    from library.training.te_cache import TextEncoderCache
+    from library.training.validation import Validator
+
 logger = logging.getLogger(__name__)
 
-LATENT_SCALE = 0.18215
+LATENT_SCALE = diffusion.LATENT_SCALE
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class SaveSettings:
     last_n_steps: int | None = None
     last_n_steps_state: int | None = None
     save_state: bool = False
+    layout: Any = None  # library.training.output_targets.OutputLayout: names and kind of the method's saves
 
 
 class EpochBatches(torch.utils.data.Dataset):
@@ -142,9 +151,12 @@ class Trainer:
     def __init__(self, *, accelerator: Any, model: Any, group: DatasetGroup, method: Method, optimizer: Any,
                  lr_scheduler: Any, plan: RunPlan, step: StepSettings, save: SaveSettings, seed: int,
                  num_workers: int = 0, persistent_workers: bool = False, logging_enabled: bool = False,
-                 sampler: Any | None = None):
-        """Wire the pieces together; nothing runs until :meth:`run`. ``sampler`` (a
-        :class:`library.training.sampling.Sampler`) makes sample images at its due points."""
+                 sampler: Sampler | None = None, ema: ExponentialMovingAverage | None = None,
+                 validator: Validator | None = None, text_encoder_cache: TextEncoderCache | None = None):
+        """Wire the pieces together; nothing runs until :meth:`run`. ``sampler`` makes sample images at its
+        due points, ``ema`` keeps the moving average of the trained weights (``--ema``), ``validator``
+        computes the validation loss of held-out images, ``text_encoder_cache`` gives the text conditioning
+        instead of the method (``--cache_text_encoder_outputs`` or automatic reuse)."""
         self.accelerator, self.model, self.group, self.method = accelerator, model, group, method
         self.optimizer, self.lr_scheduler, self.plan = optimizer, lr_scheduler, plan
         self.step_settings, self.save_settings = step, save
@@ -153,20 +165,20 @@ class Trainer:
         self.sampler = sampler
         self.device = accelerator.device
         self.noise_scheduler = diffusion.make_noise_scheduler(step.v_parameterization, step.zero_terminal_snr)
-        self.text_encoder_cache = None  # a te_cache.TextEncoderCache with --cache_text_encoder_outputs
+        self.text_encoder_cache = text_encoder_cache
         self.generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + accelerator.process_index)
         self.progress = TrainProgress(session_id=int(torch.randint(0, 2**31 - 1, (1,)).item()),
                                       started_at=time.time(), seed=seed)
         self.stop_requested: str | None = None
         self.last_saved: Path | None = None
+        self.last_state: Path | None = None  # the newest state folder written (named when a save fails)
         self.params = method.trainable_parameters()
         self._allow_fp16_unscale()
         # test hook: with SDTRAIN_DEBUG_DIR set, every process records the images it trained on and its weights
         self.debug_dir = os.environ.get("SDTRAIN_DEBUG_DIR")
         self.seen_keys: dict[int, list[str]] = {}
         self.guard = TrainingGuard(method, model, accelerator)  # non-finite loss / gradient stops (guard.py)
-        self.ema: Any = None  # ExponentialMovingAverage, set by session.make_trainer with --ema (ema.py)
-        self.validator: Any = None  # Validator, set by session.make_trainer with a validation set (validation.py)
+        self.ema, self.validator = ema, validator
 
     def _allow_fp16_unscale(self) -> None:
         """--full_fp16 keeps trainable weights (and so their gradients) in fp16, which torch's GradScaler
@@ -183,6 +195,7 @@ class Trainer:
     def resume(self, folder: str) -> None:
         """Restore weights, optimizer, scheduler, RNGs and the exact position from a state folder."""
         payload = load_state(folder)
+        self.last_state = Path(folder)
         self.method.load_trainable_state_dict(payload["trainable"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.lr_scheduler.load_state_dict(payload["scheduler"])
@@ -221,13 +234,23 @@ class Trainer:
         return self.method.conditioning(batch)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction (ε or v) in ``weight_dtype``; a method's ``unet_forward`` takes over where it
-        has one (XTI routes its conditioning per cross-attention layer)."""
-        dtype = self.step_settings.weight_dtype
-        forward = getattr(self.method, "unet_forward", None)
-        if forward is not None:
-            return forward(self.model.unet, noisy, timesteps, cond, dtype)
-        return self.model.unet(noisy, timesteps, cond.to(dtype)).sample
+        """The UNet's prediction (ε or v) in ``weight_dtype``, through the method's ``unet_forward`` (the plain
+        call; XTI routes its conditioning per cross-attention layer)."""
+        return self.method.unet_forward(self.model.unet, noisy, timesteps, cond, self.step_settings.weight_dtype)
+
+    def prediction_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                              cond: torch.Tensor, input_noise: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's prediction for ``latents`` noised to ``timesteps`` (with ``input_noise`` where it
+        differs from ``noise``: ``--ip_noise_gamma``) and the target it is scored against (ε or v), for
+        the training loss and the validation loss alike."""
+        noisy = diffusion.add_noise(self.noise_scheduler, latents, noise if input_noise is None else input_noise,
+                                    timesteps)
+        with self.accelerator.autocast():
+            pred = self.predict(noisy, timesteps, cond)
+        target = diffusion.target_for(self.noise_scheduler, latents, noise, timesteps,
+                                      self.step_settings.v_parameterization)
+        return pred, target
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The diffusion loss of one batch (documented order: text, noise, timesteps)."""
@@ -239,11 +262,8 @@ class Trainer:
                                        multires_iterations=s.multires_noise_iterations,
                                        multires_discount=s.multires_noise_discount)
         timesteps = diffusion.sample_timesteps(latents.shape[0], self.generator).to(self.device)
-        noisy = diffusion.add_noise(self.noise_scheduler, latents, loss_options.input_noise(noise, self.generator, s),
-                                    timesteps)
-        with self.accelerator.autocast():
-            pred = self.predict(noisy, timesteps, cond)
-        target = diffusion.target_for(self.noise_scheduler, latents, noise, timesteps, s.v_parameterization)
+        pred, target = self.prediction_and_target(latents, noise, timesteps, cond,
+                                                  input_noise=loss_options.input_noise(noise, self.generator, s))
         return diffusion.diffusion_loss(pred.float(), target.float(),
                                         loss_weights=batch["loss_weights"].to(self.device), timesteps=timesteps,
                                         scheduler=self.noise_scheduler, min_snr_gamma=s.min_snr_gamma,
@@ -282,18 +302,29 @@ class Trainer:
               with_state: bool) -> None:
         cfg = self.save_settings
         if self.accelerator.is_main_process:
-            with self.ema.saving() if self.ema is not None else contextlib.nullcontext():
-                self.last_saved = self.method.save(cfg.output_dir, name, epoch=epoch,
-                                                   step=self.progress.global_step, final=final)
+            try:
+                if cfg.layout is not None:  # checked before training too; again in case something appeared since
+                    check_target(cfg.layout.path(cfg.output_dir, name), cfg.layout.kind)
+                with self.ema.saving() if self.ema is not None else contextlib.nullcontext():
+                    self.last_saved = self.method.save(cfg.output_dir, name, epoch=epoch,
+                                                       step=self.progress.global_step, final=final)
+            except UserError as exc:
+                raise UserError(f"{exc}{self._resume_hint()}") from None
             logger.info("saved %s", self.last_saved)
-            if remove:
-                for path in cfg.output_dir.glob(f"{remove}*"):
-                    if path.name.split(".")[0] == remove:
-                        remove_output(path)
+            if remove and cfg.layout is not None:  # exactly the older save of this run's name and kind
+                remove_save(cfg.layout.path(cfg.output_dir, remove), cfg.layout.kind)
         if with_state:
             self.save_training_state(cfg.output_dir / f"{name}-state")
             if remove_state and self.accelerator.is_main_process:
-                remove_output(cfg.output_dir / f"{remove_state}-state")
+                remove_save(cfg.output_dir / f"{remove_state}-state", "state")
+
+    def _resume_hint(self) -> str:
+        """How to go on after a failed save: from the last state written, if any."""
+        if self.last_state is not None:
+            return f" — the last training state is {self.last_state}: free space, then --resume {self.last_state}"
+        if self.save_settings.save_state:
+            return " — no training state was written yet"
+        return " — no training state is kept (--save_state keeps one to resume from)"
 
     def save_training_state(self, folder: Path) -> None:
         """Write the training state (all processes take part: their noise RNGs are gathered)."""
@@ -302,11 +333,15 @@ class Trainer:
         states = gather_object([self.generator.get_state()]) if self.accelerator.num_processes > 1 else \
             [self.generator.get_state()]
         if self.accelerator.is_main_process:
-            save_state(folder, progress=self.progress, trainable=self.method.trainable_state_dict(),
-                       optimizer=self.optimizer, scheduler=self.lr_scheduler, generator=self.generator,
-                       scaler=self.accelerator.scaler, extra={
-                           "noise_per_rank": states, "ema": self.ema.state_dict() if self.ema is not None else None,
-                           "validation": self.validator.state_dict() if self.validator is not None else None})
+            try:
+                save_state(folder, progress=self.progress, trainable=self.method.trainable_state_dict(),
+                           optimizer=self.optimizer, scheduler=self.lr_scheduler, generator=self.generator,
+                           scaler=self.accelerator.scaler, extra={
+                               "noise_per_rank": states, "ema": self.ema.state_dict() if self.ema is not None else None,
+                               "validation": self.validator.state_dict() if self.validator is not None else None})
+            except UserError as exc:
+                raise UserError(f"{exc}{self._resume_hint()}") from None
+            self.last_state = folder
         self.accelerator.wait_for_everyone()
 
     def _after_optimizer_step(self, epoch: int) -> None:

@@ -240,7 +240,7 @@ class Validator:
 
     def _latents(self, trainer: Any, batch: dict[str, Any]) -> torch.Tensor:
         """Cached latents, or the VAE posterior mean (no sampling: nothing random)."""
-        from library.training.trainer import LATENT_SCALE
+        from library.training.diffusion import LATENT_SCALE
 
         if batch.get("latents") is not None:
             latents = batch["latents"].to(trainer.device)
@@ -253,9 +253,6 @@ class Validator:
         """(sum of per-image, per-timestep MSE, number of terms) for one batch."""
         import torch
 
-        from library.training import diffusion
-
-        settings = trainer.step_settings
         latents = self._latents(trainer, batch)
         cond = trainer.conditioning(batch).detach()  # the method's, or the text-encoder output cache
         generators = [torch.Generator(device="cpu").manual_seed(image_seed(seed, key)) for key in batch["keys"]]
@@ -264,11 +261,7 @@ class Validator:
             noise = torch.stack([torch.randn(tuple(latents.shape[1:]), generator=g, dtype=torch.float32)
                                  for g in generators]).to(trainer.device, latents.dtype)
             timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=trainer.device)
-            noisy = diffusion.add_noise(trainer.noise_scheduler, latents, noise, timesteps)
-            with trainer.accelerator.autocast():
-                pred = trainer.predict(noisy, timesteps, cond)
-            target = diffusion.target_for(trainer.noise_scheduler, latents, noise, timesteps,
-                                          settings.v_parameterization)
+            pred, target = trainer.prediction_and_target(latents, noise, timesteps, cond)
             per_image = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
             total += float(per_image.double().sum())
         return total, latents.shape[0] * len(self.settings.timesteps)
