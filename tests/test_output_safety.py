@@ -364,3 +364,4 @@ def test_atomic_folder_replacement_swaps_names_and_refuses_foreign_folders(tmp_p
             (tmp / "state.json").write_text('{"global_step": 3}', encoding="utf-8")
     assert (target / "notes.txt").read_text(encoding="utf-8") == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "last-state"]
+

@@ -412,6 +412,7 @@ class Trainer:
                 loader = self._loader(epoch)
                 start = self.progress.position
                 micro, accumulated, batches_done = 0, 0.0, 0
+                cut_short = False  # the step budget ran out before the epoch's last batch
                 for index, batch in enumerate(loader):
                     position = start + index
                     if batch is not None:
@@ -446,9 +447,11 @@ class Trainer:
                     if self._should_stop():
                         return self._interrupted(tracker)
                     if self.progress.global_step >= plan.max_train_steps:
+                        cut_short = index < len(loader) - 1
                         break
                 tracker.log({"loss/epoch": average.average}, step=epoch)
-                self.progress.epoch, self.progress.position = epoch + 1, 0
+                if not cut_short:  # else the state keeps the position, so a resume with more steps goes on there
+                    self.progress.epoch, self.progress.position = epoch + 1, 0
                 acc.wait_for_everyone()
                 if self.validator is not None:
                     self.validator.maybe_validate(self, tracker, step=self.progress.global_step, epoch=epoch)
