@@ -121,9 +121,7 @@ class DoRAModule(LoRAModule):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``org(x) + layer(x; m·(W' − W))`` (the previous forward is kept, so networks stack)."""
         out = self.org_forward(x, *args, **kwargs)
-        if self.multiplier == 0:
-            return out
-        if self.module_dropout is not None and self.training and torch.rand(1).item() < self.module_dropout:
+        if self.skipped():
             return out
         delta = self.scaled_delta()
         base = self.org_module.weight.detach().to(delta.dtype)

@@ -127,12 +127,17 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(h) * (self.multiplier * scale)
 
+    def skipped(self) -> bool:
+        """True when this forward adds nothing: multiplier 0, or the module dropped (``module_dropout``,
+        training only; draws one number from torch's RNG exactly then)."""
+        if self.multiplier == 0:
+            return True
+        return self.module_dropout is not None and self.training and torch.rand(1).item() < self.module_dropout
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``org(x) + m · (alpha/rank) · up(down(x))``."""
         out = self.org_forward(x, *args, **kwargs)
-        if self.multiplier == 0:
-            return out
-        if self.module_dropout is not None and self.training and torch.rand(1).item() < self.module_dropout:
+        if self.skipped():
             return out
         return out + self.lora_forward(x).to(out.dtype)
 
