@@ -83,6 +83,12 @@ def check_options(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--outdir is required (the folder the images are written to)")
     if bool(args.prompt) == bool(args.from_file):
         raise UserError("give either --prompt \"<text>\" or --from_file <prompts.txt> (one of them)")
+    if args.xformers and torch.cuda.is_available():
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise UserError("--xformers needs the package 'xformers' (pip install xformers); leave the option out "
+                            "to use PyTorch's scaled-dot-product attention")
     if args.sampler not in SAMPLER_NAMES:
         raise UserError(f"--sampler {args.sampler}: unknown; use one of {', '.join(SAMPLER_NAMES)}")
     _check_size("--W", args.W)

@@ -115,19 +115,23 @@ def _classify_pickle(path: Path) -> str:
 
 
 def _classify_npz(path: Path) -> str:
+    """A latent cache holds a 3-D float ``arr_0`` (or ``latents``); only the array's header is read."""
     import numpy as np
 
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            key = next((k for k in ("arr_0", "latents") if k in npz.files), None)
-            if key is None:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            member = next((f"{k}.npy" for k in ("arr_0", "latents") if f"{k}.npy" in names), None)
+            if member is None:
                 return "file"
-            array = npz[key]
-    except Exception:  # noqa: BLE001
+            with archive.open(member) as handle:
+                major, _ = np.lib.format.read_magic(handle)
+                read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(handle)
+    except Exception:  # noqa: BLE001 - not a readable npz: somebody else's file
         return "file"
-    if np.issubdtype(array.dtype, np.floating) and array.ndim == 3:
-        return "latents"
-    return "file"
+    return "latents" if np.issubdtype(dtype, np.floating) and len(shape) == 3 else "file"
 
 
 def _listing(folder: Path) -> set[str]:

@@ -347,8 +347,8 @@ def _parse_dropout(key: str, value: Any) -> float | None:
     return p
 
 
-def _parse_network_args(network_dim: int | None, network_alpha: float | None, neuron_dropout: Any,
-                        kwargs: dict[str, Any]) -> dict[str, Any]:
+def resolve_network_args(network_dim: int | None, network_alpha: float | None, neuron_dropout: Any,
+                         kwargs: dict[str, Any]) -> dict[str, Any]:
     """Defaults, types and ranges of :func:`create_network`'s arguments (UserError naming the option)."""
     check_known_args(kwargs, KNOWN_NETWORK_ARGS)
     if network_dim is None:
@@ -395,7 +395,7 @@ def check_network_args(network_dim: int | None, network_alpha: float | None, neu
     quiet = logging.getLogger(block_settings.__module__)
     was_disabled, quiet.disabled = quiet.disabled, True
     try:
-        _parse_network_args(network_dim, network_alpha, neuron_dropout, dict(kwargs))
+        resolve_network_args(network_dim, network_alpha, neuron_dropout, dict(kwargs))
     finally:
         quiet.disabled = was_disabled
 
@@ -413,7 +413,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     module_rules (docs/train_network.md). An unknown or malformed key raises
     :class:`~library.errors.UserError`.
     """
-    parsed = _parse_network_args(network_dim, network_alpha, neuron_dropout, kwargs)
+    parsed = resolve_network_args(network_dim, network_alpha, neuron_dropout, kwargs)
     network_dim, network_alpha = parsed["network_dim"], parsed["network_alpha"]
     conv_dim, conv_alpha, blocks = parsed["conv_dim"], parsed["conv_alpha"], parsed["blocks"]
     dropout, rank_dropout, module_dropout = parsed["dropout"], parsed["rank_dropout"], parsed["module_dropout"]

@@ -64,8 +64,8 @@ def dora_weight(base: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch
     ``scaled_delta`` is ``alpha/rank · up∘down`` in the shape of ``base``; ``magnitude`` is reshaped
     between its 2-D and 4-D forms when the layer asks for the other one."""
     merged = base + scaled_delta
-    magnitude = adapt_shape(magnitude, dora_norm(merged, axis).shape)
-    return merged * (magnitude / dora_norm(merged, axis))
+    norm = dora_norm(merged, axis)
+    return merged * (adapt_shape(magnitude, norm.shape) / norm)
 
 
 def dora_diff(base: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, axis: str = "in",

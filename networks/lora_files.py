@@ -293,9 +293,7 @@ def load_lora_file(path: str | os.PathLike, option: str = "--model", allow_lycor
     try:
         lazy = open_state_dict(path)
     except UserError as exc:
-        lazy = _open_legacy_pickle(path)  # open_state_dict memory-maps, which needs torch's zip form
-        if lazy is None:
-            raise UserError(f"{option} {exc}") from None
+        raise UserError(f"{option} {exc}") from None
     is_safetensors = _is_safetensors_file(path)
     keys = sorted(lazy.keys()) if is_safetensors else list(lazy.keys())
     lycoris = any(k.partition(".")[2] in LYCORIS_KEYS for k in keys)
@@ -326,30 +324,6 @@ def load_lora_file(path: str | os.PathLike, option: str = "--model", allow_lycor
         modules[name] = module
     metadata = dict(lazy.metadata or {}) if is_safetensors else {}
     return LoRAFile(path, tensors, metadata, modules, is_safetensors, extra)
-
-
-def _open_legacy_pickle(path: Path) -> Any:
-    """A torch pickle in the legacy (non-zip) form, the form our ``.pt``/``.ckpt`` network files take
-    (library/pickle_files.py), read whole as a state dict; None when the file is not one or unreadable."""
-    import zipfile
-
-    from library.models.statedict import LazyStateDict
-
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head != b"\x80\x02" or zipfile.is_zipfile(path):
-        return None
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not a readable legacy pickle: the caller reports the first error
-        return None
-    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
-        data = data["state_dict"]
-    if not isinstance(data, Mapping):
-        return None
-    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    return LazyStateDict(path, tensors.__getitem__, {k: tuple(v.shape) for k, v in tensors.items()}, {},
-                         {k: v.dtype for k, v in tensors.items()})
 
 
 def _is_safetensors_file(path: Path) -> bool:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from networks.lora import LoRANetwork
+from networks.lora import LoRANetwork, resolve_network_args
 from networks.lora_module import LoRAModule, match_dtype
 from networks.lora_common import adapt_shape, check_known_args, load_state_dict_file
 from networks.lycoris_common import KIND_NAMES, LYCORIS_KEYS, lycoris_delta, lycoris_scale, module_kind
@@ -171,9 +171,7 @@ class _PerModule:
 def _parse_shared(network_dim: int | None, network_alpha: float | None, neuron_dropout: Any,
                   shared: Mapping[str, Any]) -> dict[str, Any]:
     """networks.lora's parsing of the shared keys; ``module_rules`` holds the loaded rules (or None)."""
-    from networks.lora import _parse_network_args
-
-    parsed = _parse_network_args(network_dim, network_alpha, neuron_dropout, dict(shared))
+    parsed = resolve_network_args(network_dim, network_alpha, neuron_dropout, dict(shared))
     parsed["module_rules"] = getattr(parsed.get("extra"), "rules", None)
     return parsed
 

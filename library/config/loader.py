@@ -51,17 +51,27 @@ def read_config_file(path: str | os.PathLike) -> Any:
         raise UserError(f"{file}: a dataset config must be a .toml or .json file")
     if not file.is_file():
         raise UserError(f"{file}: dataset config file not found")
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise UserError(f"{file}: cannot read the dataset config ({exc.strerror})") from None
+    text = read_text(file, "the dataset config")
     if suffix == ".json":
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"{file}: line {exc.lineno}: JSON syntax error: {exc.msg}") from None
+    return parse_toml(text, file)
+
+
+def read_text(file: Path, what: str) -> str:
+    """The UTF-8 text of a config file (a BOM is dropped); unreadable files are one line naming ``what``."""
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{file}: cannot read {what} ({exc.strerror})") from None
+
+
+def parse_toml(text: str, file: Path) -> dict[str, Any]:
+    """TOML ``text`` parsed with the ``toml`` package; syntax errors name the file and the line."""
     try:
         return toml.loads(text)
     except toml.TomlDecodeError as exc:

@@ -325,23 +325,13 @@ def _where(table: str | None) -> str:
 
 def _load_toml(path: Path) -> dict[str, Any]:
     """The parsed document; unreadable files and syntax errors are one line naming the file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    from library.config.loader import parse_toml, read_text
+
+    text = read_text(path, "the config file")
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
-        import toml
-
-        try:
-            return toml.loads(text)
-        except toml.TomlDecodeError as exc:
-            raise UserError(f"{path}: line {exc.lineno}: TOML syntax error: {exc.msg}") from None
-        except (ValueError, IndexError, TypeError) as exc:
-            raise UserError(f"{path}: TOML syntax error: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        return parse_toml(text, path)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

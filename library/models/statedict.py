@@ -1,7 +1,7 @@
 """Open a weights file (safetensors or torch pickle) as a lazy, read-only state dict.
 
 Tensors are not read until asked for: safetensors files are memory-mapped copy-on-write by the
-``safetensors`` library and torch files are loaded with ``mmap=True``, so converting a 4 GB checkpoint
+``safetensors`` library and torch zip archives are loaded with ``mmap=True``, so converting a 4 GB checkpoint
 into model modules never holds two copies of it.
 """
 
@@ -111,8 +111,9 @@ def _torch_load(path: Path) -> object:
               ModuleNotFoundError, ImportError, OSError)
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty")
+    mmap = zipfile.is_zipfile(path)  # the legacy (non-zip) form (library/pickle_files.py) cannot be mapped
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "Weights only" not in str(exc):
             raise UserError(f"{path}: corrupt or truncated checkpoint ({_first_line(exc)})") from None
@@ -122,7 +123,7 @@ def _torch_load(path: Path) -> object:
     logger.warning("%s holds pickled Python objects besides weights; unpickling it fully. "
                    "Only load checkpoints you trust.", path)
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
     except errors as exc:
         raise UserError(f"{path}: cannot read checkpoint ({_first_line(exc)})") from None
 

@@ -81,8 +81,6 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
     add_dry_run_arguments(parser)
     from library.config.option_file import add_option_file_arguments
     add_option_file_arguments(parser)  # --config_file / --output_config (docs/config_file.md)
-    if support_dreambooth:
-        pass  # --prior_loss_weight lives in the data-loading group (read by the datasets)
 
 
 def add_dry_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -206,9 +206,3 @@ def network_arg_problems(args: argparse.Namespace, found: list[str] = ()) -> lis
         return [str(exc)]
     return []
 
-
-def option_ranges() -> dict[str, str]:
-    """``{option name: allowed range in words}`` of every option with a range (for docs and tests)."""
-    out = {name: bound.describe() for name, bound in BOUNDS.items()}
-    out.update(CHECKED_ELSEWHERE)
-    return out

@@ -192,9 +192,7 @@ def step_settings(args: argparse.Namespace, v_parameterization: bool, weight_dty
 
 
 def save_settings(args: argparse.Namespace, plan: RunPlan, layout: Any) -> SaveSettings:
-    """The saving options, for saves named by ``layout``; ``--output_dir`` is required."""
-    if not args.output_dir:
-        raise UserError("--output_dir is required (where trained files are written)")
+    """The saving options, for saves named by ``layout`` (``--output_dir`` was checked before loading)."""
     return SaveSettings(output_dir=Path(args.output_dir), output_name=args.output_name,
                         layout=layout,
                         every_n_epochs=save_every_n_epochs(plan.num_epochs, args.save_every_n_epochs,
@@ -299,7 +297,8 @@ class PreparedRun:
     group: Any
     weight_dtype: torch.dtype
     model: Any
-    layout: Any  # library.training.output_targets.OutputLayout: how the method names its saves
+    layout: Any  # library.output_safety.OutputLayout: how the method names its saves
+    plan: RunPlan  # steps and epochs, known before the model loads (the output check needs them)
 
 
 def prepare_run(args: argparse.Namespace, tracker_name: str, *, layout: Any, support_dreambooth: bool,
@@ -318,7 +317,8 @@ def prepare_run(args: argparse.Namespace, tracker_name: str, *, layout: Any, sup
             group.validation.replacements = group.replacements
     attach_mask_source(args, group)  # --masked_loss / alpha_mask (library/data/masks.py)
     check_text_encoder_cache(args, group)  # refuse --cache_text_encoder_outputs before loading the model
-    check_outputs(args, layout, blueprint, run_plan(args, group, accelerator),
+    plan = run_plan(args, group, accelerator)
+    check_outputs(args, layout, blueprint, plan,
                   sampling=bool(getattr(args, "sample_prompts", None)), main_process=accelerator.is_main_process)
     weight_dtype = DTYPES[args.mixed_precision]
     model = load_base_model(args, weight_dtype)
@@ -330,7 +330,8 @@ def prepare_run(args: argparse.Namespace, tracker_name: str, *, layout: Any, sup
     cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
     if group.validation is not None:
         cache_latents(args, group.validation, model.vae, accelerator, weight_dtype, seed)
-    return PreparedRun(accelerator, logging_enabled, seed, tokenizer, blueprint, group, weight_dtype, model, layout)
+    return PreparedRun(accelerator, logging_enabled, seed, tokenizer, blueprint, group, weight_dtype, model, layout,
+                       plan)
 
 
 def train(args: argparse.Namespace, run: Any, method: Any, *, sampling: Any, description: str, result_name: str,
@@ -340,8 +341,7 @@ def train(args: argparse.Namespace, run: Any, method: Any, *, sampling: Any, des
     after resuming (LoRA builds its metadata there). Returns the exit code."""
     from library.training.sampling import make_sampler
 
-    accelerator, model = run.accelerator, run.model
-    plan = run_plan(args, run.group, accelerator)
+    accelerator, model, plan = run.accelerator, run.model, run.plan
     built, scheduler = optimizer_and_schedule(args, method.param_groups(), plan)
     sampler = make_sampler(sampling, args, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
                            tokenizer=run.tokenizer, v_parameterization=model.v_parameterization, seed=run.seed,

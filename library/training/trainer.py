@@ -78,7 +78,7 @@ class SaveSettings:
     last_n_steps: int | None = None
     last_n_steps_state: int | None = None
     save_state: bool = False
-    layout: Any = None  # library.training.output_targets.OutputLayout: names and kind of the method's saves
+    layout: Any = None  # library.output_safety.OutputLayout: names and kind of the method's saves
 
 
 class EpochBatches(torch.utils.data.Dataset):
