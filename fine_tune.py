@@ -26,10 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
         "fine_tune.py", __doc__.strip().splitlines()[0], support_dreambooth=False, support_caption=True,
         support_caption_dropout=True)
     add_full_model_saving_arguments(parser)
+    from library.training.lr_options import add_text_encoder_lr_arguments
+    add_text_encoder_lr_arguments(parser)  # --learning_rate_te
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--train_text_encoder", action="store_true", help="also train the text encoder (default: UNet only)")
     g.add_argument("--diffusers_xformers", action="store_true",
                    help="diffusers' own xformers attention in the UNet and VAE (needs the package 'xformers')")
+    from library.training.precision_options import add_no_half_vae_arguments
+    add_no_half_vae_arguments(g)  # --no_half_vae
     return parser
 
 
@@ -62,14 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     accelerator, model, weight_dtype = run.accelerator, run.model, run.weight_dtype
     prepare_full_model(model, text_encoder_trains=args.train_text_encoder,
                        gradient_checkpointing=args.gradient_checkpointing, device=accelerator.device,
-                       weight_dtype=weight_dtype, full_half=args.full_fp16 or args.full_bf16)
+                       weight_dtype=weight_dtype, full_half=args.full_fp16 or args.full_bf16,
+                       vae_dtype=run.vae_dtype)
+
+    from library.modelspec import run_fields
 
     method = FullModelMethod(model=model, text_encoder_steps=te_steps, clip_skip=args.clip_skip,
                              max_token_length=args.max_token_length, weighted_captions=args.weighted_captions,
                              no_token_padding=False,
                              save_format=resolve_save_format(args.save_model_as, args.use_safetensors,
                                                              model.source_format),
-                             save_dtype=save_dtype, device=accelerator.device)
+                             save_dtype=save_dtype, device=accelerator.device,
+                             header=run_fields(args, run.group), learning_rate_te=args.learning_rate_te)
     what = "UNet + text encoder" if args.train_text_encoder else "UNet only"
     return session.train(args, run, method, sampling=sampling, description=f"fine-tuning, {what}",
                          result_name="model")

@@ -24,12 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
         "train_db.py", __doc__.strip().splitlines()[0], support_dreambooth=True, support_caption=False,
         support_caption_dropout=True)
     add_full_model_saving_arguments(parser)
+    from library.training.lr_options import add_text_encoder_lr_arguments
+    add_text_encoder_lr_arguments(parser)  # --learning_rate_te
     g = parser.add_argument_group("DreamBooth")
     g.add_argument("--stop_text_encoder_training", type=int, default=None,
                    help="train the text encoder only for the first N steps (negative: never train it)")
     g.add_argument("--no_token_padding", action="store_true",
                    help="pad captions only to the batch's longest (max 77 tokens), as the original DreamBooth "
                         "script; --max_token_length and --clip_skip are then bypassed")
+    from library.training.precision_options import add_no_half_vae_arguments
+    add_no_half_vae_arguments(g)  # --no_half_vae
     return parser
 
 
@@ -65,14 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     accelerator, model, weight_dtype = run.accelerator, run.model, run.weight_dtype
     prepare_full_model(model, text_encoder_trains=te_steps != 0, gradient_checkpointing=args.gradient_checkpointing,
                        device=accelerator.device, weight_dtype=weight_dtype,
-                       full_half=args.full_fp16 or args.full_bf16)
+                       full_half=args.full_fp16 or args.full_bf16, vae_dtype=run.vae_dtype)
+
+    from library.modelspec import run_fields
 
     method = FullModelMethod(model=model, text_encoder_steps=te_steps, clip_skip=args.clip_skip,
                              max_token_length=args.max_token_length, weighted_captions=args.weighted_captions,
                              no_token_padding=args.no_token_padding,
                              save_format=resolve_save_format(args.save_model_as, args.use_safetensors,
                                                              model.source_format),
-                             save_dtype=save_dtype, device=accelerator.device)
+                             save_dtype=save_dtype, device=accelerator.device,
+                             header=run_fields(args, run.group), learning_rate_te=args.learning_rate_te)
     te_text = {None: "UNet + text encoder", 0: "UNet only"}.get(te_steps, f"UNet + text encoder for {te_steps} steps")
     return session.train(args, run, method, sampling=sampling, description=f"DreamBooth, {te_text}",
                          result_name="model")

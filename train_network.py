@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     training_args.add_saving_arguments(parser, model_formats=("safetensors", "ckpt", "pt"),
                                        default_format="safetensors")
     training_args.add_network_arguments(parser)
+    from library.training.precision_options import add_no_half_vae_arguments
+    add_no_half_vae_arguments(parser)  # --no_half_vae
     return parser
 
 
@@ -35,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from library.config.arguments import parse_network_args
     from library.methods.network import NetworkMethod, import_network_module, network_text_encoder, output_layout
     from library.methods.network_metadata import RunMetadata, model_hash_jobs, network_metadata
+    from library.methods.network_base_weights import merge_base_weights_from_args
+    from library.methods.network_extras import check_max_norm_support
+    from library.models.fp8 import apply_fp8_storage, fp8_parts
     from library.models.save import precision_dtype
     from library.dataset_debug import debug_dataset
     from library.dry_run.report import run_dry_run
@@ -62,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for module in (unet, te, model.vae):
         module.requires_grad_(False)
         module.eval()
+    merge_base_weights_from_args(args, text_encoder=te, unet=unet, v2=model.v2)  # --base_weights
     te_view = network_text_encoder(args.network_module, te)  # kohya's lora_te_text_model_* names for LyCORIS
     if args.network_weights and args.dim_from_weights:
         network, _ = network_module.create_network_from_weights(1.0, args.network_weights, model.vae, te_view, unet,
@@ -69,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         network = network_module.create_network(1.0, args.network_dim, args.network_alpha, model.vae, te_view,
                                                 unet, neuron_dropout=args.network_dropout, **network_kwargs)
+    check_max_norm_support(network, args.network_module, args.scale_weight_norms)
     network.apply_to(te, unet, train_te, train_unet)
     if args.network_weights:
         try:
@@ -84,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         network.enable_gradient_checkpointing()
     session.place(unet, accelerator.device, weight_dtype)
     session.place(te, accelerator.device, torch.float32)
-    session.place(model.vae, accelerator.device, weight_dtype)
+    session.place(model.vae, accelerator.device, run.vae_dtype)  # float32 with --no_half_vae
+    apply_fp8_storage(fp8_parts(args.fp8_base, args.fp8_base_unet), unet, te, weight_dtype)  # --fp8_base(_unet)
     network.to(accelerator.device)
     if args.full_fp16 or args.full_bf16:  # trainable weights and their gradients in the half dtype
         network.to(dtype=weight_dtype)
@@ -96,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          weighted_captions=args.weighted_captions, save_format=args.save_model_as,
                          save_dtype=save_dtype, device=accelerator.device)
     method = NetworkMethod(text_encoder_lr=args.text_encoder_lr, unet_lr=args.unet_lr,
-                           learning_rate=args.learning_rate, metadata=lambda *a: {}, **method_kwargs)
+                           learning_rate=args.learning_rate, metadata=lambda *a: {},
+                           max_norm=args.scale_weight_norms, **method_kwargs)
 
     def attach_metadata(trainer, plan, built):
         """The ss_* metadata of every saved file (needs the resumed session id and the optimizer)."""

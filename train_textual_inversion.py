@@ -33,6 +33,9 @@ def build_parser(prog: str = "train_textual_inversion.py", description: str | No
     training_args.add_logging_arguments(parser)
     training_args.add_sample_arguments(parser)
     add_textual_inversion_arguments(parser)
+    from library.training.precision_options import NO_HALF_VAE_SCRIPTS, add_no_half_vae_arguments
+    if prog in NO_HALF_VAE_SCRIPTS:  # kohya's XTI script has no --no_half_vae
+        add_no_half_vae_arguments(parser)
     return parser
 
 

@@ -23,12 +23,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Configure the root logger once, with a short format suitable for a terminal."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    else:
-        root.setLevel(level)
+    """Configure the root logger with a short format suitable for a terminal (``LEVEL logger: message`` on
+    stderr; library/training/logging_setup.py, where ``--console_log_*`` change it after parsing)."""
+    from library.training.logging_setup import ConsoleLogging, setup_console_logging
+
+    setup_console_logging(ConsoleLogging(level=logging.getLevelName(level)))
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
@@ -46,5 +45,7 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        setup_logging()  # back to stderr: closes a --console_log_file (several runs in one process: tests)
     return int(code or 0)
 

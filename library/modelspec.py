@@ -6,25 +6,35 @@ Keys, always: ``sai_model_spec`` (1.0.1), ``architecture`` (``stable-diffusion-v
 for adapters), ``implementation`` (``diffusers`` for LoRA, Stability AI's repository for embeddings and
 checkpoints), ``implementation_version``, ``title``, ``date`` (ISO, local time, whole seconds),
 ``resolution`` (``WxH`` of the training resolution), ``prediction_type`` (``epsilon`` / ``v``); when
-given: ``encoder_layer`` (``--clip_skip``), ``author``, ``description``, ``license``, ``tags``.
+given: ``encoder_layer`` (``--clip_skip``), ``author``, ``description``, ``license``, ``tags`` and, as later
+kohya versions add them, ``usage_hint``, ``thumbnail`` (a ``data:<mime>;base64,...`` URL: a file path given to
+``--metadata_thumbnail`` is read and encoded), ``merged_from``, ``trigger_phrase``, ``preprocessor`` and
+``is_negative_embedding`` — each the option's text as given.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
+import mimetypes
+from pathlib import Path
 from typing import Any
 
 SAI_MODEL_SPEC = "1.0.1"
 IMPL_DIFFUSERS = "diffusers"
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 ADAPTERS = {"lora": "LoRA", "textual-inversion": "TextualInversion", None: "Checkpoint"}
-USER_FIELDS = ("author", "description", "license", "tags")
+#: free-text fields of the ``--metadata_*`` options, in the order they are written
+USER_FIELDS = ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+               "trigger_phrase", "preprocessor", "is_negative_embedding")
 
 
 def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
     """``--metadata_title``, ``--metadata_author``, ``--metadata_description``, ``--metadata_license``,
-    ``--metadata_tags`` (kohya's names)."""
+    ``--metadata_tags``, ``--metadata_usage_hint``, ``--metadata_thumbnail``, ``--metadata_merged_from``,
+    ``--metadata_trigger_phrase``, ``--metadata_preprocessor``, ``--metadata_is_negative_embedding``
+    (kohya's names; every one a string written as given, the thumbnail as a data URL)."""
     g = parser.add_argument_group("file metadata (modelspec.* of LoRA and embedding .safetensors)")
     a = g.add_argument
     a("--metadata_title", type=str, default=None, help="modelspec.title (default: --output_name)")
@@ -32,6 +42,14 @@ def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
     a("--metadata_description", type=str, default=None, help="modelspec.description")
     a("--metadata_license", type=str, default=None, help="modelspec.license")
     a("--metadata_tags", type=str, default=None, help="modelspec.tags (comma-separated)")
+    a("--metadata_usage_hint", type=str, default=None, help="modelspec.usage_hint (how to use the model)")
+    a("--metadata_thumbnail", type=str, default=None,
+      help="modelspec.thumbnail: an image file (stored as a data: URL) or a data: URL")
+    a("--metadata_merged_from", type=str, default=None, help="modelspec.merged_from (source models)")
+    a("--metadata_trigger_phrase", type=str, default=None, help="modelspec.trigger_phrase")
+    a("--metadata_preprocessor", type=str, default=None, help="modelspec.preprocessor")
+    a("--metadata_is_negative_embedding", type=str, default=None,
+      help="modelspec.is_negative_embedding (text as given, e.g. true)")
 
 
 def architecture(v2: bool, v_parameterization: bool, adapter: str | None = None) -> str:
@@ -90,9 +108,53 @@ def modelspec_metadata(*, v2: bool, v_parameterization: bool, adapter: str | Non
     return meta
 
 
+def thumbnail_data_url(value: str) -> str:
+    """``--metadata_thumbnail`` as written: a ``data:`` URL unchanged, a file as ``data:<mime>;base64,<bytes>``
+    (the MIME type from the file name, ``application/octet-stream`` when unknown), as kohya writes it."""
+    if value.startswith("data:"):
+        return value
+    from library.errors import UserError
+
+    mime = mimetypes.guess_type(value)[0] or "application/octet-stream"
+    try:
+        data = Path(value).read_bytes()
+    except OSError as exc:
+        raise UserError(f"--metadata_thumbnail {value}: cannot read it ({exc.strerror or exc})") from None
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def metadata_problems(args: argparse.Namespace) -> list[str]:
+    """A ``--metadata_thumbnail`` that is neither a data URL nor a readable file (checked before training)."""
+    value = getattr(args, "metadata_thumbnail", None)
+    if value and not value.startswith("data:") and not Path(value).is_file():
+        return [f"--metadata_thumbnail {value}: no such file (give an image file or a data: URL)"]
+    return []
+
+
 def user_fields(args: argparse.Namespace) -> dict[str, str | None]:
-    """``{author, description, license, tags}`` from the ``--metadata_*`` options (None where not given)."""
-    return {field: getattr(args, f"metadata_{field}", None) for field in USER_FIELDS}
+    """The free-text ``modelspec`` fields from the ``--metadata_*`` options (None where not given); the
+    thumbnail read into a data URL."""
+    fields = {field: getattr(args, f"metadata_{field}", None) for field in USER_FIELDS}
+    if fields["thumbnail"]:
+        fields["thumbnail"] = thumbnail_data_url(fields["thumbnail"])
+    return fields
+
+
+def run_fields(args: argparse.Namespace, group: Any) -> dict[str, Any]:
+    """What :func:`modelspec_metadata` takes from a run besides the model: title, the training resolution,
+    ``--clip_skip`` and the ``--metadata_*`` fields."""
+    return {"title": file_title(args), "resolution": training_resolution(group), "clip_skip": args.clip_skip,
+            "user": user_fields(args)}
+
+
+def checkpoint_metadata(configs: Any, fields: dict[str, Any], timestamp: float | None = None) -> dict[str, str]:
+    """The ``modelspec.*`` header of a whole-model ``.safetensors`` checkpoint (architecture without an
+    adapter, Stability AI's implementation) from the model's ``configs`` and :func:`run_fields`;
+    ``timestamp`` (default now) gives the date."""
+    import time
+
+    return modelspec_metadata(v2=configs.v2, v_parameterization=configs.v_parameterization, adapter=None,
+                              timestamp=time.time() if timestamp is None else timestamp, **fields)
 
 
 def file_title(args: argparse.Namespace) -> str | None:

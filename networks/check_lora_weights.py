@@ -1,7 +1,8 @@
 """Print the weight statistics of every LoRA module (spot untrained, all-zero ``lora_up`` modules).
 
-LoHa/LoKr files are read too: their ``hada_*``/``lokr_*`` factors are listed instead, and the factor that
-starts at zero (``hada_w2_a``, ``lokr_w2`` or ``lokr_w2_b``) is the one checked for an untrained module.
+LoHa/LoKr and OFT files are read too: their ``hada_*``/``lokr_*`` factors or ``oft_blocks`` are listed
+instead, and the tensor that starts at zero (``hada_w2_a``, ``lokr_w2``, ``lokr_w2_b`` or ``oft_blocks``) is
+the one checked for an untrained module.
 
     python networks/check_lora_weights.py my_lora.safetensors
 

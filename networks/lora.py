@@ -44,6 +44,7 @@ from networks.lora_common import (
     find_target_modules,
     is_conv3x3,
     load_state_dict_file,
+    max_norm_scale_,
     parse_float_arg,
     parse_int_arg,
     save_state_dict_file,
@@ -332,6 +333,30 @@ class LoRANetwork(nn.Module):
         self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
         logger.info("LoRA+ lr ratio: text encoder %s, UNet %s", loraplus_text_encoder_lr_ratio or loraplus_lr_ratio,
                     loraplus_unet_lr_ratio or loraplus_lr_ratio)
+
+    def supports_max_norm_regularization(self) -> bool:
+        """True when every module is a plain LoRA or DoRA module (subclasses such as LoHa, LoKr, DyLoRA and OFT
+        networks inherit :meth:`apply_max_norm_regularization` but their modules have other weights)."""
+        return all(type(lora) in (LoRAModule, DoRAModule) for lora in self.all_loras())
+
+    def apply_max_norm_regularization(self, max_norm_value: float, device: torch.device | str | None = None
+                                      ) -> tuple[int, float, float]:
+        """``--scale_weight_norms``: scale each module whose update ``alpha/rank · up∘down`` has a norm above
+        ``max_norm_value`` back to that norm (:func:`networks.lora_common.max_norm_scale_`; for DoRA modules
+        the low-rank direction update, not the magnitude). Returns ``(modules scaled, mean norm, max norm)``
+        of the updates after scaling."""
+        if not self.supports_max_norm_regularization():
+            raise UserError(f"--scale_weight_norms: {type(self).__name__} modules are not plain LoRA/DoRA modules; "
+                            "max-norm regularisation is not defined for them")
+        scaled, norms = 0, []
+        for lora in self.all_loras():
+            changed, norm = max_norm_scale_(lora.lora_down.weight, lora.lora_up.weight, lora.scale, max_norm_value,
+                                            device)
+            scaled += int(changed)
+            norms.append(norm)
+        if not norms:
+            return 0, 0.0, 0.0
+        return scaled, sum(norms) / len(norms), max(norms)
 
     def module_dims(self) -> dict[str, tuple[int, float]]:
         """``{lora_name: (rank, alpha)}`` of every module."""

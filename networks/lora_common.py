@@ -257,6 +257,28 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.einsum("or,rikl->oikl", u, down)
 
 
+@torch.no_grad()
+def max_norm_scale_(down: torch.Tensor, up: torch.Tensor, scale: float, max_norm: float,
+                    device: torch.device | str | None = None) -> tuple[bool, float]:
+    """Max-norm regularisation of one LoRA pair, in place (``--scale_weight_norms``, kohya's rule).
+
+    With ``n = ‖scale · up∘down‖`` (Frobenius, computed in float32 on ``device``): when ``n > max_norm``
+    both factors are multiplied by ``√(max_norm / n)``, so the scaled update has norm ``max_norm``;
+    otherwise nothing changes (the ratio is taken against ``max(n, max_norm/2)``, as the reference does).
+    Returns ``(scaled, norm after scaling)``.
+    """
+    f32 = {"device": device if device is not None else down.device, "dtype": torch.float32}
+    norm = (lora_delta(down.detach().to(**f32), up.detach().to(**f32)) * scale).norm()
+    clamped = norm.clamp(min=max_norm / 2)
+    ratio = (torch.clamp(clamped, max=max_norm) / clamped).cpu()
+    scaled = bool(ratio != 1)
+    if scaled:
+        factor = ratio**0.5
+        down.mul_(factor)
+        up.mul_(factor)
+    return scaled, float(norm.cpu() * ratio)
+
+
 def adapt_shape(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Reshape a 2-D LoRA weight to [a, b, 1, 1] or back, when ``shape`` asks for the other form.
 

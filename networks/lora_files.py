@@ -260,6 +260,9 @@ def _not_a_lora_reason(keys: list[str], shapes: Mapping[str, tuple[int, ...]]) -
         return f"it is a Stable Diffusion checkpoint ({SD_NAMES[family]}, 'model.diffusion_model.*' keys), not a LoRA"
     if family == "vae_only":
         return "it holds VAE weights, not a LoRA"
+    if any(k.endswith(".oft_blocks") for k in keys):
+        return ("it is an OFT file (oft_blocks keys); this tool reads only LoRA files (lora_down/lora_up keys); "
+                "networks/merge_lora.py --sd_model merges OFT into a model")
     if any("hada_w" in k or "lokr_w" in k for k in keys):
         return ("it is a LyCORIS LoHa/LoKr file; this tool reads only LoRA files (lora_down/lora_up keys); "
                 "networks/merge_lora.py --sd_model merges LoHa/LoKr into a model")
@@ -275,9 +278,9 @@ def _not_a_lora_reason(keys: list[str], shapes: Mapping[str, tuple[int, ...]]) -
 def load_lora_file(path: str | os.PathLike, option: str = "--model", allow_lycoris: bool = False) -> LoRAFile:
     """Read and check a LoRA file (``.safetensors`` by content, else a torch pickle, on CPU).
 
-    With ``allow_lycoris`` LoHa/LoKr modules are read too (as
-    :class:`~networks.lycoris_common.LycorisModuleWeights`, which offer ``delta``/``fits``); without it a
-    file with such modules is refused.
+    With ``allow_lycoris`` LoHa/LoKr and OFT modules are read too (as
+    :class:`~networks.lycoris_common.LycorisModuleWeights` / :class:`~networks.oft.OFTModuleWeights`, which
+    offer ``delta``/``fits``); without it a file with such modules is refused.
 
     Raises UserError (naming ``option`` and the path) for a missing file, an unreadable file, a file
     that is not a LoRA (a whole checkpoint, a VAE, a LyCORIS file …) and for modules with a missing
@@ -480,14 +483,17 @@ def layer_signature(layer: nn.Module) -> tuple[int, int, tuple[int, int]]:
     return layer.out_features, layer.in_features, (1, 1)
 
 
-def _describe(sig: tuple[int, int, tuple[int, int]]) -> str:
+def _describe(sig: tuple[int, int | None, tuple[int, int] | None]) -> str:
     out, inp, kernel = sig
+    if inp is None:  # an OFT module tells only its output size
+        return f"{out} outputs"
     return f"{inp}→{out}" + ("" if kernel == (1, 1) else f" ({kernel[0]}×{kernel[1]} conv)")
 
 
 def match_lora_to_model(lora: LoRAFile, layers: Mapping[str, nn.Module], model_version: str | None,
-                        model_name: str) -> dict[str, nn.Module]:
-    """The model layer of each module of ``lora`` that has one, after checking that the LoRA fits.
+                        model_name: str, option: str = "--models") -> dict[str, nn.Module]:
+    """The model layer of each module of ``lora`` that has one, after checking that the LoRA fits
+    (messages name the file as ``option <path>``).
 
     UserError for an SDXL LoRA, for mismatched SD versions (``lora_sd_version`` vs the model), for a
     module whose shape differs from its layer, and when no module has a layer at all. Modules
@@ -495,9 +501,9 @@ def match_lora_to_model(lora: LoRAFile, layers: Mapping[str, nn.Module], model_v
     """
     version, why = lora_sd_version(lora)
     if version == "sdxl":
-        raise UserError(f"--models {lora.path} is an SDXL LoRA ({why}); only SD1.x/SD2.x LoRAs are supported")
+        raise UserError(f"{option} {lora.path} is an SDXL LoRA ({why}); only SD1.x/SD2.x LoRAs are supported")
     if version is not None and model_version is not None and version != model_version:
-        raise UserError(f"mismatched SD versions: --models {lora.path} is an {SD_NAMES[version]} LoRA ({why}) but "
+        raise UserError(f"mismatched SD versions: {option} {lora.path} is an {SD_NAMES[version]} LoRA ({why}) but "
                         f"{model_name} is an {SD_NAMES[model_version]} model; use a LoRA trained on the same "
                         "Stable Diffusion version")
     found: dict[str, nn.Module] = {}
@@ -508,12 +514,12 @@ def match_lora_to_model(lora: LoRAFile, layers: Mapping[str, nn.Module], model_v
             continue
         module.check_finite(lora.path)
         if not module.fits(layer_signature(layer)):
-            raise UserError(f"--models {lora.path} does not fit {model_name}: LoRA module {name} is "
+            raise UserError(f"{option} {lora.path} does not fit {model_name}: LoRA module {name} is "
                             f"{_describe(module.signature())} but the model layer is "
                             f"{_describe(layer_signature(layer))}; the LoRA was made for another model")
         found[name] = layer
     if not found:
-        raise UserError(f"--models {lora.path}: none of its {len(lora.modules)} modules matches a layer of "
+        raise UserError(f"{option} {lora.path}: none of its {len(lora.modules)} modules matches a layer of "
                         f"{model_name} (e.g. {next(iter(lora.modules))}); it was made for another kind of model")
     return found
 
@@ -522,10 +528,11 @@ def match_lora_to_model(lora: LoRAFile, layers: Mapping[str, nn.Module], model_v
 def merge_module_into_layer(layer: nn.Module, module: LoRAModuleWeights, ratio: float,
                             merge_dtype: torch.dtype | None = None) -> None:
     """``W ← W + ratio · alpha/rank · up∘down`` (LoRA tensors rounded to ``merge_dtype``, sum in float32,
-    stored in the layer's dtype); a DoRA module adds ``ratio · (W' − W)`` instead. 2-D LoRAs on 1×1 convs
+    stored in the layer's dtype); a DoRA or OFT module adds ``ratio · (W' − W)`` instead. 2-D LoRAs on 1×1 convs
     and 4-D ones on Linear layers are reshaped."""
     weight = layer.weight
-    base = weight.detach() if getattr(module, "is_dora", False) else None
+    needs_base = getattr(module, "is_dora", False) or getattr(module, "needs_base", False)  # DoRA, OFT
+    base = weight.detach() if needs_base else None
     delta = module.delta(ratio, merge_dtype, base).to(weight.device).reshape(weight.shape)
     weight.data = (weight.detach().float() + delta).to(weight.dtype)
 

@@ -1,7 +1,8 @@
 """LoHa and LoKr weights: the file format, the ΔW maths and a checked per-module reader.
 
 Shared by the training modules (:mod:`networks.loha`, :mod:`networks.lokr`) and the LoRA tools
-(:mod:`networks.lora_files`). The layout is LyCORIS's, which AUTOMATIC1111's built-in Lora extension
+(:mod:`networks.lora_files`); OFT modules (``oft_blocks``, :mod:`networks.oft`) are recognised here and
+read there. The layout is LyCORIS's, which AUTOMATIC1111's built-in Lora extension
 and ComfyUI's LoraLoader read; ``<name>`` is a kohya module name (``lora_unet_…``, ``lora_te_…``).
 
 LoHa (Hadamard product of two low-rank matrices), rank r, layer weight [out, in(, kh, kw)]::
@@ -34,10 +35,11 @@ from library.errors import UserError
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-LYCORIS_KEYS = LOHA_KEYS + LOKR_KEYS
+OFT_KEYS = ("oft_blocks",)  # networks/oft.py: its own maths and checked reader
+LYCORIS_KEYS = LOHA_KEYS + LOKR_KEYS + OFT_KEYS
 # The factor each type starts at zero (so a fresh module changes nothing); all-zero after training = untrained.
-ZERO_INIT_KEYS = ("hada_w2_a", "lokr_w2", "lokr_w2_b")
-KIND_NAMES = {"loha": "LoHa", "lokr": "LoKr"}
+ZERO_INIT_KEYS = ("hada_w2_a", "lokr_w2", "lokr_w2_b", "oft_blocks")
+KIND_NAMES = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +110,10 @@ def lokr_delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def module_kind(parts: Mapping[str, object]) -> str | None:
-    """``"loha"``, ``"lokr"`` or None from the keys of one module (``hada_*`` / ``lokr_*``)."""
+    """``"loha"``, ``"lokr"``, ``"oft"`` or None from the keys of one module (``hada_*`` / ``lokr_*`` /
+    ``oft_blocks``)."""
+    if "oft_blocks" in parts:
+        return "oft"
     if any(k in parts for k in LOHA_KEYS):
         return "loha"
     if any(k in parts for k in LOKR_KEYS):
@@ -272,9 +277,14 @@ def lycoris_module_weights(name: str, tensors: Mapping[str, torch.Tensor], where
     ``hada_*``/``lokr_*`` factors and optionally ``alpha``).
 
     UserError naming ``where`` (option and file) and the module for missing factors, shapes that do not
-    multiply out, and keys of another type (``lora_down``, a LyCORIS DoRA ``dora_scale``).
+    multiply out, and keys of another type (``lora_down``, a LyCORIS DoRA ``dora_scale``). An OFT module
+    (``oft_blocks``) is read by :func:`networks.oft.oft_module_weights` instead.
     """
     kind = module_kind(tensors)
+    if kind == "oft":
+        from networks.oft import oft_module_weights
+
+        return oft_module_weights(name, tensors, where)  # type: ignore[return-value]
     p = {k: v for k, v in tensors.items() if k in LYCORIS_KEYS}
     others = sorted(set(tensors) - set(p) - {"alpha"})
     if others:

@@ -8,9 +8,10 @@ With ``--sd_model`` every LoRA is added to the model's weights, ``W ← W + rati
 (text encoder and UNet, 3×3 convolutions included; a DoRA module adds ``ratio · (W' − W)``, see
 networks/lora_dora.py), and the model is saved: an ldm single file keeps
 every other key of the input file (EMA weights etc.). LoHa/LoKr files merge the same way with the ΔW of
-their type (networks/lycoris_common.py). Without it the LoRAs are combined into one LoRA
+their type (networks/lycoris_common.py), OFT files as ``W ← W + ratio · (RᵀW − W)`` blockwise
+(networks/oft.py). Without it the LoRAs are combined into one LoRA
 of the same rank (tools_and_preprocessing.md §2.1): this is not the exact sum of the LoRAs; use
-svd_merge_lora.py for that (neither takes LoHa/LoKr files).
+svd_merge_lora.py for that (neither takes LoHa/LoKr/OFT files).
 """
 
 from __future__ import annotations

@@ -413,14 +413,14 @@ def test_known_misplaced_keys_get_hints(tmp_path: Path, dirs: dict[str, Path]) -
 [general]
 train_batch_size = 2
 prior_loss_weight = 1.0
-caption_prefix = 'x'
+network_multiplier = 1.0
 [[datasets]]
 resolution = 512
   [[datasets.subsets]]
   image_dir = {q(dirs['hoge'])}
 """)
     assert "[general]: unknown key 'train_batch_size': the dataset config calls it 'batch_size'" in message
-    assert "--prior_loss_weight" in message and "'caption_prefix'" in message
+    assert "--prior_loss_weight" in message and "'network_multiplier'" in message
 
 
 def test_key_at_wrong_level(tmp_path: Path, dirs: dict[str, Path]) -> None:

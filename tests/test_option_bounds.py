@@ -53,12 +53,24 @@ CASES = [
     ("multires_noise_iterations", "0", "--multires_noise_iterations must be at least 1, got 0", "1"),
     ("multires_noise_discount", "1.5", "--multires_noise_discount must be between 0 and 1, got 1.5", "1"),
     ("min_snr_gamma", "-5", "--min_snr_gamma must be >= 0, got -5", "0"),
+    ("ddp_timeout", "-1", "--ddp_timeout must be at least 0, got -1", "0"),
+    ("min_timestep", "-1", "--min_timestep must be between 0 and 999, got -1", "0"),
+    ("max_timestep", "1001", "--max_timestep must be between 1 and 1000, got 1001", "1000"),
+    ("v_pred_like_loss", "-0.1", "--v_pred_like_loss must be >= 0, got -0.1", "0"),
+    ("initial_step", "-1", "--initial_step must be at least 0, got -1", "0"),
+    ("initial_epoch", "0", "--initial_epoch must be at least 1, got 0", "1"),
+    ("max_validation_steps", "0", "--max_validation_steps must be at least 1, got 0", "1"),
+    ("scale_weight_norms", "-1", "--scale_weight_norms must be >= 0, got -1", "0"),
     ("learning_rate", "-1e-4", "--learning_rate must be >= 0, got -0.0001", "0"),
     ("learning_rate", "nan", "--learning_rate must be a finite number, got nan", "0"),
     ("max_grad_norm", "-1", "--max_grad_norm must be >= 0, got -1", "0"),
     ("lr_warmup_steps", "-1", "--lr_warmup_steps must be at least 0, got -1", "0"),
     ("lr_scheduler_num_cycles", "0", "--lr_scheduler_num_cycles must be at least 1, got 0", "1"),
     ("lr_scheduler_power", "0", "--lr_scheduler_power must be > 0, got 0", "0.5"),
+    ("lr_decay_steps", "-5", "--lr_decay_steps must be at least 0, got -5", "0"),
+    ("lr_scheduler_timescale", "0", "--lr_scheduler_timescale must be at least 1, got 0", "1"),
+    ("lr_scheduler_min_lr_ratio", "1.5", "--lr_scheduler_min_lr_ratio must be between 0 and 1, got 1.5", "1"),
+    ("learning_rate_te", "-1", "--learning_rate_te must be >= 0, got -1", "0"),
     ("save_every_n_epochs", "0", "--save_every_n_epochs must be at least 1, got 0", "1"),
     ("save_n_epoch_ratio", "-1", "--save_n_epoch_ratio must be at least 1, got -1", "1"),
     ("save_every_n_steps", "0", "--save_every_n_steps must be at least 1, got 0", "1"),
@@ -150,7 +162,8 @@ def test_every_numeric_option_has_a_range():
     assert known <= everywhere, known - everywhere  # no stale names in the tables
     # covered by argparse errors below and by tests/test_te_cache.py (it needs --cache_text_encoder_outputs)
     assert {case[0] for case in CASES} == set(BOUNDS) | set(CHECKED_ELSEWHERE) - {"max_token_length",
-                                                                                "text_encoder_batch_size"}
+                                                                                "text_encoder_batch_size",
+                                                                                "zero_stage"}
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))

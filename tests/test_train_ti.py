@@ -265,4 +265,4 @@ def test_sdpa_and_lowram_are_accepted_and_change_nothing(models, data, tmp_path,
         run_script(train, ["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--sdpa PyTorch scaled-dot-product attention: what the UNet uses anyway" in text
-    assert "--lowram accepted for kohya command lines, changes nothing" in text
+    assert "--lowram accepted for kohya command lines (a LoRA records it as ss_lowram); changes nothing else" in text

@@ -13,6 +13,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from library.config.caption_options import CAPTION_OPTION_KEYS, add_caption_arguments
+from library.config.image_options import IMAGE_OPTION_KEYS, add_image_cache_arguments
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ PLAIN_FALLBACK_KEYS = (
     "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
     "validation_split", "validation_seed",
     "alpha_mask",
+    *CAPTION_OPTION_KEYS,
+    *IMAGE_OPTION_KEYS,
 )
 
 
@@ -53,6 +57,7 @@ def add_dataset_arguments(
     add("--train_data_dir", type=str, default=None,
         help="training images: parent of <repeats>_<class tokens> folders, or the image folder for --in_json")
     add("--shuffle_caption", action="store_true", help="shuffle the comma-separated parts of each caption")
+    add_caption_arguments(parser)
     add("--caption_extension", type=str, default=".caption", help="extension of caption files (with the dot)")
     add("--caption_extention", type=str, default=None,
         help="misspelled legacy alias of --caption_extension; overrides it when given")
@@ -77,6 +82,7 @@ def add_dataset_arguments(
         help="bucket side granularity in pixels (a multiple of 8 is recommended)")
     add("--bucket_no_upscale", action="store_true",
         help="one bucket per image size, never upscaling; large images are shrunk to the resolution's area")
+    add_image_cache_arguments(parser)
     add("--token_warmup_min", type=int, default=1,
         help="number of caption parts used at step 0 during token warm-up")
     add("--token_warmup_step", type=float, default=0,

@@ -7,8 +7,11 @@ subset > dataset > [general] > command line > built-in default has been applied.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from library.config.caption_options import caption_settings_text
 
 DatasetStyle = Literal["dreambooth", "finetuning"]
 
@@ -44,6 +47,17 @@ class BlueprintSubset:
     token_warmup_step: float = 0.0
     alpha_mask: bool = False
     conditioning_data_dir: str | None = None
+    resize_interpolation: str | None = None  # None: area when shrinking, lanczos when enlarging (images.py)
+    cache_info: bool = False  # DreamBooth style: sizes and captions kept in <image_dir>/metadata_cache.json
+    # caption rules of later sd-scripts (library/data/caption_rules.py, docs/datasets.md)
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_separator: str = ","
+    keep_tokens_separator: str | None = None
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    # free-form table carried along unchanged (kohya's custom_attributes); not part of equality/hash
+    custom_attributes: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
     def is_finetuning(self) -> bool:
@@ -108,5 +122,7 @@ class DatasetBlueprint:
                 extra = ""
                 if not sub.is_finetuning:
                     extra = f", class_tokens {sub.class_tokens!r}{', regularization' if sub.is_reg else ''}"
+                settings = caption_settings_text(sub)
+                extra += f", {settings}" if settings else ""
                 lines.append(f"    [subset {j}] {where}: repeats {sub.num_repeats}{extra}")
         return "\n".join(lines)

@@ -110,6 +110,30 @@ def number(minimum: float | None = None, maximum: float | None = None) -> Valida
     return check
 
 
+def separator(value: Any) -> str:
+    """Accept a non-empty string (a caption part separator)."""
+    value = string(value)
+    if value == "":
+        raise voluptuous.Invalid("must be a non-empty string, got an empty string")
+    return value
+
+
+def table(value: Any) -> dict:
+    """Accept a table (TOML ``[...]`` / inline ``{...}``, JSON object) with any contents; a copy is kept."""
+    if not isinstance(value, dict):
+        raise voluptuous.Invalid(f"must be a table (e.g. {{ key = \"value\" }}), got {describe_value(value)}")
+    return dict(value)
+
+
+def interpolation_name(value: Any) -> str:
+    """Accept a ``resize_interpolation`` name (``library.data.images.INTERPOLATIONS``)."""
+    from library.data.images import INTERPOLATIONS
+
+    if not isinstance(value, str) or value not in INTERPOLATIONS:
+        raise voluptuous.Invalid(f"must be one of {', '.join(INTERPOLATIONS)}, got {describe_value(value)}")
+    return value
+
+
 RESOLUTION_RULE = "must be an int or [width, height] of positive ints"
 
 
@@ -170,10 +194,21 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType(dict(
         _spec("shuffle_caption", boolean, ALL_LEVELS),
         _spec("token_warmup_min", integer(0), ALL_LEVELS),
         _spec("token_warmup_step", number(0.0), ALL_LEVELS),
+        # caption rules of later sd-scripts (library/data/caption_rules.py)
+        _spec("caption_prefix", string, ALL_LEVELS),
+        _spec("caption_suffix", string, ALL_LEVELS),
+        _spec("caption_separator", separator, ALL_LEVELS),
+        _spec("keep_tokens_separator", string, ALL_LEVELS),
+        _spec("secondary_separator", string, ALL_LEVELS),
+        _spec("enable_wildcard", boolean, ALL_LEVELS),
+        _spec("custom_attributes", table, ALL_LEVELS),
         # caption dropout (scripts that support it)
         _spec("caption_dropout_every_n_epochs", integer(0), ALL_LEVELS, feature=CAPTION_DROPOUT),
         _spec("caption_dropout_rate", number(0.0, 1.0), ALL_LEVELS, feature=CAPTION_DROPOUT),
         _spec("caption_tag_dropout_rate", number(0.0, 1.0), ALL_LEVELS, feature=CAPTION_DROPOUT),
+        # image resizing and the image-info cache (library/data/images.py, library/data/info_cache.py)
+        _spec("resize_interpolation", interpolation_name, ALL_LEVELS),
+        _spec("cache_info", boolean, ALL_LEVELS, style="dreambooth"),
         # DreamBooth style
         _spec("caption_extension", string, ALL_LEVELS, style="dreambooth"),
         _spec("class_tokens", string, ALL_LEVELS, style="dreambooth"),
@@ -194,8 +229,7 @@ KEYS: Mapping[str, KeySpec] = MappingProxyType(dict(
 
 _LATER_ADDITION = "this key was added to sd-scripts after the 2023-05 baseline and is not supported here"
 _LATER_KEYS = (
-    "caption_prefix", "caption_suffix", "caption_separator", "keep_tokens_separator", "secondary_separator",
-    "enable_wildcard", "cache_info", "network_multiplier", "resize_interpolation",
+    "network_multiplier",
 )
 
 # Keys users may write by mistake, with the hint to give instead of a bare "unknown key".

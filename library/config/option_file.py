@@ -31,9 +31,9 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".toml"
-# options that steer this module, and the secret that is never written to a file
+# options that steer this module, and the secrets that are never written to a file
 OWN_OPTIONS = ("config_file", "output_config")
-NEVER_WRITTEN = (*OWN_OPTIONS, "wandb_api_key")
+NEVER_WRITTEN = (*OWN_OPTIONS, "wandb_api_key", "huggingface_token")
 _LIST_NARGS = (argparse.ZERO_OR_MORE, argparse.ONE_OR_MORE)
 
 
@@ -67,7 +67,7 @@ def parse_with_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] 
         print(f"wrote the options to {target}; train with --config_file {target}")
         raise SystemExit(0)
     if not name:
-        return parser.parse_args(argv)
+        return _with_console_logging(parser.parse_args(argv))
     path = resolve_option_file(name)
     values = option_values(parser, read_option_file(path), path)
     logger.info("options from %s: %s", path, ", ".join(sorted(values)) or "none")
@@ -78,7 +78,17 @@ def parse_with_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] 
         for action in final_parser._actions:
             if action.dest in preset:
                 action.required = False
-    return final_parser.parse_args(argv, namespace=argparse.Namespace(**preset))
+    return _with_console_logging(final_parser.parse_args(argv, namespace=argparse.Namespace(**preset)))
+
+
+def _with_console_logging(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply ``--console_log_*`` right after parsing (library/training/logging_setup.py)."""
+    from library.training.logging_setup import console_logging_of, setup_console_logging
+
+    settings = console_logging_of(args)
+    if settings is not None:
+        setup_console_logging(settings)
+    return args
 
 
 def resolve_option_file(name: str) -> Path:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from library.data.caption_rules import (DEFAULT_SEPARATOR, add_prefix_suffix, caption_file_text, caption_variant,
+                                         join_parts, metadata_caption_text, restore_secondary, split_caption)
 from library.data.images import strip_face_suffix
 from library.errors import UserError
 
@@ -38,6 +40,13 @@ class CaptionOptions:
     caption_tag_dropout_rate: float = 0.0
     token_warmup_min: int = 1
     token_warmup_step: float = 0
+    # later sd-scripts rules (library/data/caption_rules.py)
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_separator: str = DEFAULT_SEPARATOR
+    keep_tokens_separator: str | None = None
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
 
     def resolved(self, max_train_steps: int) -> "CaptionOptions":
         """A copy whose ``token_warmup_step`` is absolute: ``floor(step * max_train_steps)`` if below 1."""
@@ -91,30 +100,44 @@ def process_caption(
 ) -> str:
     """Process a caption as the reference does each time its sample is drawn.
 
-    Order: (1) whole-caption dropout → ``""`` and nothing else; (2) if shuffle, token warm-up or tag
-    dropout is active: split on ``,``, strip each part, keep the first warm-up count of parts (before
-    keep/shuffle), hold the first ``keep_tokens`` in place, shuffle the rest (``rng.shuffle``), drop each
-    of the rest with probability ``caption_tag_dropout_rate`` (one draw per part), rejoin with ``", "``
-    (empty parts are kept, as in the reference); (3) replacements: an empty key replaces the whole
-    caption (a random choice when the value is a list), other keys are plain substring replacements, in
-    mapping order. ``options.token_warmup_step`` must already be absolute (:meth:`CaptionOptions.resolved`).
+    Order: (0) ``caption_prefix`` / ``caption_suffix`` are added; (1) whole-caption dropout → ``""`` and
+    nothing else; (2) with ``enable_wildcard`` one line of a multi-line caption is picked and ``{a|b}``
+    expanded, else only the first line is used; (3) if shuffle, token warm-up or tag dropout is active:
+    split on ``caption_separator``, strip each part, hold the fixed parts in place (the head and tail
+    around ``keep_tokens_separator`` when it occurs, else the first ``keep_tokens``), apply token warm-up
+    (before the keep split on the ``keep_tokens`` path, as the baseline did; on the flexible parts on the
+    separator path), shuffle the flexible parts (``rng.shuffle``), drop each with probability
+    ``caption_tag_dropout_rate`` (one draw per part), rejoin with ``caption_separator + " "``;
+    (4) ``secondary_separator`` becomes ``caption_separator``; (5) replacements: an empty key replaces the
+    whole caption (a random choice when the value is a list), other keys are plain substring
+    replacements, in mapping order. ``options.token_warmup_step`` must already be absolute
+    (:meth:`CaptionOptions.resolved`).
     """
+    caption = add_prefix_suffix(caption, options.caption_prefix, options.caption_suffix)
     if is_caption_dropped(options, rng, epoch):
         return ""
+    caption = caption_variant(caption, options.enable_wildcard, rng)
     warmup_step = options.token_warmup_step
+    separator = options.caption_separator
     if options.shuffle_caption or warmup_step > 0 or options.caption_tag_dropout_rate > 0:
         if 0 < warmup_step < 1:
             raise ValueError("token_warmup_step is a fraction; call CaptionOptions.resolved(max_train_steps)")
-        tokens = [t.strip() for t in caption.strip().split(",")]
-        tokens = tokens[: warmup_token_count(len(tokens), step, options.token_warmup_min, warmup_step)]
-        keep = max(0, options.keep_tokens)
-        fixed, flex = tokens[:keep], tokens[keep:]
+        parts = split_caption(caption, separator, options.keep_tokens, options.keep_tokens_separator)
+        if parts.by_separator:
+            count = warmup_token_count(len(parts.flex), step, options.token_warmup_min, warmup_step)
+            parts.flex = parts.flex[:count]
+        else:
+            tokens = parts.fixed + parts.flex
+            tokens = tokens[: warmup_token_count(len(tokens), step, options.token_warmup_min, warmup_step)]
+            keep = len(parts.fixed)
+            parts.fixed, parts.flex = tokens[:keep], tokens[keep:]
         if options.shuffle_caption:
-            rng.shuffle(flex)
+            rng.shuffle(parts.flex)
         rate = options.caption_tag_dropout_rate
         if rate > 0:
-            flex = [t for t in flex if rng.random() >= rate]
-        caption = ", ".join(fixed + flex)
+            parts.flex = [t for t in parts.flex if rng.random() >= rate]
+        caption = join_parts(parts.fixed + parts.flex + parts.tail, separator)
+    caption = restore_secondary(caption, options.secondary_separator, separator)
     if replacements:
         caption = apply_replacements(caption, replacements, rng)
     return caption
@@ -134,12 +157,13 @@ def apply_replacements(
     return caption
 
 
-def read_caption_file(path: str | os.PathLike) -> str:
+def read_caption_file(path: str | os.PathLike, enable_wildcard: bool = False) -> str:
     """The caption in a text file: its first line, stripped.
 
     UTF-8 with an optional BOM (the reference kept the BOM in the caption); ``\\r\\n`` and ``\\r`` line
     ends are accepted; later lines are ignored, as in the reference. A file with no content at all is an
-    error (:class:`CaptionError`, as the reference's assertion); a blank first line gives ``""``.
+    error (:class:`CaptionError`, as the reference's assertion); a blank first line gives ``""``. With
+    ``enable_wildcard`` every non-blank line is kept, joined by ``\\n`` (one is picked per use).
     """
     with open(path, "rb") as f:  # plain open: pathlib costs measurable time over 20,000 files
         data = f.read()
@@ -149,8 +173,7 @@ def read_caption_file(path: str | os.PathLike) -> str:
         raise CaptionError(f"caption file {path} is not UTF-8 text (byte {exc.start})") from exc
     if text == "":
         raise CaptionError(f"caption file {path} is empty; write a caption or delete the file")
-    first = text.replace("\r\n", "\n").replace("\r", "\n").split("\n", 1)[0]
-    return first.strip()
+    return caption_file_text(text.replace("\r\n", "\n").replace("\r", "\n"), enable_wildcard)
 
 
 def find_caption_file(image_path: str | os.PathLike, caption_extension: str) -> Path | None:
@@ -201,16 +224,14 @@ def caption_for_image(
     return "", "none"
 
 
-def metadata_caption(caption: str | None, tags: str | None) -> str:
+def metadata_caption(caption: str | None, tags: str | None, separator: str = DEFAULT_SEPARATOR,
+                     enable_wildcard: bool = False) -> str:
     """Fine-tuning metadata caption: ``caption + ", " + tags`` when both, else whichever exists, or ``""``.
 
-    (A tag string that is present but empty is ignored.)
+    (A tag string that is present but empty is ignored.) ``separator`` / ``enable_wildcard``: the
+    subset's ``caption_separator`` and wildcard mode (:func:`caption_rules.metadata_caption_text`).
     """
-    if caption is None:
-        return tags or ""
-    if tags:
-        return caption + ", " + tags
-    return caption
+    return metadata_caption_text(caption, tags, separator, enable_wildcard)
 
 
 def class_tokens_from_folder(folder_name: str) -> tuple[int, str] | None:

@@ -48,7 +48,11 @@ def caption_options(subset: BlueprintSubset) -> CaptionOptions:
                           caption_dropout_rate=subset.caption_dropout_rate,
                           caption_dropout_every_n_epochs=subset.caption_dropout_every_n_epochs,
                           caption_tag_dropout_rate=subset.caption_tag_dropout_rate,
-                          token_warmup_min=subset.token_warmup_min, token_warmup_step=subset.token_warmup_step)
+                          token_warmup_min=subset.token_warmup_min, token_warmup_step=subset.token_warmup_step,
+                          caption_prefix=subset.caption_prefix, caption_suffix=subset.caption_suffix,
+                          caption_separator=subset.caption_separator,
+                          keep_tokens_separator=subset.keep_tokens_separator,
+                          secondary_separator=subset.secondary_separator, enable_wildcard=subset.enable_wildcard)
 
 
 def bucket_settings(blueprint: BlueprintDataset, entries: Sequence[ImageEntry]) -> BucketSettings:
@@ -204,9 +208,10 @@ class DatasetGroup:
         face = parse_face_info(entry.path) if subset.face_crop_aug_range else None
         if face is not None and not self.datasets_bucketed(ds):
             image, _ = face_crop_aug_range(image, face, assignment.bucket, subset.face_crop_aug_range,
-                                           subset.random_crop, rng)
+                                           subset.random_crop, rng, subset.resize_interpolation)
         else:
-            image, _ = resize_and_crop(image, assignment.bucket, assignment.resized_size, subset.random_crop, rng)
+            image, _ = resize_and_crop(image, assignment.bucket, assignment.resized_size, subset.random_crop, rng,
+                                       subset.resize_interpolation)
         image, mask = (image, None) if self.masks is None else self.masks.detach(image)
         if subset.color_aug:
             image = color_aug(image, rng)
@@ -252,7 +257,7 @@ class DatasetGroup:
         rng = random.Random(f"sdtrain-batch:{self.seed}:{epoch}:{position}")
         ds = self.datasets[spec.dataset]
         keys, captions, images, latents, flips, weights, sizes, is_reg = [], [], [], [], [], [], [], []
-        masks = []
+        masks, attributes = [], []
         for index in spec.items:
             entry = ds.entries[index]
             subset = ds.blueprint.subsets[entry.subset_index]
@@ -276,6 +281,7 @@ class DatasetGroup:
             captions.append(process_caption(entry.caption, options, rng, epoch=epoch, step=step,
                                             replacements=self.replacements))
             keys.append(entry.key)
+            attributes.append(dict(subset.custom_attributes or {}))
             flips.append(flipped)
             weights.append(ds.blueprint.prior_loss_weight if entry.is_reg else 1.0)
             sizes.append(entry.size)
@@ -287,6 +293,7 @@ class DatasetGroup:
         batch: dict[str, Any] = {
             "keys": keys, "bucket_reso": spec.bucket, "captions": captions, "flipped": flips,
             "original_sizes": sizes, "is_reg": is_reg, "loss_weights": torch.tensor(weights, dtype=torch.float32),
+            "custom_attributes": attributes,  # each sample's subset custom_attributes (kohya passes them along)
             "images": torch.stack(images) if images else None,
             "latents": torch.stack(latents) if latents else None,
         }

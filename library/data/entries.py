@@ -17,6 +17,7 @@ from pathlib import Path
 from library.config.blueprint import BlueprintDataset, BlueprintSubset
 from library.data.captions import caption_file_name, metadata_caption, read_caption_file
 from library.data.images import IMAGE_EXTENSIONS, is_image_file
+from library.data.info_cache import read_info_cache, write_info_cache
 from library.data.size_index import cached_image_sizes
 from library.errors import UserError
 
@@ -82,10 +83,13 @@ def dreambooth_entries(subset: BlueprintSubset, subset_index: int, report: ScanR
         report.empty_subsets.append(str(folder))
         return []
     entries = []
+    cached = read_info_cache(folder, images) if subset.cache_info else None  # library/data/info_cache.py
     for name in images:
         caption_name = caption_file_name(name, subset.caption_extension, names)
-        if caption_name is not None:
-            caption = read_caption_file(os.path.join(folder, caption_name))
+        if cached is not None:
+            caption = cached[name].caption
+        elif caption_name is not None:
+            caption = read_caption_file(os.path.join(folder, caption_name), subset.enable_wildcard)
         elif subset.class_tokens:
             caption = subset.class_tokens
         else:
@@ -93,7 +97,10 @@ def dreambooth_entries(subset: BlueprintSubset, subset_index: int, report: ScanR
             report.no_caption += 1
         path = os.path.join(folder, name)
         entries.append(ImageEntry(key=path, path=path, caption=caption, subset_index=subset_index,
-                                  is_reg=subset.is_reg, num_repeats=subset.num_repeats))
+                                  is_reg=subset.is_reg, num_repeats=subset.num_repeats,
+                                  size=None if cached is None else cached[name].size))
+    if subset.cache_info and cached is None:
+        write_info_cache(folder, entries)
     return entries
 
 
@@ -139,7 +146,8 @@ def finetuning_entries(subset: BlueprintSubset, subset_index: int, report: ScanR
             continue
         reso = info.get("train_resolution")
         entries.append(ImageEntry(
-            key=key, path=None if path is None else str(path), caption=metadata_caption(info.get("caption"), info.get("tags")),
+            key=key, path=None if path is None else str(path), caption=metadata_caption(
+                info.get("caption"), info.get("tags"), subset.caption_separator, subset.enable_wildcard),
             subset_index=subset_index, num_repeats=subset.num_repeats,
             train_resolution=(int(reso[0]), int(reso[1])) if isinstance(reso, (list, tuple)) and len(reso) == 2
             else None, latents_npz=npz))
@@ -201,7 +209,8 @@ def attach_sizes(per_dataset: list[list[ImageEntry]], report: ScanReport,
                  use_index: bool = True) -> list[list[ImageEntry]]:
     """Fill in every entry's size from its image header (read once per file, in parallel, through the
     persisted size index); entries whose image cannot be read are left out and recorded in ``report``."""
-    paths = list(dict.fromkeys(e.path for entries in per_dataset for e in entries if e.path is not None))
+    paths = list(dict.fromkeys(e.path for entries in per_dataset for e in entries
+                               if e.path is not None and e.size is None))  # sizes from cache_info are kept
     sizes, failures = cached_image_sizes(paths, use_index=use_index)
     report.unreadable.update({Path(p): why for p, why in failures.items()})
     out = []
@@ -210,6 +219,8 @@ def attach_sizes(per_dataset: list[list[ImageEntry]], report: ScanReport,
         for entry in entries:
             if entry.path is None:
                 entry.size = entry.train_resolution
+                kept.append(entry)
+            elif entry.size is not None and entry.path not in failures:
                 kept.append(entry)
             else:
                 size = sizes.get(entry.path)

@@ -13,10 +13,12 @@ logger = logging.getLogger(__name__)
 
 
 def cache_group_latents(group: Any, vae: Any, *, to_disk: bool, batch_size: int = 1, workers: int | None = None,
-                        seed: int = 0) -> None:
+                        seed: int = 0, skip_check: bool = False, high_vram: bool = False) -> None:
     """Encode every image of ``group`` once (centre crop of its bucket, plus the mirrored crop for subsets
     with flip_aug) and keep the latents in ``group.latents``; with ``to_disk`` also write/reuse the
-    ``.npz`` files beside the images. Images that fail to load are left out of training."""
+    ``.npz`` files beside the images (``skip_check``: existing files are trusted, ``--skip_cache_check``).
+    ``high_vram`` keeps cached accelerator memory between VAE batches (``--highvram``). Images that fail
+    to load are left out of training."""
     keys: list[tuple[int, int]] = []
     requests: list[LatentRequest] = []
     cache_paths = latent_cache_paths(_images_to_cache(group)) if to_disk else {}
@@ -28,11 +30,12 @@ def cache_group_latents(group: Any, vae: Any, *, to_disk: bool, batch_size: int 
             path = Path(entry.path)
             requests.append(LatentRequest(image_path=path, bucket_reso=assignment.bucket,
                                           resized_size=assignment.resized_size, flip=subset.flip_aug,
-                                          npz_path=cache_paths.get(path)))
+                                          npz_path=cache_paths.get(path), interpolation=subset.resize_interpolation))
             keys.append((di, ei))
     if not requests:
         return
-    results, stats = cache_latents(requests, vae, batch_size=batch_size, workers=workers, seed=seed)
+    results, stats = cache_latents(requests, vae, batch_size=batch_size, workers=workers, seed=seed,
+                                   skip_check=skip_check, high_vram=high_vram)
     for key, result in zip(keys, results):
         if result is not None:
             group.latents[key] = result

@@ -310,6 +310,38 @@ def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # resizing and cropping
 
+#: ``resize_interpolation`` names, as the reference accepts them in a dataset config
+INTERPOLATIONS: tuple[str, ...] = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+_CV2_INTERPOLATION = {"nearest": cv2.INTER_NEAREST_EXACT, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
+                      "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
+_PIL_INTERPOLATION = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
+
+
+def default_interpolation(source: Size, target: Size) -> str:
+    """The reference's rule without ``resize_interpolation``: ``area`` when neither side grows, else ``lanczos``."""
+    return "area" if source[0] >= target[0] and source[1] >= target[1] else "lanczos"
+
+
+def resize_image(image: np.ndarray, size: Size, interpolation: str | None = None) -> np.ndarray:
+    """Resize an ``(H, W, C)`` uint8 array to ``size`` (width, height) with a ``resize_interpolation`` name.
+
+    As the reference: ``lanczos`` and ``box`` use Pillow (``LANCZOS``, ``BOX``); ``nearest`` is OpenCV
+    ``INTER_NEAREST_EXACT``, ``bilinear``/``linear`` ``INTER_LINEAR``, ``bicubic``/``cubic`` ``INTER_CUBIC``,
+    ``area`` ``INTER_AREA``; None picks :func:`default_interpolation`. Pillow resizes each channel on its
+    own (the same numbers as an RGB resize, and a loss-mask 4th channel is not treated as alpha).
+    """
+    height, width = image.shape[:2]
+    name = interpolation or default_interpolation((width, height), size)
+    if name in _CV2_INTERPOLATION:
+        return cv2.resize(image, tuple(size), interpolation=_CV2_INTERPOLATION[name])
+    if name not in _PIL_INTERPOLATION:
+        raise ValueError(f"unknown resize interpolation {name!r} (one of {', '.join(INTERPOLATIONS)})")
+    planes = image[:, :, None] if image.ndim == 2 else image
+    out = [np.asarray(Image.fromarray(np.ascontiguousarray(planes[:, :, c])).resize(
+        tuple(size), resample=_PIL_INTERPOLATION[name])) for c in range(planes.shape[2])]
+    result = np.stack(out, axis=2)
+    return result[:, :, 0] if image.ndim == 2 else result
+
 
 def resize_and_crop(
     image: np.ndarray,
@@ -317,13 +349,15 @@ def resize_and_crop(
     resized_size: Size | None = None,
     random_crop: bool = False,
     rng: random.Random | None = None,
+    interpolation: str | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Resize ``image`` to ``resized_size`` and crop it to ``bucket_reso``; returns ``(crop, (left, top))``.
 
     ``resized_size`` is the size chosen by bucket assignment (see ``library.data.buckets``); when None,
-    the smallest aspect-preserving size that covers the bucket is used. Resizing uses OpenCV
-    ``INTER_AREA`` in both directions, as the reference does (its upscaling is then close to
-    nearest-neighbour with smoothed edges). The excess is cropped from the centre (``floor(excess / 2)``)
+    the smallest aspect-preserving size that covers the bucket is used. Resizing goes through
+    :func:`resize_image` with ``interpolation`` (``resize_interpolation``; None: OpenCV ``INTER_AREA``
+    when shrinking, Pillow ``LANCZOS`` when enlarging, as the reference does since it gained the
+    option). The excess is cropped from the centre (``floor(excess / 2)``)
     or, with ``random_crop``, at a uniform offset in ``[0, excess]`` drawn from ``rng`` (width first,
     then height, as in the reference). Offsets are in resized-image pixels.
     """
@@ -335,7 +369,7 @@ def resize_and_crop(
     if resized_w < bucket_w or resized_h < bucket_h:
         raise ValueError(f"resized size {resized_size} does not cover the bucket {bucket_reso}")
     if (width, height) != (resized_w, resized_h):
-        image = cv2.resize(image, (resized_w, resized_h), interpolation=cv2.INTER_AREA)
+        image = resize_image(image, (resized_w, resized_h), interpolation)
     if random_crop and rng is None:
         raise ValueError("random_crop needs an rng")
     left = _crop_offset(resized_w - bucket_w, random_crop, rng)
@@ -435,6 +469,7 @@ def face_crop_aug_range(
     crop_range: tuple[float, float],
     random_crop: bool,
     rng: random.Random,
+    interpolation: str | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Face-centred crop to ``resolution`` with a random zoom (non-bucketed datasets).
 
@@ -448,7 +483,7 @@ def face_crop_aug_range(
     side, by ``randint(-j, j)`` with ``j = face_size // 20`` (symmetric; the reference's
     ``-face_size // 20`` floored one side). Axes are processed height first. Returns
     ``(crop, (left, top))`` in resized pixels; an image already exactly ``resolution`` is returned
-    unchanged without any draw.
+    unchanged without any draw. Resizing uses :func:`resize_image` with ``interpolation``.
     """
     lo, hi = crop_range
     if lo > hi:
@@ -468,7 +503,7 @@ def face_crop_aug_range(
     new_h = max(target_h, int(height * scale + 0.5))
     new_w = max(target_w, int(width * scale + 0.5))
     if (new_w, new_h) != (width, height):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        image = resize_image(image, (new_w, new_h), interpolation)
     face_cx = int(face_cx * scale + 0.5)
     face_cy = int(face_cy * scale + 0.5)
 

@@ -38,8 +38,8 @@ def image_info(image_path: Path) -> dict[str, Any] | None:
     return {"image_bytes": stat.st_size, "image_mtime_ns": stat.st_mtime_ns, "image_hash": hasher.hexdigest()}
 
 
-# One work item: (request index, image path, bucket, resized size, want image info).
-_Item = tuple[int, str, Size, Size, bool]
+# One work item: (request index, image path, bucket, resized size, want image info, resize interpolation).
+_Item = tuple[int, str, Size, Size, bool, "str | None"]
 # A loaded batch: (indices, uint8 (n, H, W, 3) or None, failures [(index, reason)], image infos).
 Loaded = tuple[list[int], Any, list[tuple[int, str]], list["dict[str, Any] | None"]]
 
@@ -55,7 +55,7 @@ def make_batches(requests: Sequence[Any], todo: Iterable[int], batch_size: int) 
             batches.append(current)
             current = []
         current.append((index, os.fspath(req.image_path), tuple(req.bucket_reso), tuple(req.resized_size),
-                        req.npz_path is not None))
+                        req.npz_path is not None, req.interpolation))
     if current:
         batches.append(current)
     return batches
@@ -71,14 +71,14 @@ def _load_batch(items: list[_Item]) -> Loaded:
     crops: list[np.ndarray] = []
     failures: list[tuple[int, str]] = []
     infos: list[dict[str, Any] | None] = []
-    for index, path, bucket, resized, want_info in items:
+    for index, path, bucket, resized, want_info, interpolation in items:
         info = image_info(Path(path)) if want_info else None  # before decoding: a later edit looks stale
         try:
             image = load_image_rgb(path)
         except ImageLoadError as exc:
             failures.append((index, exc.reason))
             continue
-        crop, _ = resize_and_crop(image, bucket, resized)
+        crop, _ = resize_and_crop(image, bucket, resized, interpolation=interpolation)
         indices.append(index)
         crops.append(crop)
         infos.append(info)

@@ -41,6 +41,7 @@ area and then by bucket, so two buckets of equal area never interleave into tiny
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -73,7 +74,8 @@ class LatentRequest:
     """One image to cache: its bucket, the size it is resized to before the centre crop, flip, file.
 
     ``flip`` also encodes the horizontally mirrored crop. ``npz_path`` is the disk cache (``None`` keeps
-    the latent in memory only); its mirrored twin is :func:`flip_npz_path` of it.
+    the latent in memory only); its mirrored twin is :func:`flip_npz_path` of it. ``interpolation`` is the
+    subset's ``resize_interpolation`` (None: the default rule of :func:`library.data.images.resize_image`).
     """
 
     image_path: Path
@@ -81,6 +83,7 @@ class LatentRequest:
     resized_size: Size
     flip: bool = False
     npz_path: Path | None = None
+    interpolation: str | None = None
 
     def latent_shape(self) -> tuple[int, int, int]:
         """``(4, bucket_h / 8, bucket_w / 8)``, the shape of this request's latent."""
@@ -128,7 +131,8 @@ def _check_request(request: LatentRequest) -> None:
 def make_meta(request: LatentRequest, flipped: bool, image_info: dict[str, Any] | None) -> dict[str, Any]:
     """The ``sdtrain_meta`` record of one cache file (see the module docstring)."""
     return {"format": META_FORMAT, "bucket_reso": list(request.bucket_reso),
-            "resized_size": list(request.resized_size), "flipped": bool(flipped), **(image_info or {})}
+            "resized_size": list(request.resized_size), "flipped": bool(flipped),
+            "resize_interpolation": request.interpolation, **(image_info or {})}
 
 
 def save_latent_npz(path: str | os.PathLike, latent: np.ndarray, meta: dict[str, Any] | None = None) -> None:
@@ -193,6 +197,8 @@ def _meta_matches(meta: dict[str, Any], request: LatentRequest, flipped: bool) -
     made_for = (tuple(meta.get("bucket_reso", ())), tuple(meta.get("resized_size", ())), meta.get("flipped"))
     if made_for != (tuple(request.bucket_reso), tuple(request.resized_size), flipped):
         return False
+    if meta.get("resize_interpolation") != request.interpolation:  # files without the key: the default rule
+        return False
     if "image_hash" not in meta:
         return True
     try:
@@ -220,17 +226,43 @@ def _load_valid(path: Path, request: LatentRequest, flipped: bool) -> np.ndarray
     return array
 
 
-def _load_request(request: LatentRequest) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """Both cached latents of a disk request when every needed file is valid, else None."""
+def _load_trusted(path: Path, request: LatentRequest, flipped: bool) -> np.ndarray | None:
+    """``--skip_cache_check``: the latent of an existing cache file without the freshness and finiteness
+    checks; only a file that cannot be read, or whose latent has not the bucket's shape, is refused."""
+    try:
+        array = _read_npz(path)[0]
+    except Exception:  # noqa: BLE001 - missing or damaged: it has to be (re)built
+        return None
+    return array if array.shape == request.latent_shape() else None
+
+
+def _load_request(request: LatentRequest, skip_check: bool = False) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Both cached latents of a disk request when every needed file is valid (with ``skip_check``: exists
+    and holds a latent of the right shape), else None."""
     if request.npz_path is None:
         return None
-    latent = _load_valid(Path(request.npz_path), request, flipped=False)
+    load = _load_trusted if skip_check else _load_valid
+    latent = load(Path(request.npz_path), request, flipped=False)
     if latent is None:
         return None
     if not request.flip:
         return latent, None
-    flipped = _load_valid(flip_npz_path(request.npz_path), request, flipped=True)
+    flipped = load(flip_npz_path(request.npz_path), request, flipped=True)
     return None if flipped is None else (latent, flipped)
+
+
+def release_device_memory(device: torch.device) -> bool:
+    """Free cached accelerator memory (``gc.collect`` and the CUDA / MPS cache), as the reference does
+    after every latent batch unless ``--highvram``; True when there was such a cache (not on the CPU)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        return True
+    if device.type == "mps" and hasattr(torch, "mps"):
+        gc.collect()
+        torch.mps.empty_cache()
+        return True
+    return False
 
 
 def is_npz_valid(path: str | os.PathLike, request: LatentRequest) -> bool:
@@ -348,6 +380,8 @@ def cache_latents(
     return_latents: bool = True,
     delete_unused_flip: bool = False,
     loader: str = "dataloader",
+    skip_check: bool = False,
+    high_vram: bool = False,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray | None] | None], CacheStats]:
     """Encode (or re-use from disk) the latent of every request; returns ``(results, stats)``.
 
@@ -357,7 +391,10 @@ def cache_latents(
     atomically beside the images (fp32, file_formats.md §6). ``return_latents=False`` keeps nothing in
     memory (every slot is None; use ``stats.failed``) for disk-only caching of large datasets.
     ``delete_unused_flip`` removes a stale ``_flip.npz`` of requests without flip, as
-    prepare_buckets_latents does (training-time caching leaves it).
+    prepare_buckets_latents does (training-time caching leaves it). ``skip_check`` (``--skip_cache_check``)
+    uses every existing file whose latent has the bucket's shape without the freshness checks of
+    :func:`is_npz_valid`. Unless ``high_vram`` (``--highvram``), cached accelerator memory is released after
+    every VAE batch (:func:`release_device_memory`).
 
     Batches hold at most ``batch_size`` (``--vae_batch_size``) images of one bucket, in bucket-area
     order; the mirrored crops of a batch are encoded as a second VAE call of the same size or smaller.
@@ -385,7 +422,7 @@ def cache_latents(
     results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(requests)
     todo: list[int] = []
     for index, request in enumerate(requests):
-        cached = _load_request(request)
+        cached = _load_request(request, skip_check)
         if cached is not None:
             stats.reused += 1
             if return_latents:
@@ -416,6 +453,8 @@ def cache_latents(
             if loaded is None:
                 break
             _encode_loaded(loaded, requests, vae, seed, out_dtype, return_latents, delete_unused_flip, results, stats)
+            if not high_vram:
+                release_device_memory(device)
             if bar is not None:
                 bar.update(len(loaded[0]) + len(loaded[2]))
     finally:

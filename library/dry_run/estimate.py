@@ -119,7 +119,10 @@ def _full_model(args: argparse.Namespace, method: str, meta: mem.MetaModel, weig
         stop = getattr(args, "stop_text_encoder_training", None)
         if stop:
             notes.append(f"the text encoder trains for the first {stop} steps only (its optimizer state stays)")
-    return Trainable(shapes=[p.shape for p in params], parts=parts, groups=[("all", None)], dtype=trained_dtype,
+    groups: list[tuple[str, float | None]] = [("all", None)]
+    if te_trains and getattr(args, "learning_rate_te", None) is not None:  # two optimizer groups, as trained
+        groups = [("unet", None), ("text encoder", args.learning_rate_te)]
+    return Trainable(shapes=[p.shape for p in params], parts=parts, groups=groups, dtype=trained_dtype,
                      component_dtypes={"unet": trained_dtype,
                                        "text_encoder": trained_dtype if te_trains else weight_dtype,
                                        "vae": weight_dtype},

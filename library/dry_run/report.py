@@ -19,6 +19,7 @@ from typing import Any
 
 from library.errors import UserError
 from library.config.arguments import latents_cached
+from library.config.caption_options import caption_settings
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def dataset_section(group: Any) -> list[dict]:
                     "train_images": sum(1 for e in ds.entries if not e.is_reg),
                     "reg_images": sum(1 for e in ds.entries if e.is_reg), "samples_per_epoch": samples,
                     "batches_per_epoch": batches, "mean_batch_size": samples / batches if batches else 0.0,
-                    "bucketing": ds.settings.enable_bucket, "buckets": buckets, "warnings": warnings})
+                    "bucketing": ds.settings.enable_bucket, "buckets": buckets, "warnings": warnings,
+                    "caption_settings": [caption_settings(sub) for sub in ds.blueprint.subsets]})
     return out
 
 
@@ -105,7 +107,8 @@ def steps_section(plan: Any, group: Any, args: argparse.Namespace) -> dict:
 def lr_section(args: argparse.Namespace, plan: Any, groups: list[tuple[str, float | None]]) -> dict:
     """Learning rates at 0, 10, 25, 50, 75 and 100 % of the run, from the real scheduler code on a
     throwaway one-number optimizer. Step k is the lr of the (k+1)-th optimizer step; 100 % is the last step."""
-    from library.training.lr import lr_at_steps
+    from library.training.lr import lr_at_steps, resolve_steps
+    from library.training.lr_options import schedule_options
     from library.training.optim import parse_optimizer_args, resolve_optimizer_name
 
     optimizer = resolve_optimizer_name(args.optimizer_type, use_8bit_adam=args.use_8bit_adam,
@@ -120,12 +123,10 @@ def lr_section(args: argparse.Namespace, plan: Any, groups: list[tuple[str, floa
         notes.append(f"{optimizer}: the lr is a multiplier of the adapted step size")
     total = plan.max_train_steps
     steps = [min(total - 1, int(p * total)) for p in LR_POINTS]
-    values = lr_at_steps(name, steps, learning_rate=args.learning_rate, max_train_steps=total,
-                         num_warmup_steps=args.lr_warmup_steps, num_cycles=args.lr_scheduler_num_cycles,
-                         power=args.lr_scheduler_power, scheduler_type=args.lr_scheduler_type,
-                         scheduler_args=args.lr_scheduler_args, group_lrs=group_lrs)
+    values = lr_at_steps(name, steps, learning_rate=args.learning_rate, max_train_steps=total, group_lrs=group_lrs,
+                         **schedule_options(args))
     names = [n for n, _ in groups] if group_lrs else ["lr"]
-    return {"scheduler": args.lr_scheduler_type or name, "warmup_steps": args.lr_warmup_steps,
+    return {"scheduler": args.lr_scheduler_type or name, "warmup_steps": resolve_steps(args.lr_warmup_steps, total),
             "optimizer": optimizer, "groups": names, "notes": notes,
             "points": [{"percent": round(p * 100), "step": s, "lrs": dict(zip(names, v))}
                        for p, s, v in zip(LR_POINTS, steps, values)]}
@@ -134,7 +135,7 @@ def lr_section(args: argparse.Namespace, plan: Any, groups: list[tuple[str, floa
 def caption_section(group: Any, plan: Any, tokenizer: Any, max_token_length: int | None) -> list[dict]:
     """The first captions of epoch 1 exactly as training draws them (this process's first batches, built by
     the dataset itself: dropout, shuffle, keep_tokens, token warm-up, Textual Inversion expansion)."""
-    from library.training.trainer import process_share
+    from library.training.epoch_loader import process_share
 
     share = process_share(group.epoch_batches(1), 0, plan.num_processes)
     limit = max_token_length or 75

@@ -47,6 +47,10 @@ def _datasets(report: dict) -> list[str]:
                 for b in ds["buckets"]]
         lines += table(("bucket", "images", "train", "reg", "samples", "batches", "batch sizes"), rows,
                        right=(1, 2, 3, 4, 5))
+        for j, settings in enumerate(ds.get("caption_settings", [])):
+            if settings:
+                shown = ", ".join(k if v is True else f"{k} {v!r}" for k, v in settings.items())
+                lines.append(f"    subset {j} captions: {shown}")
         lines += [f"  WARNING: {w}" for w in ds["warnings"]]
     if report.get("validation_images"):
         lines.append(f"  validation: {report['validation_images']} image(s) held out (not trained)")

@@ -77,11 +77,13 @@ def output_path(output_dir: Path, name: str, save_format: str) -> Path:
 
 
 def prepare_full_model(model: Any, *, text_encoder_trains: bool, gradient_checkpointing: bool,
-                       device: torch.device, weight_dtype: torch.dtype, full_half: bool) -> None:
+                       device: torch.device, weight_dtype: torch.dtype, full_half: bool,
+                       vae_dtype: torch.dtype | None = None) -> None:
     """Set requires_grad, dtypes and devices for full-model training (training_options.md §10).
 
     UNet: trainable, fp32 (``weight_dtype`` with --full_fp16/--full_bf16). Text encoder: the same when it
-    trains, else frozen in ``weight_dtype``. VAE: frozen in ``weight_dtype``.
+    trains, else frozen in ``weight_dtype``. VAE: frozen in ``vae_dtype`` (float32 with --no_half_vae),
+    default ``weight_dtype``.
     """
     from library.models.placement import place
 
@@ -97,7 +99,7 @@ def prepare_full_model(model: Any, *, text_encoder_trains: bool, gradient_checkp
     trained_dtype = weight_dtype if full_half else torch.float32
     place(unet, device, trained_dtype)
     place(te, device, trained_dtype if text_encoder_trains else weight_dtype)
-    place(vae, device, weight_dtype)
+    place(vae, device, vae_dtype or weight_dtype)
     if not text_encoder_trains:
         te.eval()
 
@@ -109,8 +111,14 @@ class FullModelMethod(MethodBase):
 
     def __init__(self, *, model: Any, text_encoder_steps: int | None, clip_skip: int | None,
                  max_token_length: int | None, weighted_captions: bool, no_token_padding: bool,
-                 save_format: str, save_dtype: torch.dtype | None, device: torch.device):
-        """``text_encoder_steps``: None = whole run, 0 = never, N = the first N optimizer steps.
+                 save_format: str, save_dtype: torch.dtype | None, device: torch.device,
+                 header: dict[str, Any] | None = None, learning_rate_te: float | None = None):
+        """``text_encoder_steps``: None = whole run, 0 = never, N = the first N optimizer steps. ``header``:
+        :func:`library.modelspec.run_fields` of the run, for the ``modelspec`` header of ``.safetensors``
+        checkpoints (default: the small architecture header of :mod:`library.models.save`).
+
+        ``learning_rate_te`` (``--learning_rate_te``): the text encoder's own lr in a second optimizer group
+        (None: one group at ``--learning_rate``; ignored while the text encoder never trains).
 
         Call :func:`prepare_full_model` first (with ``text_encoder_trains = text_encoder_steps != 0``).
         """
@@ -124,19 +132,42 @@ class FullModelMethod(MethodBase):
         self.weighted_captions, self.no_token_padding = weighted_captions, no_token_padding
         self.save_format, self.save_dtype = save_format, save_dtype
         self.device = device
+        self.header = header
         if weighted_captions and no_token_padding:
             logger.warning("--no_token_padding has no effect with --weighted_captions (weighted captions are "
                            "encoded in 77-token chunks)")
         params = [p for p in model.unet.parameters()]
+        self._te_params: list[torch.nn.Parameter] = []
         if self.text_encoder_in_optimizer:
-            params += [p for p in model.text_encoder.parameters()]
+            self._te_params = [p for p in model.text_encoder.parameters()]
+            params += self._te_params
         self._params = params
+        self.learning_rate_te = learning_rate_te if self.text_encoder_in_optimizer else None
+        if learning_rate_te is not None and not self.text_encoder_in_optimizer:
+            logger.warning("--learning_rate_te has no effect: the text encoder does not train in this run")
 
     # ---- what trains --------------------------------------------------------------------------
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """One group over every trained parameter, at the optimizer's default lr (``--learning_rate``)."""
-        return [{"params": list(self._params)}]
+        """One group over every trained parameter, at the optimizer's default lr (``--learning_rate``); with
+        ``--learning_rate_te`` two, as kohya builds them: the UNet's, then the text encoder's at that lr."""
+        if self.learning_rate_te is None:
+            return [{"params": list(self._params)}]
+        unet = self._params[:len(self._params) - len(self._te_params)]
+        return [{"params": unet}, {"params": list(self._te_params), "lr": self.learning_rate_te}]
+
+    def learning_rates(self, optimizer: Any) -> dict[str, float]:
+        """``lr`` of the single group, or with ``--learning_rate_te`` kohya's names ``lr/unet`` and
+        ``lr/text_encoder1`` (plus ``lr/d*lr/...`` for D-Adaptation / Prodigy)."""
+        if len(optimizer.param_groups) == 1:
+            return super().learning_rates(optimizer)
+        out = {}
+        for name, group in zip(("unet", "text_encoder1"), optimizer.param_groups):
+            lr = float(group["lr"]) if group.get("lr") is not None else 0.0
+            out[f"lr/{name}"] = lr
+            if "d" in group:
+                out[f"lr/d*lr/{name}"] = float(group["d"] * lr)
+        return out
 
     def _modules(self) -> dict[str, torch.nn.Module]:
         modules = {"unet": self.model.unet}
@@ -204,5 +235,10 @@ class FullModelMethod(MethodBase):
 
         path = output_path(Path(output_dir), name, self.save_format)
         path.parent.mkdir(parents=True, exist_ok=True)
+        meta = None
+        if self.header is not None and self.save_format == "safetensors":
+            from library.modelspec import checkpoint_metadata
+
+            meta = checkpoint_metadata(self.model.configs, self.header)
         return save_model(self.model, path, self.save_format, save_dtype=self.save_dtype, epoch=epoch,
-                          global_step=step)
+                          global_step=step, metadata=meta)

@@ -59,9 +59,13 @@ class NetworkMethod(MethodBase):
                  text_encoder_lr: float | None, unet_lr: float | None, learning_rate: float,
                  clip_skip: int | None, max_token_length: int | None, weighted_captions: bool,
                  save_format: str, save_dtype: torch.dtype | None, device: torch.device,
-                 metadata: Callable[[int, int, bool], dict[str, str]]):
-        """``metadata(epoch, step, final)`` returns the ``ss_*`` header for a save."""
+                 metadata: Callable[[int, int, bool], dict[str, str]], max_norm: float | None = None):
+        """``metadata(epoch, step, final)`` returns the ``ss_*`` header for a save; ``max_norm``
+        (``--scale_weight_norms``) regularises the network after every optimizer step."""
+        from library.methods.network_extras import MaxNormRegularizer
+
         self.model, self.network = model, network
+        self.max_norm = MaxNormRegularizer(network, max_norm, device) if max_norm else None
         self.train_unet, self.train_text_encoder = train_unet, train_text_encoder
         self.text_encoder_in_optimizer = self.text_encoder_training = train_text_encoder
         self.clip_skip, self.max_token_length = clip_skip, max_token_length
@@ -102,6 +106,14 @@ class NetworkMethod(MethodBase):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the network's weights exactly."""
         self.network.load_state_dict(state, strict=True)
+        if self.max_norm is not None:
+            self.max_norm.mark_unchanged()
+
+    def after_step(self, global_step: int) -> None:
+        """``--scale_weight_norms``: max-norm regularisation of the network once the optimizer changed it
+        (the calls of ``--resume`` / ``--initial_step`` before the first step change nothing)."""
+        if self.max_norm is not None:
+            self.max_norm.apply_if_changed()
 
     def set_train(self, training: bool) -> None:
         """Network modules train (dropout active); the base model stays in eval mode."""
@@ -124,8 +136,9 @@ class NetworkMethod(MethodBase):
             return encode_tokens(te, ids, self.clip_skip, self.max_token_length)
 
     def learning_rates(self, optimizer: Any) -> dict[str, float]:
-        """Current lr per group, named as the reference logs them."""
-        out = {}
+        """Current lr per group, named as the reference logs them, and with ``--scale_weight_norms`` the step's
+        ``max_norm/keys_scaled``, ``max_norm/max_key_norm`` and ``norm/avg_key_norm``."""
+        out = {} if self.max_norm is None else dict(self.max_norm.logs)  # the step's max-norm values too
         for name, group in zip(self._group_names, optimizer.param_groups):
             out[name] = float(group["lr"]) if group.get("lr") is not None else 0.0
             if "d" in group:  # D-Adaptation / Prodigy

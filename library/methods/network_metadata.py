@@ -107,6 +107,9 @@ def dataset_metadata(group: Any, blueprint: Any, args: argparse.Namespace, plan:
                         "num_repeats": sub.num_repeats, "color_aug": sub.color_aug, "flip_aug": sub.flip_aug,
                         "random_crop": sub.random_crop, "shuffle_caption": sub.shuffle_caption,
                         "keep_tokens": sub.keep_tokens}
+                item.update(keep_tokens_separator=sub.keep_tokens_separator,  # later caption keys, as upstream
+                            secondary_separator=sub.secondary_separator, enable_wildcard=sub.enable_wildcard,
+                            caption_prefix=sub.caption_prefix, caption_suffix=sub.caption_suffix)
                 if sub.image_dir:
                     item["image_dir"] = os.path.basename(os.path.normpath(sub.image_dir))
                 if sub.is_finetuning:
@@ -126,8 +129,8 @@ def dataset_metadata(group: Any, blueprint: Any, args: argparse.Namespace, plan:
 
 
 def _later_upstream_keys(args: argparse.Namespace, group: Any) -> dict[str, str]:
-    """``ss_*`` keys the current reference writes beyond the 2023 set (options this toolkit lacks keep the
-    reference's default: fp8 base weights off, no weight-norm scaling, no resize interpolation choice)."""
+    """``ss_*`` keys the current reference writes beyond the 2023 set (``--fp8_base``, ``--fp8_base_unet``,
+    ``--scale_weight_norms`` as given; options a script lacks keep the reference's default)."""
     validation = getattr(group, "validation", None)
     split = getattr(args, "validation_split", None)
     return {

@@ -188,11 +188,10 @@ def embedding_metadata(model: Any, title: str | None, *, resolution: tuple[int, 
 
 def header_fields(args: argparse.Namespace, group: Any) -> dict[str, Any]:
     """What :func:`embedding_metadata` takes from the run: title, training resolution, clip skip and the
-    ``--metadata_*`` fields."""
-    from library.modelspec import file_title, training_resolution, user_fields
+    ``--metadata_*`` fields (:func:`library.modelspec.run_fields`)."""
+    from library.modelspec import run_fields
 
-    return {"title": file_title(args), "resolution": training_resolution(group), "clip_skip": args.clip_skip,
-            "user": user_fields(args)}
+    return run_fields(args, group)
 
 
 def write_embedding_file(path: Path, vectors: torch.Tensor, save_format: str, *, token_string: str, step: int,
@@ -344,8 +343,10 @@ def add_token_rows(model: Any, tokenizer: Any, tokens: list[str]) -> list[int]:
 def freeze_and_place(model: Any, args: argparse.Namespace, *, device: torch.device,
                      weight_dtype: torch.dtype) -> None:
     """Freeze everything but the token-embedding matrix and place the parts: UNet and VAE in
-    ``weight_dtype``; the text encoder in fp32, or ``weight_dtype`` with --full_fp16/--full_bf16."""
+    ``weight_dtype`` (the VAE in float32 with --no_half_vae); the text encoder in fp32, or ``weight_dtype``
+    with --full_fp16/--full_bf16."""
     from library.models.placement import place
+    from library.training.precision_options import vae_dtype_for
 
     te = model.text_encoder
     model.unet.requires_grad_(False)
@@ -359,7 +360,7 @@ def freeze_and_place(model: Any, args: argparse.Namespace, *, device: torch.devi
     full_half = getattr(args, "full_fp16", False) or getattr(args, "full_bf16", False)
     place(model.unet, device, weight_dtype)
     place(te, device, weight_dtype if full_half else torch.float32)
-    place(model.vae, device, weight_dtype)
+    place(model.vae, device, vae_dtype_for(weight_dtype, getattr(args, "no_half_vae", False)))
 
 
 def prepare_textual_inversion(model: Any, tokenizer: Any, args: argparse.Namespace, *, seed: int,

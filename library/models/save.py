@@ -169,11 +169,13 @@ def _public(config: dict) -> dict:
 
 
 def save_model(model, path: str | os.PathLike, save_format: str, *, save_dtype: torch.dtype | None = None,
-               epoch: int = 0, global_step: int = 0, use_template: bool = True) -> Path:
+               epoch: int = 0, global_step: int = 0, use_template: bool = True,
+               metadata: dict[str, str] | None = None) -> Path:
     """Save a :class:`~library.models.load.StableDiffusionModel` in ``save_format``.
 
     ckpt/safetensors write an ldm single file (with the source ldm file as template when the model came
-    from one); diffusers/diffusers_safetensors write a folder. Returns the written path.
+    from one); diffusers/diffusers_safetensors write a folder. ``metadata`` is the header of a
+    ``.safetensors`` file (default: :func:`modelspec_metadata`). Returns the written path.
     """
     if save_format not in SAVE_FORMATS:
         raise UserError(f"--save_model_as {save_format}: expected one of {', '.join(SAVE_FORMATS)}")
@@ -187,7 +189,9 @@ def save_model(model, path: str | os.PathLike, save_format: str, *, save_dtype: 
             from library.models.statedict import open_state_dict
 
             extra = open_state_dict(template).extra
-        meta = modelspec_metadata(model.configs, path.stem) if save_format == "safetensors" else None
+        meta = None
+        if save_format == "safetensors":
+            meta = metadata if metadata is not None else modelspec_metadata(model.configs, path.stem)
         save_ldm_checkpoint(path, state, epoch=epoch, global_step=global_step, metadata=meta,
                             template_extra=extra)
         logger.info("saved %d tensors to %s", len(state), path)

@@ -13,6 +13,7 @@ from library.training.ema import add_ema_arguments, ema_problems
 from library.training.validation import add_validation_arguments, validation_problems
 from library.training.loss_options import add_loss_arguments, check_loss_arguments
 from library.training.te_cache import add_te_cache_arguments
+from library.training.tracker_config import tracker_problems
 
 
 def build_training_parser(prog: str, description: str, *, support_dreambooth: bool, support_caption: bool,
@@ -63,8 +64,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
       help="torch.compile mode with --torch_compile (default: torch's)")
     a("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention: what the UNet uses anyway "
       "unless --xformers or --mem_eff_attn is given; accepted for kohya command lines, changes nothing")
-    a("--lowram", action="store_true", help="accepted for kohya command lines, changes nothing: weights are always "
-      "read lazily (memory-mapped) and converted tensor by tensor, so RAM holds about one copy of the model")
+    a("--lowram", action="store_true", help="accepted for kohya command lines (a LoRA records it as ss_lowram); "
+      "changes nothing else (kohya loads the model straight to the GPU): here the model is always built empty and "
+      "filled tensor by tensor from the memory-mapped file, so RAM peaks at about one float32 copy of it before it "
+      "moves to the device")
     a("--reference_model", type=str, default=None, metavar="FOLDER",
       help="diffusers folder of the base model's architecture (only its unet/, vae/, text_encoder/ config.json "
       "are read), for an ldm --pretrained_model_name_or_path whose layout is not standard SD1/SD2 (e.g. a "
@@ -75,10 +78,18 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
     a("--multires_noise_discount", type=float, default=0.3, help="pyramid-noise per-level discount")
     a("--min_snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5 recommended)")
     add_loss_arguments(parser)
+    from library.training.timestep_loss_options import add_timestep_loss_arguments
+    add_timestep_loss_arguments(parser)  # --min/max_timestep, offset random strength, v-pred-like loss scalings
     add_te_cache_arguments(parser)
     add_validation_arguments(parser)
     add_ema_arguments(parser)
     add_dry_run_arguments(parser)
+    from library.models.fp8 import add_fp8_arguments
+    add_fp8_arguments(g)  # --fp8_base (used by train_network.py only, as in kohya)
+    from library.training.ddp_options import add_ddp_arguments
+    from library.training.deepspeed_options import add_deepspeed_arguments
+    add_ddp_arguments(g)  # --ddp_timeout, --ddp_gradient_as_bucket_view, --ddp_static_graph
+    add_deepspeed_arguments(parser)  # accepted; --deepspeed itself stops (issue 16)
     from library.config.option_file import add_option_file_arguments
     add_option_file_arguments(parser)  # --config_file / --output_config (docs/config_file.md)
 
@@ -110,12 +121,19 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping; 0 disables (default 1.0)")
     a("--optimizer_args", type=str, default=None, nargs="*", help="optimizer key=value arguments")
     a("--lr_scheduler_type", type=str, default="", help="module.Class of a custom scheduler")
-    a("--lr_scheduler_args", type=str, default=None, nargs="*", help="custom scheduler key=value arguments")
+    a("--lr_scheduler_args", type=str, default=None, nargs="*",
+      help="scheduler key=value arguments (of --lr_scheduler_type, or extra ones of a --lr_scheduler)")
     a("--lr_scheduler", type=str, default="constant", help="linear, cosine, cosine_with_restarts, polynomial, "
-      "constant (default), constant_with_warmup, adafactor")
-    a("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the schedule")
+      "constant (default), constant_with_warmup, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, "
+      "piecewise_constant, adafactor")
+    from library.training.lr_options import add_lr_schedule_arguments, steps_or_ratio
+    a("--lr_warmup_steps", type=steps_or_ratio, default=0,
+      help="warm-up steps of the schedule: a count, a ratio below 1 or N%% of the run (default 0)")
     a("--lr_scheduler_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts")
     a("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
+    add_lr_schedule_arguments(parser)  # --lr_decay_steps, --lr_scheduler_timescale, --lr_scheduler_min_lr_ratio
+    from library.training.fused_backward import add_fused_backward_arguments
+    add_fused_backward_arguments(g)  # --fused_backward_pass (AdaFactor only)
 
 
 def add_saving_arguments(parser: argparse.ArgumentParser, *, model_formats: tuple[str, ...], default_format: str | None
@@ -135,10 +153,14 @@ def add_saving_arguments(parser: argparse.ArgumentParser, *, model_formats: tupl
     a("--save_last_n_steps", type=int, default=None, help="keep only step saves of roughly the last N steps")
     a("--save_last_n_steps_state", type=int, default=None, help="the same for step states")
     a("--save_state", action="store_true", help="also save the training state (for --resume) with every save")
+    from library.training.state_options import add_state_on_train_end_argument
+    add_state_on_train_end_argument(g)  # --save_state_on_train_end (library/training/state_options.py)
     a("--resume", type=str, default=None, help="resume from a saved state folder (exactly where it stopped)")
     from library.modelspec import add_metadata_arguments
+    from library.training.hub_upload import add_huggingface_arguments
 
     add_metadata_arguments(parser)
+    add_huggingface_arguments(parser)  # --huggingface_* upload / resume (library/training/hub_upload.py)
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +173,10 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
       help="tensorboard (default with --logging_dir), wandb or all")
     a("--log_tracker_name", type=str, default=None, help="tracker / project name")
     a("--wandb_api_key", type=str, default=None, help="W&B API key (never written to files)")
+    from library.training.logging_setup import add_console_logging_arguments
+    from library.training.tracker_config import add_tracker_arguments
+    add_tracker_arguments(parser)  # --wandb_run_name, --log_tracker_config, --log_config (tracker_config.py)
+    add_console_logging_arguments(parser)  # --console_log_level / _file / _simple (logging_setup.py)
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -186,11 +212,22 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     a("--text_encoder_lr", type=float, default=None, help="learning rate of the text-encoder modules")
     a("--no_metadata", action="store_true", help="write only minimal metadata into the saved file")
     a("--training_comment", type=str, default=None, help="stored as ss_training_comment")
+    from library.methods.network_extras import add_network_extra_arguments
+    add_network_extra_arguments(parser)  # --base_weights, --scale_weight_norms, --fp8_base_unet, ...
+    from library.training.start_step import add_start_step_arguments
+    from library.training.validation import add_max_validation_steps_argument
+    add_start_step_arguments(parser)  # --initial_step / --initial_epoch / --skip_until_initial_step
+    add_max_validation_steps_argument(parser)  # --max_validation_steps (library/training/validation.py)
 
 
 def validate_training_args(args: argparse.Namespace) -> None:
     """Check option combinations up front; every problem is reported together in one UserError."""
+    from library.config.image_options import image_cache_problems
+    from library.modelspec import metadata_problems
     from library.training.bounds import bound_problems, network_arg_problems
+    from library.training.hub_upload import huggingface_problems
+    from library.training.deepspeed_options import deepspeed_problems
+    from library.training.fused_backward import fused_backward_problems
 
     problems = bound_problems(args)  # every numeric option's range (library/training/bounds.py)
     if args.noise_offset is not None and args.multires_noise_iterations is not None:
@@ -228,6 +265,16 @@ def validate_training_args(args: argparse.Namespace) -> None:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only leave nothing to train; "
                         "give at most one")
     problems += validation_problems(args) + ema_problems(args)
+    problems += image_cache_problems(args)
+    problems += fused_backward_problems(args) + deepspeed_problems(args)
+    problems += metadata_problems(args) + huggingface_problems(args)  # modelspec.py, hub_upload.py
+    from library.training.lr_options import lr_schedule_problems
+    from library.training.timestep_loss_options import timestep_loss_problems
+    problems += timestep_loss_problems(args) + lr_schedule_problems(args)
+    from library.methods.network_extras import network_extra_problems
+    from library.models.fp8 import fp8_problems
+    problems += fp8_problems(args) + network_extra_problems(args)  # library/models/fp8.py, methods/network_extras.py
+    problems += tracker_problems(args)
     problems += network_arg_problems(args, problems)
     if problems:
         raise UserError("; ".join(problems))
@@ -241,6 +288,7 @@ def _check_schedule(args: argparse.Namespace) -> None:
 
     if args.optimizer_type.lower() == "adafactor" or args.lr_scheduler.startswith("adafactor"):
         return  # its schedule depends on the optimizer's own rules, checked when it is built
-    lr_at_steps(args.lr_scheduler, [0], learning_rate=args.learning_rate or 1.0, max_train_steps=max(
-        1, args.max_train_steps or 1), num_warmup_steps=args.lr_warmup_steps, num_cycles=args.lr_scheduler_num_cycles,
-        power=args.lr_scheduler_power, scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
+    from library.training.lr_options import schedule_options
+
+    lr_at_steps(args.lr_scheduler, [0], learning_rate=args.learning_rate or 1.0,
+                max_train_steps=max(1, args.max_train_steps or 1), **schedule_options(args))

@@ -94,12 +94,20 @@ BOUNDS: Mapping[str, Bound] = MappingProxyType({
     "multires_noise_iterations": AT_LEAST_1,
     "multires_noise_discount": UNIT,
     "min_snr_gamma": NON_NEGATIVE,  # 0 = off
+    "ddp_timeout": AT_LEAST_0,  # minutes; 0 = accelerate's default (library/training/ddp_options.py)
+    "min_timestep": Bound(0, 999),  # with max: library/training/timestep_loss_options.py
+    "max_timestep": Bound(1, 1000),
+    "v_pred_like_loss": NON_NEGATIVE,  # 0 = off
     # optimizer and schedule
     "learning_rate": NON_NEGATIVE,
     "max_grad_norm": NON_NEGATIVE,  # 0 = no clipping
     "lr_warmup_steps": AT_LEAST_0,
     "lr_scheduler_num_cycles": AT_LEAST_1,
     "lr_scheduler_power": POSITIVE,
+    "lr_decay_steps": AT_LEAST_0,  # a ratio form is also checked to be at most 1 (library/training/lr_options.py)
+    "lr_scheduler_timescale": AT_LEAST_1,
+    "lr_scheduler_min_lr_ratio": UNIT,
+    "learning_rate_te": NON_NEGATIVE,  # train_db.py / fine_tune.py
     # saving and sampling
     "save_every_n_epochs": AT_LEAST_1,
     "save_n_epoch_ratio": AT_LEAST_1,
@@ -116,6 +124,10 @@ BOUNDS: Mapping[str, Bound] = MappingProxyType({
     "network_dropout": DROPOUT,
     "unet_lr": NON_NEGATIVE,
     "text_encoder_lr": NON_NEGATIVE,
+    "initial_step": AT_LEAST_0,  # below --max_train_steps: checked with the run plan (library/training/start_step.py)
+    "initial_epoch": AT_LEAST_1,
+    "max_validation_steps": AT_LEAST_1,
+    "scale_weight_norms": NON_NEGATIVE,  # 0 = off, as in kohya (library/methods/network_extras.py)
     # train_textual_inversion.py / _XTI.py
     "num_vectors_per_token": AT_LEAST_1,
 })
@@ -124,6 +136,7 @@ BOUNDS: Mapping[str, Bound] = MappingProxyType({
 CHECKED_ELSEWHERE: Mapping[str, str] = MappingProxyType({
     "max_train_steps": "at least 1 (unless --max_train_epochs is given); library/training/args.py",
     "max_token_length": "75, 150 or 225 (argparse choices)",
+    "zero_stage": "0, 1, 2 or 3 (argparse choices); only read with --deepspeed, which is refused (issue 16)",
     "ema_decay": "between 0 and 1 (exclusive); library/training/ema.py",
     "ema_update_every": "at least 1; library/training/ema.py",
     "validation_split": "at least 0 and below 1; library/training/validation.py",
@@ -142,6 +155,8 @@ CHECKED_ELSEWHERE: Mapping[str, str] = MappingProxyType({
 # numeric options that take any value of their type
 UNBOUNDED: Mapping[str, str] = MappingProxyType({
     "stop_text_encoder_training": "any integer (0 or negative: the text encoder never trains)",
+    "base_weights_multiplier": "any finite number per --base_weights file (negative subtracts it); count and "
+                               "finiteness: library/methods/network_extras.py",
 })
 
 # options whose float values are checked elsewhere only for their range: still refuse nan / inf here

@@ -117,7 +117,10 @@ def input_noise(noise: torch.Tensor, generator: torch.Generator, settings: Any) 
 def loss_kwargs(settings: Any) -> dict[str, Any]:
     """Keyword arguments of :func:`library.training.diffusion.diffusion_loss` for these options."""
     return dict(loss_type=settings.loss_type, huber_c=settings.huber_c, huber_schedule=settings.huber_schedule,
-                huber_scale=settings.huber_scale, debiased_estimation=settings.debiased_estimation)
+                huber_scale=settings.huber_scale, debiased_estimation=settings.debiased_estimation,
+                # --v_pred_like_loss / --scale_v_pred_loss_like_noise_pred (library/training/timestep_loss_options.py)
+                v_pred_like_loss=getattr(settings, "v_pred_like_loss", None),
+                scale_v_pred_loss_like_noise_pred=bool(getattr(settings, "scale_v_pred_loss_like_noise_pred", False)))
 
 
 def batch_mask(batch: dict[str, Any], device: Any) -> torch.Tensor | None:

@@ -1,8 +1,10 @@
 """Learning-rate scheduler table: ``--lr_scheduler`` names, ``adafactor``, or ``--lr_scheduler_type``.
 
-training_options.md §4, §4.3, §4.4 and training_behaviour.md §12. The built-in schedules are the
-Diffusers schedule functions (``LambdaLR`` objects, so ``state_dict`` / ``load_state_dict`` resume them
-exactly). Length (§4.4): built-ins get ``num_training_steps = max_train_steps × num_processes ×
+training_options.md §4, §4.3, §4.4, §12 and training_behaviour.md §12. The built-in schedules are the
+Diffusers schedule functions, and for the later kohya names (``inverse_sqrt``, ``cosine_with_min_lr``,
+``warmup_stable_decay``) the Transformers ones kohya calls (``LambdaLR`` objects, so ``state_dict`` /
+``load_state_dict`` resume them exactly). Length (§4.4): built-ins get
+``num_training_steps = max_train_steps × num_processes ×
 gradient_accumulation_steps`` and the warm-up as given, in the units of the accelerate-wrapped
 scheduler, which advances ``num_processes`` times per optimizer step. With gradient accumulation > 1
 only the first 1/GA of the schedule is traversed: a reference bug kept on purpose.
@@ -34,6 +36,10 @@ class ScheduleLength:
     num_warmup_steps: int
     num_cycles: int
     power: float
+    num_decay_steps: int = 0
+    timescale: int | None = None
+    min_lr_ratio: float | None = None
+    extra: Any = None  # --lr_scheduler_args keyword arguments (a dict), passed on as kohya does
 
 
 @dataclass(frozen=True)
@@ -52,40 +58,101 @@ def _diffusers() -> Any:
     return diffusers.optimization
 
 
+def _transformers() -> Any:
+    """``transformers.optimization`` (the later schedules kohya takes from there)."""
+    import transformers.optimization
+
+    return transformers.optimization
+
+
+def _extra(length: ScheduleLength) -> dict[str, Any]:
+    return dict(length.extra or {})
+
+
 def _constant(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
     """Constant lr."""
-    return _diffusers().get_constant_schedule(optimizer)
+    return _diffusers().get_constant_schedule(optimizer, **_extra(length))
 
 
 def _constant_with_warmup(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
     """Linear ramp from 0 over the warm-up, then constant."""
-    return _diffusers().get_constant_schedule_with_warmup(optimizer, num_warmup_steps=length.num_warmup_steps)
+    return _diffusers().get_constant_schedule_with_warmup(optimizer, num_warmup_steps=length.num_warmup_steps,
+                                                          **_extra(length))
 
 
 def _linear(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
     """Ramp, then linear decay to 0 at num_training_steps."""
     return _diffusers().get_linear_schedule_with_warmup(
-        optimizer, num_warmup_steps=length.num_warmup_steps, num_training_steps=length.num_training_steps)
+        optimizer, num_warmup_steps=length.num_warmup_steps, num_training_steps=length.num_training_steps,
+        **_extra(length))
 
 
 def _cosine(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
     """Ramp, then half a cosine down to 0."""
     return _diffusers().get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=length.num_warmup_steps, num_training_steps=length.num_training_steps)
+        optimizer, num_warmup_steps=length.num_warmup_steps, num_training_steps=length.num_training_steps,
+        **_extra(length))
 
 
 def _cosine_with_restarts(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
     """Ramp, then ``num_cycles`` hard-restart cosine cycles."""
     return _diffusers().get_cosine_with_hard_restarts_schedule_with_warmup(
         optimizer, num_warmup_steps=length.num_warmup_steps, num_training_steps=length.num_training_steps,
-        num_cycles=length.num_cycles)
+        num_cycles=length.num_cycles, **_extra(length))
 
 
 def _polynomial(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
     """Ramp, then ``(lr − 1e-7)·(1 − progress)^power + 1e-7``."""
     return _diffusers().get_polynomial_decay_schedule_with_warmup(
         optimizer, num_warmup_steps=length.num_warmup_steps, num_training_steps=length.num_training_steps,
-        power=length.power)
+        power=length.power, **_extra(length))
+
+
+def _inverse_sqrt(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
+    """Ramp, then ``1/√((step + timescale − warm-up) / timescale)`` (timescale: ``--lr_scheduler_timescale``,
+    default the warm-up steps or 10000)."""
+    return _transformers().get_inverse_sqrt_schedule(
+        optimizer, num_warmup_steps=length.num_warmup_steps, timescale=length.timescale, **_extra(length))
+
+
+def _cosine_with_min_lr(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
+    """Ramp, then a cosine from lr down to ``lr × --lr_scheduler_min_lr_ratio`` (``num_cycles/2`` waves, as kohya)."""
+    extra = _extra(length)
+    if length.min_lr_ratio is None and "min_lr" not in extra and "min_lr_rate" not in extra:
+        raise UserError("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (e.g. 0.1), or "
+                        "--lr_scheduler_args min_lr=<lr>")
+    return _transformers().get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=length.num_warmup_steps, num_training_steps=length.num_training_steps,
+        num_cycles=length.num_cycles / 2, min_lr_rate=length.min_lr_ratio, **extra)
+
+
+def _warmup_stable_decay(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
+    """Warm-up (from ``min_lr_ratio × lr``), constant, then a cosine decay over ``--lr_decay_steps`` to
+    ``lr × --lr_scheduler_min_lr_ratio`` (default 0); the stable part is what the other two leave."""
+    stable = length.num_training_steps - length.num_warmup_steps - length.num_decay_steps
+    if stable < 0:
+        raise UserError(f"--lr_scheduler warmup_stable_decay: --lr_warmup_steps ({length.num_warmup_steps}) + "
+                        f"--lr_decay_steps ({length.num_decay_steps}) exceed the run's {length.num_training_steps} "
+                        "scheduler steps")
+    return _transformers().get_wsd_schedule(
+        optimizer, num_warmup_steps=length.num_warmup_steps, num_stable_steps=stable,
+        num_decay_steps=length.num_decay_steps, num_cycles=length.num_cycles / 2,
+        min_lr_ratio=length.min_lr_ratio if length.min_lr_ratio is not None else 0.0, **_extra(length))
+
+
+def _piecewise_constant(optimizer: torch.optim.Optimizer, length: ScheduleLength) -> LRScheduler:
+    """Multipliers by step from ``--lr_scheduler_args step_rules=1:10,0.1:20,0.01`` (1 before step 10,
+    0.1 before step 20, then 0.01)."""
+    extra = _extra(length)
+    rules = extra.pop("step_rules", None)
+    if rules is None:
+        raise UserError("--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules=<rules>, e.g. "
+                        "step_rules=1:10,0.1:20,0.01 (lr x1 before step 10, x0.1 before step 20, then x0.01)")
+    try:
+        return _diffusers().get_piecewise_constant_schedule(optimizer, step_rules=str(rules), **extra)
+    except ValueError:
+        raise UserError(f"--lr_scheduler_args step_rules={rules}: write multiplier:step pairs and a last "
+                        "multiplier, separated by commas (e.g. 1:10,0.1:20,0.01)") from None
 
 
 _ENTRIES: tuple[SchedulerEntry, ...] = (
@@ -95,6 +162,10 @@ _ENTRIES: tuple[SchedulerEntry, ...] = (
     SchedulerEntry("polynomial", _polynomial),
     SchedulerEntry("constant", _constant, uses_warmup=False),
     SchedulerEntry("constant_with_warmup", _constant_with_warmup),
+    SchedulerEntry("inverse_sqrt", _inverse_sqrt),
+    SchedulerEntry("cosine_with_min_lr", _cosine_with_min_lr),
+    SchedulerEntry("warmup_stable_decay", _warmup_stable_decay),
+    SchedulerEntry("piecewise_constant", _piecewise_constant, uses_warmup=False),
 )
 
 BUILTIN_SCHEDULERS: dict[str, SchedulerEntry] = {entry.name: entry for entry in _ENTRIES}
@@ -150,33 +221,47 @@ def build_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
     max_train_steps: int,
-    num_warmup_steps: int = 0,
+    num_warmup_steps: int | float = 0,
     num_cycles: int = 1,
     power: float = 1.0,
     scheduler_type: str = "",
     scheduler_args: Sequence[str] | None = None,
     num_processes: int = 1,
     gradient_accumulation_steps: int = 1,
+    num_decay_steps: int | float = 0,
+    timescale: int | None = None,
+    min_lr_ratio: float | None = None,
 ) -> LRScheduler:
     """Build the lr scheduler of a run (not yet wrapped by accelerate).
 
     ``name`` is ``--lr_scheduler`` (or the ``adafactor:<lr>`` override from the optimizer);
     a non-empty ``scheduler_type`` (``--lr_scheduler_type``) replaces it and receives the parsed
-    ``scheduler_args`` (``--lr_scheduler_args``; built-in schedules ignore them). ``max_train_steps``
+    ``scheduler_args`` (``--lr_scheduler_args``; built-in schedules get them as extra keyword arguments,
+    as kohya passes them, e.g. ``step_rules`` of ``piecewise_constant``). ``num_warmup_steps`` /
+    ``num_decay_steps`` (``--lr_warmup_steps`` / ``--lr_decay_steps``) may be float ratios of the
+    schedule length (:func:`resolve_steps`); ``num_decay_steps`` is read by ``warmup_stable_decay``,
+    ``timescale`` by ``inverse_sqrt`` and ``min_lr_ratio`` by ``cosine_with_min_lr`` and
+    ``warmup_stable_decay``. ``max_train_steps``
     is in optimizer steps; the length is ``max_train_steps × num_processes × gradient_accumulation_steps``
     (the reference's accounting, §4.4). Our training loop steps the schedule once per optimizer step and
     passes 1 and 1, so the schedule spans exactly ``max_train_steps`` (the reference's accumulation bug is
     not reproduced). ``num_warmup_steps``
     (``--lr_warmup_steps``) must be 0 for ``constant``, ``adafactor`` and custom classes.
     """
+    total = scheduler_length(max_train_steps, num_processes=num_processes,
+                             gradient_accumulation_steps=gradient_accumulation_steps)
+    num_warmup_steps = resolve_steps(num_warmup_steps, total)
+    num_decay_steps = resolve_steps(num_decay_steps, total)
     if num_warmup_steps < 0:
         raise UserError(f"--lr_warmup_steps must be 0 or more; got {num_warmup_steps}")
+    if num_decay_steps < 0:
+        raise UserError(f"--lr_decay_steps must be 0 or more; got {num_decay_steps}")
     kwargs = parse_optimizer_args(scheduler_args, option="--lr_scheduler_args")
     if scheduler_type:
         _no_warmup(f"--lr_scheduler_type {scheduler_type}", num_warmup_steps)
         return _custom_scheduler(scheduler_type, optimizer, kwargs)
-    if kwargs:
-        logger.warning("--lr_scheduler_args is only used with --lr_scheduler_type; ignored for --lr_scheduler %s", name)
+    if kwargs and (name == ADAFACTOR or name.startswith(ADAFACTOR + ":")):
+        logger.warning("--lr_scheduler_args is not used by --lr_scheduler %s (ignored)", name)
 
     if name == ADAFACTOR or name.startswith(ADAFACTOR + ":"):
         _no_warmup(f"--lr_scheduler {ADAFACTOR}", num_warmup_steps)
@@ -188,17 +273,25 @@ def build_lr_scheduler(
                         "or --lr_scheduler_type for a scheduler class")
     if not entry.uses_warmup:
         _no_warmup(f"--lr_scheduler {name}", num_warmup_steps)
-    length = ScheduleLength(
-        num_training_steps=scheduler_length(max_train_steps, num_processes=num_processes,
-                                            gradient_accumulation_steps=gradient_accumulation_steps),
-        num_warmup_steps=num_warmup_steps,
-        num_cycles=num_cycles,
-        power=power,
-    )
+    length = ScheduleLength(num_training_steps=total, num_warmup_steps=num_warmup_steps, num_cycles=num_cycles,
+                            power=power, num_decay_steps=num_decay_steps, timescale=timescale,
+                            min_lr_ratio=min_lr_ratio, extra=kwargs)
     try:
         return entry.build(optimizer, length)
     except ValueError as exc:  # polynomial: lr_end (1e-7) must be below --learning_rate
         raise UserError(f"--lr_scheduler {name}: {exc}") from exc
+    except TypeError as exc:  # an --lr_scheduler_args key the schedule function does not take
+        raise UserError(f"--lr_scheduler {name}: cannot use --lr_scheduler_args {kwargs}: {exc}") from exc
+
+
+def resolve_steps(value: int | float | None, total: int) -> int:
+    """A step option as a count: a float is a ratio of ``total`` (``int(ratio × total)``, kohya's rounding
+    down), an int is itself, None is 0."""
+    if value is None:
+        return 0
+    if isinstance(value, float):
+        return int(value * total)
+    return int(value)
 
 
 def _throwaway_optimizer(name: str, learning_rate: float | None, group_lrs: Sequence[float] | None) -> torch.optim.Optimizer:
@@ -225,7 +318,7 @@ def lr_at_steps(
     *,
     learning_rate: float | None,
     max_train_steps: int,
-    num_warmup_steps: int = 0,
+    num_warmup_steps: int | float = 0,
     num_cycles: int = 1,
     power: float = 1.0,
     scheduler_type: str = "",
@@ -233,6 +326,9 @@ def lr_at_steps(
     num_processes: int = 1,
     gradient_accumulation_steps: int = 1,
     group_lrs: Sequence[float] | None = None,
+    num_decay_steps: int | float = 0,
+    timescale: int | None = None,
+    min_lr_ratio: float | None = None,
 ) -> list[list[float]]:
     """Learning rates after each of ``steps`` optimizer steps, computed on a throwaway optimizer.
 
@@ -246,7 +342,8 @@ def lr_at_steps(
     scheduler = build_lr_scheduler(
         name, optimizer, max_train_steps=max_train_steps, num_warmup_steps=num_warmup_steps,
         num_cycles=num_cycles, power=power, scheduler_type=scheduler_type, scheduler_args=scheduler_args,
-        num_processes=num_processes, gradient_accumulation_steps=gradient_accumulation_steps)
+        num_processes=num_processes, gradient_accumulation_steps=gradient_accumulation_steps,
+        num_decay_steps=num_decay_steps, timescale=timescale, min_lr_ratio=min_lr_ratio)
     optimizer.step()  # no gradients: changes nothing, keeps torch from warning about the call order
     wanted = sorted({max(0, int(step)) * num_processes for step in steps})
     values: dict[int, list[float]] = {}

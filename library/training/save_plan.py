@@ -58,7 +58,9 @@ class OutputPlan:
 def resume_point(args: argparse.Namespace) -> tuple[int, int]:
     """``(global_step, epoch)`` a ``--resume`` state continues from (``(0, 1)`` for a fresh run); read from
     the state's ``state.json`` only."""
-    resume = getattr(args, "resume", None)
+    from library.training.hub_resume import resume_folder
+
+    resume = resume_folder(args)  # the downloaded folder with --resume_from_huggingface
     if resume:
         info = Path(resume) / "state.json"
         if info.is_file():
@@ -83,6 +85,11 @@ def plan_outputs(args: argparse.Namespace, plan: RunPlan, file_name, *, sample_p
     result = OutputPlan(output_dir=str(out_dir))
     stem = args.output_name
     start_step, start_epoch = resume_point(args)
+    from library.training.start_step import start_step_of_args
+
+    initial = start_step_of_args(args, plan.steps_per_epoch)  # --initial_step / --initial_epoch
+    if initial is not None:
+        start_step, start_epoch = initial, initial // plan.steps_per_epoch + 1
     every_epochs = save_every_n_epochs(plan.num_epochs, args.save_every_n_epochs, args.save_n_epoch_ratio)
     every_steps = args.save_every_n_steps
     states = bool(args.save_state)
@@ -116,6 +123,8 @@ def plan_outputs(args: argparse.Namespace, plan: RunPlan, file_name, *, sample_p
             add("epoch", f"epoch {epoch}", epoch_name(stem, epoch), epoch_name(stem, old) if old else None,
                 epoch_name(stem, old_state) if old_state and states else None)
     add("final", "end", final_name(stem), None, None)
+    if getattr(args, "save_state_on_train_end", False) and not states:
+        result.saves.append(PlannedSave(f"{final_name(stem)}-state/", "final state", "end"))
     for save in result.saves:
         save.kept = save.name not in removed
         save.exists = _exists(out_dir, save.name)

@@ -19,6 +19,7 @@ from library.data.masks import attach_mask_source
 from library.models.placement import place
 from library.errors import UserError
 from library.training.loss_options import step_fields
+from library.training.timestep_loss_options import timestep_loss_fields
 from library.training.output_targets import check_outputs
 from library.training.te_cache import build_text_encoder_cache, check_text_encoder_cache
 from library.training.plan import RunPlan, make_plan, save_every_n_epochs
@@ -63,9 +64,18 @@ def make_accelerator(args: argparse.Namespace, tracker_name: str):
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         AcceleratorState._reset_state(reset_partial_state=True)  # a fresh run in this process (tests, notebooks)
-    accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_config=project)
+    from library.training.ddp_options import ddp_settings, describe_processes, process_group_kwargs
+
+    accelerator = Accelerator(mixed_precision=mixed, log_with=log_with, project_config=project,
+                              kwargs_handlers=process_group_kwargs(ddp_settings(args)))  # --ddp_timeout
+    if describe_processes(accelerator) and accelerator.is_main_process:
+        logger.info("distributed: %s", describe_processes(accelerator))
     if log_with:
-        accelerator.init_trackers(args.log_tracker_name or tracker_name)
+        from library.training.tracker_config import tracker_start
+
+        start = tracker_start(args)  # --wandb_run_name, --log_tracker_config, --log_config (tracker_config.py)
+        accelerator.init_trackers(args.log_tracker_name or tracker_name, config=start.config,
+                                  init_kwargs=start.init_kwargs)
     return accelerator, bool(log_with)
 
 
@@ -73,8 +83,10 @@ def choose_seed(args: argparse.Namespace) -> int:
     """``--seed``, or a random one (recorded in the metadata) so every run is reproducible afterwards."""
     from accelerate.utils import set_seed
 
+    from library.training.hub_resume import resume_folder
+
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
-    resume = getattr(args, "resume", None)
+    resume = resume_folder(args)  # with --resume_from_huggingface the state is downloaded here
     if resume and (Path(resume) / "state.json").is_file():
         import json
 
@@ -99,8 +111,18 @@ def tokenizer_for(args: argparse.Namespace):
 
 def load_datasets(args: argparse.Namespace, tokenizer: Any, seed: int, *, support_dreambooth: bool,
                   support_finetuning: bool):
-    """The dataset group from ``--dataset_config`` or the legacy options."""
+    """The dataset group from ``--dataset_config`` or the legacy options (or ``--dataset_class``)."""
     from library.config import load_dataset_blueprint
+
+    if getattr(args, "dataset_class", None):  # a user's dataset class makes the batches (library/data/user_dataset.py)
+        from library.config.arguments import parse_resolution_option
+        from library.data.user_dataset import load_user_dataset
+
+        if args.dataset_config or args.train_data_dir:
+            logger.warning("--dataset_class is given, so the dataset config / --train_data_dir are not used")
+        return load_user_dataset(args.dataset_class, tokenizer=tokenizer, max_token_length=args.max_token_length,
+                                 resolution=parse_resolution_option(args.resolution), debug_dataset=args.debug_dataset,
+                                 seed=seed, weighted_captions=getattr(args, "weighted_captions", False))
     from library.data.dataset import build_dataset_group, check_cache_compatibility
 
     blueprint = load_dataset_blueprint(args, args.dataset_config, support_dreambooth=support_dreambooth,
@@ -155,7 +177,8 @@ def set_attention(unet: Any, args: argparse.Namespace) -> None:
 
 def cache_latents(args: argparse.Namespace, group: Any, vae: Any, accelerator: Any, weight_dtype: torch.dtype,
                   seed: int) -> None:
-    """``--cache_latents`` / ``--cache_latents_to_disk``: encode every image once before training.
+    """``--cache_latents`` / ``--cache_latents_to_disk``: encode every image once before training
+    (``--skip_cache_check`` trusts existing files, ``--highvram`` keeps cached GPU memory between batches).
 
     In memory every process encodes for itself; on disk the main process writes the files first and the
     others then load them."""
@@ -167,10 +190,11 @@ def cache_latents(args: argparse.Namespace, group: Any, vae: Any, accelerator: A
     workers = max(0, min(args.max_data_loader_n_workers, (os.cpu_count() or 1) - 1))
     if not args.cache_latents_to_disk or accelerator.is_main_process:
         cache_group_latents(group, vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
-                            workers=workers, seed=seed)
+                            workers=workers, seed=seed, skip_check=args.skip_cache_check, high_vram=args.highvram)
     accelerator.wait_for_everyone()
     if args.cache_latents_to_disk and not accelerator.is_main_process:
-        cache_group_latents(group, vae, to_disk=True, batch_size=args.vae_batch_size, workers=0, seed=seed)
+        cache_group_latents(group, vae, to_disk=True, batch_size=args.vae_batch_size, workers=0, seed=seed,
+                            skip_check=args.skip_cache_check, high_vram=args.highvram)
 
 
 def run_plan(args: argparse.Namespace, group: Any, accelerator: Any) -> RunPlan:
@@ -188,7 +212,8 @@ def step_settings(args: argparse.Namespace, v_parameterization: bool, weight_dty
                         adaptive_noise_scale=args.adaptive_noise_scale,
                         multires_noise_iterations=args.multires_noise_iterations,
                         multires_noise_discount=args.multires_noise_discount, min_snr_gamma=args.min_snr_gamma,
-                        max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype, **step_fields(args))
+                        max_grad_norm=args.max_grad_norm, weight_dtype=weight_dtype, **step_fields(args),
+                        **timestep_loss_fields(args))
 
 
 def save_settings(args: argparse.Namespace, plan: RunPlan, layout: Any) -> SaveSettings:
@@ -199,7 +224,8 @@ def save_settings(args: argparse.Namespace, plan: RunPlan, layout: Any) -> SaveS
                                                            args.save_n_epoch_ratio),
                         every_n_steps=args.save_every_n_steps, last_n_epochs=args.save_last_n_epochs,
                         last_n_epochs_state=args.save_last_n_epochs_state, last_n_steps=args.save_last_n_steps,
-                        last_n_steps_state=args.save_last_n_steps_state, save_state=args.save_state)
+                        last_n_steps_state=args.save_last_n_steps_state, save_state=args.save_state,
+                        state_on_train_end=args.save_state_on_train_end)
 
 
 def recorded_learning_rates(args: argparse.Namespace, built: Any) -> dict[str, str]:
@@ -257,10 +283,10 @@ def optimizer_and_schedule(args: argparse.Namespace, param_groups: list[dict[str
     built = build_optimizer(args.optimizer_type, param_groups, args.learning_rate, args.optimizer_args,
                             use_8bit_adam=args.use_8bit_adam, use_lion_optimizer=args.use_lion_optimizer,
                             max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler)
+    from library.training.lr_options import schedule_options
+
     scheduler = build_lr_scheduler(built.lr_scheduler or args.lr_scheduler, built.optimizer,
-                                   max_train_steps=plan.max_train_steps, num_warmup_steps=args.lr_warmup_steps,
-                                   num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
-                                   scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args)
+                                   max_train_steps=plan.max_train_steps, **schedule_options(args))
     return built, scheduler
 
 
@@ -299,6 +325,7 @@ class PreparedRun:
     model: Any
     layout: Any  # library.output_safety.OutputLayout: how the method names its saves
     plan: RunPlan  # steps and epochs, known before the model loads (the output check needs them)
+    vae_dtype: torch.dtype = torch.float32  # weight_dtype, or float32 with --no_half_vae
 
 
 def prepare_run(args: argparse.Namespace, tracker_name: str, *, layout: Any, support_dreambooth: bool,
@@ -318,6 +345,7 @@ def prepare_run(args: argparse.Namespace, tracker_name: str, *, layout: Any, sup
     attach_mask_source(args, group)  # --masked_loss / alpha_mask (library/data/masks.py)
     check_text_encoder_cache(args, group)  # refuse --cache_text_encoder_outputs before loading the model
     plan = run_plan(args, group, accelerator)
+    _check_start_step(args, plan)  # --initial_step / --initial_epoch inside the run (start_step.py)
     check_outputs(args, layout, blueprint, plan,
                   sampling=bool(getattr(args, "sample_prompts", None)), main_process=accelerator.is_main_process)
     weight_dtype = DTYPES[args.mixed_precision]
@@ -327,11 +355,52 @@ def prepare_run(args: argparse.Namespace, tracker_name: str, *, layout: Any, sup
         model.vae.enable_xformers_memory_efficient_attention()
     else:
         set_attention(model.unet, args)
-    cache_latents(args, group, model.vae, accelerator, weight_dtype, seed)
+    from library.training.precision_options import keep_vae_in_float32, vae_dtype_for
+
+    vae_dtype = vae_dtype_for(weight_dtype, getattr(args, "no_half_vae", False))
+    if vae_dtype != weight_dtype:  # --no_half_vae: float32 also inside autocast (sampling)
+        keep_vae_in_float32(model.vae)
+    cache_latents(args, group, model.vae, accelerator, vae_dtype, seed)
     if group.validation is not None:
-        cache_latents(args, group.validation, model.vae, accelerator, weight_dtype, seed)
+        cache_latents(args, group.validation, model.vae, accelerator, vae_dtype, seed)
     return PreparedRun(accelerator, logging_enabled, seed, tokenizer, blueprint, group, weight_dtype, model, layout,
-                       plan)
+                       plan, vae_dtype=vae_dtype)
+
+
+def attach_step_options(args: argparse.Namespace, trainer: Any, built: Any) -> None:
+    """Give ``trainer`` the per-parameter AdaFactor hooks of ``--fused_backward_pass``
+    (library/training/fused_backward.py) and the gradient buckets of ``--ddp_gradient_as_bucket_view``
+    (library/training/ddp_options.py), where they apply."""
+    from library.training.ddp_options import ddp_settings, gradient_buckets
+    from library.training.fused_backward import install_fused_backward
+    from library.training.trainer import ALL_REDUCE_BUCKET
+
+    world = trainer.accelerator.num_processes
+    trainer.fused_backward = install_fused_backward(getattr(args, "fused_backward_pass", False), built.optimizer,
+                                                    trainer.params, max_grad_norm=args.max_grad_norm,
+                                                    num_processes=world)
+    trainer.grad_buckets = gradient_buckets(ddp_settings(args), trainer.params, world, ALL_REDUCE_BUCKET)
+
+
+def _check_start_step(args: argparse.Namespace, plan: RunPlan) -> None:
+    from library.training.start_step import check_start_step, start_step_of_args
+
+    problem = check_start_step(start_step_of_args(args, plan.steps_per_epoch), plan.max_train_steps)
+    if problem:
+        raise UserError(problem)
+
+
+def start_from_initial_step(args: argparse.Namespace, trainer: Any, plan: RunPlan) -> None:
+    """``--initial_step`` / ``--initial_epoch`` (with ``--skip_until_initial_step``): set the trainer's
+    counters, after ``--resume`` restored everything else (library/training/start_step.py)."""
+    from library.training.start_step import start_point, start_step_of_args
+
+    step = start_step_of_args(args, plan.steps_per_epoch)
+    if step is None:
+        return
+    trainer.start_at(start_point(step, steps_per_epoch=plan.steps_per_epoch,
+                                 gradient_accumulation_steps=plan.gradient_accumulation_steps,
+                                 skip=bool(args.skip_until_initial_step)), replaces_state=bool(args.resume))
 
 
 def train(args: argparse.Namespace, run: Any, method: Any, *, sampling: Any, description: str, result_name: str,
@@ -350,8 +419,15 @@ def train(args: argparse.Namespace, run: Any, method: Any, *, sampling: Any, des
     trainer = make_trainer(args, accelerator=accelerator, model=model, group=run.group, method=method, built=built,
                            scheduler=scheduler, plan=plan, seed=run.seed, weight_dtype=run.weight_dtype,
                            logging_enabled=run.logging_enabled, layout=run.layout, sampler=sampler)
+    attach_step_options(args, trainer, built)  # --fused_backward_pass, --ddp_gradient_as_bucket_view
+    from library.training.hub_resume import resume_folder
+    from library.training.hub_upload import make_uploader
+
+    if accelerator.is_main_process:
+        trainer.uploader = make_uploader(args)  # --huggingface_repo_id: upload every save (hub_upload.py)
     if args.resume:
-        trainer.resume(args.resume)
+        trainer.resume(resume_folder(args))  # --resume_from_huggingface: the downloaded state (hub_resume.py)
+    start_from_initial_step(args, trainer, plan)  # --initial_step / --initial_epoch (start_step.py)
     if before_start is not None:
         before_start(trainer, plan, built)
     start_summary(run.group, plan, description).log(accelerator)

@@ -76,7 +76,8 @@ def text_encoder_training(args: argparse.Namespace) -> str | None:
 
 _CAPTION_OPTIONS = (("shuffle_caption", "shuffle_caption"), ("caption_dropout_rate", "caption_dropout_rate"),
                     ("caption_dropout_every_n_epochs", "caption_dropout_every_n_epochs"),
-                    ("caption_tag_dropout_rate", "caption_tag_dropout_rate"), ("token_warmup_step", "token_warmup_step"))
+                    ("caption_tag_dropout_rate", "caption_tag_dropout_rate"), ("token_warmup_step", "token_warmup_step"),
+                    ("enable_wildcard", "enable_wildcard"))
 
 
 def caption_conflicts(args: argparse.Namespace, group: Any) -> list[str]:

@@ -46,8 +46,9 @@ class Tracker:
     def step(self, global_step: int, logs: dict[str, float]) -> None:
         """Advance the bar by one optimizer step and log the scalars."""
         self.bar.update(1)
-        shown = {k.split("/")[-1] if k.startswith("loss") else k: v for k, v in logs.items()
-                 if k in ("loss/current", "loss/average") or k.startswith("lr/")}
+        bar_keys = ("loss/current", "loss/average", "max_norm/keys_scaled", "norm/avg_key_norm")  # + every lr/
+        shown = {k.split("/")[-1] if not k.startswith("lr/") else k: v for k, v in logs.items()
+                 if k in bar_keys or k.startswith("lr/")}
         shown.update(self.pinned)
         self.shown = {k: f"{v:.3g}" for k, v in shown.items()}
         self.bar.set_postfix(self.shown, refresh=False)
@@ -66,9 +67,9 @@ class Tracker:
             self.accelerator.log(logs, step=step)
 
     def write(self, message: str) -> None:
-        """Print a line without breaking the bar."""
+        """Log a warning line (main process): above the bar on stderr, or in ``--console_log_file``."""
         if self.accelerator.is_local_main_process:
-            self.bar.write(message)
+            logger.warning("%s", message)
 
     def close(self) -> None:
         """Close the bar and the trackers."""

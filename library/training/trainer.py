@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
@@ -20,15 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from library.data.dataset import BatchSpec, DatasetGroup
+from library.data.dataset import DatasetGroup
 from library.methods.base import Method
 from library.training import diffusion, loss_options
 from library.errors import UserError
 from library.output_safety import check_target, remove_save
+from library.training.epoch_loader import EpochLoader
 from library.training.checkpoint import (TrainProgress, epoch_name, epoch_to_remove, final_name, load_state,
                                          restore_rng_states, save_state, step_name, step_to_remove)
 from library.training.guard import TrainingGuard, total_grad_norm
 from library.training.plan import RunPlan
+from library.training.start_step import StartPoint
+from library.training.timestep_loss_options import record_timesteps
 from library.training.tracking import LossAverage, Tracker
 
 if TYPE_CHECKING:  # annotations only: these modules import the trainer's neighbours
@@ -63,6 +65,12 @@ class StepSettings:
     debiased_estimation: bool = False
     ip_noise_gamma: float | None = None
     ip_noise_gamma_random_strength: bool = False
+    # timestep range, offset random strength, v-prediction loss scalings (library/training/timestep_loss_options.py)
+    min_timestep: int = 0
+    max_timestep: int = diffusion.NUM_TRAIN_TIMESTEPS
+    noise_offset_random_strength: bool = False
+    v_pred_like_loss: float | None = None
+    scale_v_pred_loss_like_noise_pred: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,29 +86,8 @@ class SaveSettings:
     last_n_steps: int | None = None
     last_n_steps_state: int | None = None
     save_state: bool = False
+    state_on_train_end: bool = False  # --save_state_on_train_end: the state of the final save only
     layout: Any = None  # library.output_safety.OutputLayout: names and kind of the method's saves
-
-
-class EpochBatches(torch.utils.data.Dataset):
-    """This process's batches of one epoch, built on demand (in DataLoader workers when there are any)."""
-
-    def __init__(self, group: DatasetGroup, epoch: int, items: list[tuple[int, BatchSpec, bool]],
-                 first_step: int, accumulation: int):
-        """``items`` are ``(position in the epoch, spec, is_padding)``; ``first_step`` drives token warm-up."""
-        self.group, self.epoch, self.items = group, epoch, items
-        self.first_step, self.accumulation = first_step, accumulation
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        position, spec, padding = self.items[index]
-        batch = self.group.load_batch(spec, self.epoch, position, step=self.first_step + index // self.accumulation)
-        if batch is not None:
-            batch["padding"] = padding
-            if padding:
-                batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
-        return batch
 
 
 ALL_REDUCE_BUCKET = 1 << 24  # elements per all-reduce call (64 MiB of fp32): bounded extra memory
@@ -128,21 +115,6 @@ def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
         size += grad.numel()
     if bucket:
         _reduce_bucket(bucket, world)
-
-
-def _identity(item: Any) -> Any:
-    return item
-
-
-def process_share(specs: list[BatchSpec], rank: int, world: int) -> list[tuple[int, BatchSpec, bool]]:
-    """Batches of ``rank``: every ``world``-th from ``rank`` on. When the epoch does not divide evenly, the
-    ranks that come up short repeat their first batch with zero loss weight, so every process takes the
-    same number of steps while every sample still counts exactly once."""
-    share = [(p, s, False) for p, s in enumerate(specs) if p % world == rank]
-    per_rank = math.ceil(len(specs) / world)
-    while len(share) < per_rank:
-        share.append((share[0][0], share[0][1], True))
-    return share
 
 
 class Trainer:
@@ -179,6 +151,7 @@ class Trainer:
         self.seen_keys: dict[int, list[str]] = {}
         self.guard = TrainingGuard(method, model, accelerator)  # non-finite loss / gradient stops (guard.py)
         self.ema, self.validator = ema, validator
+        self.uploader = None  # library.training.hub_upload.HubUploader: --huggingface_repo_id (set by session.train)
 
     def _allow_fp16_unscale(self) -> None:
         """--full_fp16 keeps trainable weights (and so their gradients) in fp16, which torch's GradScaler
@@ -212,6 +185,19 @@ class Trainer:
         self.method.after_step(self.progress.global_step)  # e.g. DreamBooth's text encoder stays stopped
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.progress.global_step,
                     self.progress.epoch, self.progress.position)
+
+    def start_at(self, point: StartPoint, *, replaces_state: bool = False) -> None:
+        """``--initial_step`` / ``--initial_epoch``: the counters start at ``point`` (weights, optimizer, the lr
+        scheduler and RNGs stay as they are: fresh, or as ``--resume`` restored them)."""
+        if replaces_state:
+            logger.warning("--initial_step / --initial_epoch replace the resumed state's step %d (epoch %d, batch "
+                           "%d); the lr scheduler stays where the state left it", self.progress.global_step,
+                           self.progress.epoch, self.progress.position)
+        self.progress.global_step, self.progress.epoch = point.global_step, point.epoch
+        self.progress.position, self.progress.micro_step = point.position, 0
+        self.method.after_step(point.global_step)  # e.g. DreamBooth's text encoder stops where it would have
+        logger.info("starting at step %d (epoch %d, batch %d); the lr scheduler is not advanced", point.global_step,
+                    point.epoch, point.position)
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -260,8 +246,12 @@ class Trainer:
         noise = diffusion.sample_noise(latents, self.generator, noise_offset=s.noise_offset,
                                        adaptive_noise_scale=s.adaptive_noise_scale,
                                        multires_iterations=s.multires_noise_iterations,
-                                       multires_discount=s.multires_noise_discount)
-        timesteps = diffusion.sample_timesteps(latents.shape[0], self.generator).to(self.device)
+                                       multires_discount=s.multires_noise_discount,
+                                       noise_offset_random_strength=s.noise_offset_random_strength)
+        timesteps = diffusion.sample_timesteps(latents.shape[0], self.generator, s.min_timestep,
+                                               s.max_timestep).to(self.device)
+        if self.debug_dir:  # test hook: the timesteps every step drew
+            record_timesteps(self.debug_dir, self.accelerator.process_index, timesteps.tolist())
         pred, target = self.prediction_and_target(latents, noise, timesteps, cond,
                                                   input_noise=loss_options.input_noise(noise, self.generator, s))
         return diffusion.diffusion_loss(pred.float(), target.float(),
@@ -270,9 +260,16 @@ class Trainer:
                                         v_parameterization=s.v_parameterization, **loss_options.loss_kwargs(s),
                                         mask=loss_options.batch_mask(batch, self.device))
 
+    fused_backward: Any = None  # --fused_backward_pass hooks (fused_backward.py), set by session.attach_step_options
+    grad_buckets: Any = None  # --ddp_gradient_as_bucket_view buckets (ddp_options.py), set there too
+
     def _sync_and_step(self) -> None:
+        if self.fused_backward is not None:  # each parameter was already stepped during backward
+            return self.fused_backward.end_step(self)
         world = self.accelerator.num_processes
-        if world > 1:
+        if world > 1 and self.grad_buckets is not None:  # the gradients are views of the buckets: reduce in place
+            self.grad_buckets.all_reduce_mean(world)
+        elif world > 1:
             # every process reduces the same list, even one whose batch had no usable image
             for p in self.params:
                 if p.requires_grad and p.grad is None:
@@ -295,6 +292,8 @@ class Trainer:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_buckets is not None:
+            self.grad_buckets.attach()  # the next step's gradients accumulate into the zeroed buckets
 
     # ---- saving ---------------------------------------------------------------------------------
 
@@ -311,6 +310,8 @@ class Trainer:
             except UserError as exc:
                 raise UserError(f"{exc}{self._resume_hint()}") from None
             logger.info("saved %s", self.last_saved)
+            if self.uploader is not None:  # after the local save; the final model synchronously
+                self.uploader.upload(self.last_saved, wait=final)
             if remove and cfg.layout is not None:  # exactly the older save of this run's name and kind
                 remove_save(cfg.layout.path(cfg.output_dir, remove), cfg.layout.kind)
         if with_state:
@@ -322,7 +323,7 @@ class Trainer:
         """How to go on after a failed save: from the last state written, if any."""
         if self.last_state is not None:
             return f" — the last training state is {self.last_state}: free space, then --resume {self.last_state}"
-        if self.save_settings.save_state:
+        if self.save_settings.save_state or self.save_settings.state_on_train_end:
             return " — no training state was written yet"
         return " — no training state is kept (--save_state keeps one to resume from)"
 
@@ -342,6 +343,8 @@ class Trainer:
             except UserError as exc:
                 raise UserError(f"{exc}{self._resume_hint()}") from None
             self.last_state = folder
+            if self.uploader is not None:
+                self.uploader.upload_state(folder)
         self.accelerator.wait_for_everyone()
 
     def _after_optimizer_step(self, epoch: int) -> None:
@@ -357,16 +360,19 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
 
+    _epoch_loader: EpochLoader | None = None  # made at the first epoch, kept for the run (epoch_loader.py)
+
     def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
-        specs = self.group.epoch_batches(epoch)
-        share = process_share(specs, self.accelerator.process_index, self.accelerator.num_processes)
+        """The run's DataLoader aimed at ``epoch`` from the current position (its workers live on between
+        epochs with ``--persistent_data_loader_workers``)."""
+        if self._epoch_loader is None:
+            self._epoch_loader = EpochLoader(self.group, rank=self.accelerator.process_index,
+                                             world=self.accelerator.num_processes,
+                                             accumulation=self.plan.gradient_accumulation_steps,
+                                             num_workers=self.num_workers, persistent_workers=self.persistent_workers)
         start = self.progress.position
         first_step = (epoch - 1) * self.plan.steps_per_epoch + start // self.plan.gradient_accumulation_steps
-        dataset = EpochBatches(self.group, epoch, share[start:], first_step, self.plan.gradient_accumulation_steps)
-        # its own generator: creating an iterator must not draw from the global RNG (exact resume)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                                           collate_fn=_identity, generator=torch.Generator().manual_seed(epoch),
-                                           persistent_workers=self.persistent_workers and self.num_workers > 0)
+        return self._epoch_loader.for_epoch(epoch, start, first_step)
 
     def _should_stop(self) -> bool:
         """True when any process was asked to stop (all processes agree, so none waits for the others)."""
@@ -469,13 +475,15 @@ class Trainer:
                 self.validator.maybe_validate(self, tracker, step=self.progress.global_step, last=True)
             self.method.set_train(False)
             self._save(final_name(cfg.output_name), epoch=plan.num_epochs, final=True, remove=None,
-                       remove_state=None, with_state=cfg.save_state)
+                       remove_state=None, with_state=cfg.save_state or cfg.state_on_train_end)
             if self.debug_dir:
                 torch.save({"keys": self.seen_keys, "weights": self.method.trainable_state_dict()},
                            Path(self.debug_dir) / f"rank{acc.process_index}.pt")
             return self.last_saved
         finally:
             tracker.close()
+            if self.uploader is not None:
+                self.uploader.finish()  # waits for pending --async_upload uploads
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
 

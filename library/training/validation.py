@@ -53,6 +53,15 @@ def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
       help="compute the validation loss every N epochs (default with a validation set and neither option: 1)")
 
 
+def add_max_validation_steps_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max_validation_steps`` (train_network.py only, as in kohya), beside the other validation options."""
+    title = "validation loss (docs/validation.md)"
+    group = next((g for g in parser._action_groups if g.title == title), None) or parser.add_argument_group(title)
+    group.add_argument(
+        "--max_validation_steps", type=int, default=None,
+        help="compute the validation loss over the first N validation batches only (default: all of them)")
+
+
 def validation_problems(args: argparse.Namespace) -> list[str]:
     """Range problems of the validation options (for the up-front option check)."""
     problems = []
@@ -155,6 +164,7 @@ class ValidationSettings:
     every_n_steps: int | None = None
     every_n_epochs: int | None = 1
     timesteps: tuple[int, ...] = VALIDATION_TIMESTEPS
+    max_batches: int | None = None  # --max_validation_steps: the first N batches of the fixed order only
 
 
 class Validator:
@@ -165,8 +175,12 @@ class Validator:
         self.group, self.settings, self.run_seed = group, settings, run_seed
         # One fixed order for the whole run, one image per forward pass: batched matmuls round differently
         # from single ones, and the curve must not depend on --train_batch_size.
-        self.specs = [dataclasses.replace(spec, items=(item,)) for spec in group.epoch_batches(1)
-                      for item in spec.items]
+        batches = group.epoch_batches(1)
+        if settings.max_batches is not None and settings.max_batches < len(batches):
+            logger.info("validation loss over the first %d of %d validation batch(es) (--max_validation_steps)",
+                        settings.max_batches, len(batches))
+            batches = batches[:settings.max_batches]
+        self.specs = [dataclasses.replace(spec, items=(item,)) for spec in batches for item in spec.items]
         self.last_step: int | None = None
         self.last_loss: float | None = None
 
@@ -275,4 +289,11 @@ def make_validator(args: argparse.Namespace, group: Any, seed: int) -> Validator
     steps, epochs = getattr(args, "validate_every_n_steps", None), getattr(args, "validate_every_n_epochs", None)
     if not steps and not epochs:
         epochs = 1
-    return Validator(held, ValidationSettings(every_n_steps=steps, every_n_epochs=epochs), seed)
+    from library.training.timestep_loss_options import validation_timesteps
+
+    # inside a --min_timestep / --max_timestep range: kohya's 4 evenly spaced timesteps of that range
+    timesteps = validation_timesteps(getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
+    settings = ValidationSettings(every_n_steps=steps, every_n_epochs=epochs,
+                                  timesteps=timesteps or VALIDATION_TIMESTEPS,
+                                  max_batches=getattr(args, "max_validation_steps", None))
+    return Validator(held, settings, seed)
