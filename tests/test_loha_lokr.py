@@ -20,7 +20,7 @@ from networks import check_lora_weights, loha, lokr, merge_lora, resize_lora, sv
 from networks.lora_files import load_lora_file, model_lora_layers
 from networks.lycoris_common import factorization
 from tests.lora_tools_util import assert_close, load, max_diff, one_error_line, outputs
-from tests.train_util import make_dataset, run_script
+from tests.train_util import make_dataset, run_script, runs_once
 from tools import show_metadata
 from train_network import main as train
 
@@ -57,17 +57,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(models, data, tmp_path_factory):
     """``trained(case)`` → the output folder of that case's run (trained once per module)."""
-    runs = {}
-
-    def get(case):
-        if case not in runs:
-            out = tmp_path_factory.mktemp(case)
-            assert run_script(train, train_args(models, data, out, case, "--save_every_n_steps", "2",
-                                                "--save_state")) == 0
-            runs[case] = out
-        return runs[case]
-
-    return get
+    return runs_once(tmp_path_factory, train, lambda out, case: train_args(
+        models, data, out, case, "--save_every_n_steps", "2", "--save_state"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,21 @@ def run_script(main, argv: Sequence[str | Path]) -> int:
     return run_main(main, [str(a) for a in argv])
 
 
+def runs_once(tmp_path_factory, main, argv_for):
+    """``get(case)`` → the output folder of ``main(argv_for(out, case))``, run once per case and kept (for
+    module-scoped fixtures that several tests read)."""
+    runs: dict[str, Path] = {}
+
+    def get(case: str) -> Path:
+        if case not in runs:
+            out = tmp_path_factory.mktemp(case)
+            assert run_script(main, argv_for(out, case)) == 0
+            runs[case] = out
+        return runs[case]
+
+    return get
+
+
 def write_bucket_config(path: Path, image_dir: Path) -> Path:
     """A one-subset DreamBooth TOML with bucketing (64-128 px), batch size 2 and 2 repeats."""
     path.write_text(f"""[general]
