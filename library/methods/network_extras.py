@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 def add_network_extra_arguments(parser: argparse.ArgumentParser) -> None:
     """The options above, in train_network.py's network group (kohya names, defaults and meanings)."""
-    from library.models.fp8 import add_fp8_unet_argument
+    from library.models.fp8_options import add_fp8_unet_argument
 
     g = parser.add_argument_group("network: base weights, max-norm, fp8 (docs/train_network.md)")
     a = g.add_argument

@@ -14,7 +14,6 @@ fine-tuning and Textual Inversion scripts do.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -25,21 +24,6 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
-
-
-def add_fp8_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--fp8_base`` (every training script, as in kohya's shared training options)."""
-    parser.add_argument("--fp8_base", action="store_true",
-                        help="[train_network.py] keep the frozen U-Net and text-encoder weights in float8_e4m3fn and "
-                             "compute in the --mixed_precision dtype (needs fp16 or bf16); accepted and ignored by "
-                             "train_db.py, fine_tune.py and train_textual_inversion.py, as in kohya")
-
-
-def add_fp8_unet_argument(parser: argparse.ArgumentParser) -> None:
-    """``--fp8_base_unet`` (train_network.py only)."""
-    parser.add_argument("--fp8_base_unet", action="store_true",
-                        help="keep only the U-Net's weights in float8_e4m3fn; the text encoder stays as it is "
-                             "(needs --mixed_precision fp16 or bf16)")
 
 
 @dataclass(frozen=True)
@@ -53,25 +37,6 @@ class Fp8Parts:
 def fp8_parts(fp8_base: bool, fp8_base_unet: bool) -> Fp8Parts:
     """kohya's rule: either option puts the U-Net in fp8; the text encoder only with ``--fp8_base`` alone."""
     return Fp8Parts(unet=bool(fp8_base or fp8_base_unet), text_encoder=bool(fp8_base and not fp8_base_unet))
-
-
-def fp8_problems(args: argparse.Namespace) -> list[str]:
-    """The option checks of ``--fp8_base`` / ``--fp8_base_unet`` (a warning where the script ignores them)."""
-    fp8_base, fp8_unet = bool(getattr(args, "fp8_base", False)), bool(getattr(args, "fp8_base_unet", False))
-    if not (fp8_base or fp8_unet):
-        return []
-    if not hasattr(args, "network_module"):  # train_db / fine_tune / textual inversion
-        logger.warning("--fp8_base has no effect in this script (kohya-ss/sd-scripts' SD1/SD2 DreamBooth, "
-                       "fine-tuning and Textual Inversion scripts ignore it too); only train_network.py uses it")
-        return []
-    name = "--fp8_base_unet" if fp8_unet and not fp8_base else "--fp8_base"
-    problems = []
-    if FP8_DTYPE is None:
-        problems.append(f"{name} needs a torch with torch.float8_e4m3fn (torch >= 2.1); this one has none")
-    if args.mixed_precision == "no":
-        problems.append(f"{name} needs --mixed_precision fp16 or bf16 (the fp8 weights are computed in that dtype; "
-                        "bf16 also works on the CPU)")
-    return problems
 
 
 def store_in_fp8(module: nn.Module, compute_dtype: torch.dtype) -> int:

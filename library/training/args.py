@@ -84,7 +84,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
     add_validation_arguments(parser)
     add_ema_arguments(parser)
     add_dry_run_arguments(parser)
-    from library.models.fp8 import add_fp8_arguments
+    from library.models.fp8_options import add_fp8_arguments
     add_fp8_arguments(g)  # --fp8_base (used by train_network.py only, as in kohya)
     from library.training.ddp_options import add_ddp_arguments
     from library.training.deepspeed_options import add_deepspeed_arguments
@@ -132,7 +132,7 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lr_scheduler_num_cycles", type=int, default=1, help="restarts of cosine_with_restarts")
     a("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
     add_lr_schedule_arguments(parser)  # --lr_decay_steps, --lr_scheduler_timescale, --lr_scheduler_min_lr_ratio
-    from library.training.fused_backward import add_fused_backward_arguments
+    from library.training.fused_backward_options import add_fused_backward_arguments
     add_fused_backward_arguments(g)  # --fused_backward_pass (AdaFactor only)
 
 
@@ -227,7 +227,7 @@ def validate_training_args(args: argparse.Namespace) -> None:
     from library.training.bounds import bound_problems, network_arg_problems
     from library.training.hub_upload import huggingface_problems
     from library.training.deepspeed_options import deepspeed_problems
-    from library.training.fused_backward import fused_backward_problems
+    from library.training.fused_backward_options import fused_backward_problems
 
     problems = bound_problems(args)  # every numeric option's range (library/training/bounds.py)
     if args.noise_offset is not None and args.multires_noise_iterations is not None:
@@ -272,8 +272,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
     from library.training.timestep_loss_options import timestep_loss_problems
     problems += timestep_loss_problems(args) + lr_schedule_problems(args)
     from library.methods.network_extras import network_extra_problems
-    from library.models.fp8 import fp8_problems
-    problems += fp8_problems(args) + network_extra_problems(args)  # library/models/fp8.py, methods/network_extras.py
+    from library.models.fp8_options import fp8_problems
+    problems += fp8_problems(args) + network_extra_problems(args)  # library/models/fp8_options.py, methods/network_extras.py
     problems += tracker_problems(args)
     problems += network_arg_problems(args, problems)
     if problems:

@@ -22,9 +22,10 @@ import argparse
 import datetime
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so that parsing options stays light
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def process_group_kwargs(settings: DdpSettings) -> list[Any]:
 
 def process_group_timeout() -> datetime.timedelta | None:
     """The timeout of the default process group (None without one, or when torch does not expose it)."""
+    import torch
+
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
     group = torch.distributed.group.WORLD
@@ -88,6 +91,8 @@ def process_group_timeout() -> datetime.timedelta | None:
 
 def describe_processes(accelerator: Any) -> str | None:
     """``"2 processes, backend gloo, timeout 0:07:00"`` for a multi-process run (None for one process)."""
+    import torch
+
     if accelerator.num_processes <= 1:
         return None
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
@@ -120,6 +125,8 @@ class GradientBuckets:
             self._add(members, size)
 
     def _add(self, members: list[tuple[torch.nn.Parameter, int]], size: int) -> None:
+        import torch
+
         first = members[0][0]
         self.buckets.append((torch.zeros(size, dtype=first.dtype, device=first.device), members))
 
@@ -142,7 +149,9 @@ class GradientBuckets:
                 if p.grad.data_ptr() != slot.data_ptr():
                     slot.copy_(p.grad)
                     p.grad = slot
-            torch.distributed.all_reduce(flat)
+            from torch import distributed
+
+            distributed.all_reduce(flat)
             flat /= world
 
 

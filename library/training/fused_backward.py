@@ -16,7 +16,6 @@ remaining parameters are left alone and the run stops with the guard's one-line 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import Any, Sequence
 
@@ -25,41 +24,6 @@ import torch
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-def add_fused_backward_arguments(parser: Any) -> None:
-    """``--fused_backward_pass`` (kohya registers it with the optimizer options of every script)."""
-    parser.add_argument(
-        "--fused_backward_pass", action="store_true",
-        help="step AdaFactor for each parameter during backward, as soon as its gradient is complete, so the "
-             "gradients of the whole model never exist at once (needs --optimizer_type AdaFactor, "
-             "--gradient_accumulation_steps 1, one process, not --mixed_precision fp16; --max_grad_norm clips "
-             "each parameter's gradient on its own)")
-
-
-def _optimizer_name(args: argparse.Namespace) -> str:
-    if getattr(args, "use_8bit_adam", False):
-        return "AdamW8bit"
-    if getattr(args, "use_lion_optimizer", False):
-        return "Lion"
-    return getattr(args, "optimizer_type", "") or "AdamW"
-
-
-def fused_backward_problems(args: argparse.Namespace) -> list[str]:
-    """What ``--fused_backward_pass`` cannot be combined with (empty without it)."""
-    if not getattr(args, "fused_backward_pass", False):
-        return []
-    problems = []
-    name = _optimizer_name(args)
-    if name.lower() != "adafactor":
-        problems.append(f"--fused_backward_pass needs --optimizer_type AdaFactor, got {name}")
-    if getattr(args, "gradient_accumulation_steps", 1) > 1:
-        problems.append("--fused_backward_pass cannot be combined with --gradient_accumulation_steps "
-                        f"{args.gradient_accumulation_steps}: give 1")
-    if getattr(args, "mixed_precision", "no") == "fp16":
-        problems.append("--fused_backward_pass cannot be combined with --mixed_precision fp16 (its loss scaler needs "
-                        "the whole gradient set at once): use bf16 or no")
-    return problems
 
 
 def step_one_parameter(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, group: dict) -> None:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where used, so that parsing options stays light
+    import torch
 
 NO_HALF_VAE_SCRIPTS = ("train_network.py", "train_db.py", "fine_tune.py", "train_textual_inversion.py")
 
@@ -30,12 +31,16 @@ def add_no_half_vae_arguments(parser: argparse.ArgumentParser) -> None:
 
 def vae_dtype_for(weight_dtype: torch.dtype, no_half_vae: bool) -> torch.dtype:
     """The VAE's dtype: float32 with ``--no_half_vae``, else the mixed-precision ``weight_dtype``."""
+    import torch
+
     return torch.float32 if no_half_vae else weight_dtype
 
 
 def keep_vae_in_float32(vae: Any) -> None:
     """Make the VAE's ``encode`` and ``decode`` run in float32 even inside an autocast region: the input is
     cast to float32 and autocast is off for the call (the instance's methods are wrapped; idempotent)."""
+    import torch
+
     if getattr(vae, "_sdtrain_float32", False):
         return
     for name in ("encode", "decode"):
