@@ -42,45 +42,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from library.config.option_file import parse_with_config_file
     args = parse_with_config_file(build_parser(), argv)
     from library.errors import UserError
-    from library.methods.full_model import FullModelMethod, output_layout, prepare_full_model, resolve_save_format
-    from library.models.save import precision_dtype
-    from library.dataset_debug import debug_dataset
-    from library.dry_run.report import run_dry_run
+    from library.methods import full_model
+    from library.run_start import ScriptSupport, start_run
     from library.training import session
-    from library.training.args import dry_run_requested, validate_training_args
-    from library.training.sampling import sample_settings
 
     if args.diffusers_xformers and importlib.util.find_spec("xformers") is None:
         raise UserError("--diffusers_xformers needs the package 'xformers' (pip install xformers); without it "
                         "PyTorch's scaled-dot-product attention is used by default")
-    validate_training_args(args)
-    if args.debug_dataset:
-        return debug_dataset(args, support_dreambooth=False, support_caption=True)
-    sampling = sample_settings(args)
-    save_dtype = precision_dtype(args.save_precision)
-    te_steps = None if args.train_text_encoder else 0
-    layout = output_layout(args.save_model_as, args.use_safetensors, args.pretrained_model_name_or_path)
-    if dry_run_requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
-        return run_dry_run(args, "finetune", layout=layout, support_dreambooth=False, support_finetuning=True)
-    run = session.prepare_run(args, "finetuning", layout=layout, support_dreambooth=False, support_finetuning=True)
-    accelerator, model, weight_dtype = run.accelerator, run.model, run.weight_dtype
-    prepare_full_model(model, text_encoder_trains=args.train_text_encoder,
-                       gradient_checkpointing=args.gradient_checkpointing, device=accelerator.device,
-                       weight_dtype=weight_dtype, full_half=args.full_fp16 or args.full_bf16,
-                       vae_dtype=run.vae_dtype)
-
-    from library.modelspec import run_fields
-
-    method = FullModelMethod(model=model, text_encoder_steps=te_steps, clip_skip=args.clip_skip,
-                             max_token_length=args.max_token_length, weighted_captions=args.weighted_captions,
-                             no_token_padding=False,
-                             save_format=resolve_save_format(args.save_model_as, args.use_safetensors,
-                                                             model.source_format),
-                             save_dtype=save_dtype, device=accelerator.device,
-                             header=run_fields(args, run.group), learning_rate_te=args.learning_rate_te)
-    what = "UNet + text encoder" if args.train_text_encoder else "UNet only"
-    return session.train(args, run, method, sampling=sampling, description=f"fine-tuning, {what}",
-                         result_name="model")
+    started = start_run(args, ScriptSupport("finetuning", dreambooth=False, captions=True),
+                                full_model.method_start("finetune"))
+    if isinstance(started, int):  # --debug_dataset, --dry_run
+        return started
+    method = full_model.prepare_method("finetune", started.opts, started.run, save_dtype=started.save_dtype)
+    what = "UNet + text encoder" if started.opts.fine_tune.train_text_encoder else "UNet only"
+    return session.train(started, method, description=f"fine-tuning, {what}", result_name="model")
 
 
 if __name__ == "__main__":

@@ -68,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the options, generate every image and say where they went."""
-    args = build_parser().parse_args(argv)
+    from library.generation_options import GenerationOptions
+
+    opts = GenerationOptions.from_args(build_parser().parse_args(argv))  # the one typed group, built once
     from library.generation import generate
 
-    written = generate(args)
-    print(f"wrote {len(written)} image(s) to {args.outdir}")
+    written = generate(opts)
+    print(f"wrote {len(written)} image(s) to {opts.outdir}")
     return 0
 
 

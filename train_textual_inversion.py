@@ -44,57 +44,61 @@ def train(args: argparse.Namespace, *, xti: bool = False) -> int:
     from library.errors import UserError
     from library.methods import textual_inversion as ti
     from library.methods import xti as xti_method
-    from library.models.save import precision_dtype
-    from library.dry_run.report import run_dry_run
+    from library.methods.base import MethodStart
+    from library.modelspec import run_fields
+    from library.run_start import ScriptSupport, start_run
     from library.training import session
-    from library.training.args import dry_run_requested, validate_training_args
-    from library.training.sampling import sample_settings
 
     token = ti.check_options(args.token_string, args.num_vectors_per_token)
     if args.weighted_captions:
         raise UserError("--weighted_captions is not supported by Textual Inversion training")
-    validate_training_args(args)
-    replacements = ti.caption_replacements(token, args.num_vectors_per_token, object_template=args.use_object_template,
-                                           style_template=args.use_style_template)
-    if args.debug_dataset:
-        from library.dataset_debug import debug_dataset
 
-        return debug_dataset(args, support_dreambooth=True, support_caption=True, replacements=replacements,
-                             new_tokens=ti.token_strings(args.token_string, args.num_vectors_per_token))
-    args.output_name = args.output_name or token
-    sampling = sample_settings(args)
-    save_dtype = precision_dtype(args.save_precision)
+    def replacements(opts):
+        return ti.caption_replacements(token, opts.embedding.num_vectors_per_token,
+                                       object_template=opts.embedding.use_object_template,
+                                       style_template=opts.embedding.use_style_template)
 
-    def configure_group(group):
-        group.replacements = replacements
-        if not replacements.get(""):
-            ti.warn_captions_without_token(group, token)
+    def method_start(opts) -> MethodStart:
+        captions = replacements(opts)
 
-    layout = ti.output_layout(args.save_model_as)
-    if dry_run_requested(args):  # report and exit before anything is loaded (docs/dry_run.md)
-        return run_dry_run(args, "xti" if xti else "textual_inversion", layout=layout,
+        def configure_group(group):
+            group.replacements = captions
+            if not captions.get(""):
+                ti.warn_captions_without_token(group, token)
+
+        layout = ti.output_layout(opts.save.save_model_as)
+        return MethodStart(layout=layout, output_name=opts.save.output_name or token,  # the token by default
+                           text_encoder_use=ti.TEXT_ENCODER_USE,
+                           dry_run_plan=lambda: (xti_method if xti else ti).dry_run_plan(opts.embedding, layout),
                            configure_group=configure_group)
-    run = session.prepare_run(args, "xti" if xti else "textual_inversion", layout=layout, support_dreambooth=True,
-                              support_finetuning=True, configure_group=configure_group)
-    accelerator, seed, tokenizer, model = run.accelerator, run.seed, run.tokenizer, run.model
-    weight_dtype = run.weight_dtype
-    device = accelerator.device
-    common = dict(model=model, token_string=token, clip_skip=args.clip_skip, max_token_length=args.max_token_length,
-                  save_format=args.save_model_as, save_dtype=save_dtype, device=device,
-                  gradient_checkpointing=args.gradient_checkpointing, header=ti.header_fields(args, run.group))
+
+    started = start_run(
+        args, ScriptSupport("xti" if xti else "textual_inversion", dreambooth=True, captions=True),
+        method_start, debug_extras=lambda opts: dict(replacements=replacements(opts), new_tokens=ti.token_strings(
+            opts.embedding.token_string, opts.embedding.num_vectors_per_token)))
+    if isinstance(started, int):  # --debug_dataset, --dry_run
+        return started
+    opts, run = started.opts, started.run
+    device, vectors = run.accelerator.device, opts.embedding.num_vectors_per_token
+    common = dict(model=run.model, token_string=token, clip_skip=opts.model.clip_skip,
+                  max_token_length=opts.data.max_token_length, save_format=opts.save.save_model_as,
+                  save_dtype=started.save_dtype, device=device,
+                  gradient_checkpointing=opts.model.gradient_checkpointing,
+                  header=run_fields(opts.metadata, output_name=run.output_name, clip_skip=opts.model.clip_skip,
+                                    group=run.group))
+    placement = dict(seed=run.seed, gradient_checkpointing=opts.model.gradient_checkpointing, device=device,
+                     weight_dtype=run.weight_dtype, vae_dtype=run.vae_dtype,
+                     full_half=opts.training.full_fp16 or opts.training.full_bf16)
     if xti:
-        layers, ids = xti_method.prepare_xti(model, tokenizer, args, seed=seed, device=device,
-                                             weight_dtype=weight_dtype)
-        method = xti_method.XTIMethod(layer_names=layers, num_vectors=args.num_vectors_per_token, token_ids=ids,
-                                      **common)
-        what = f"XTI, {args.num_vectors_per_token} vector(s) x {len(layers)} layers for {token!r}"
+        layers, ids = xti_method.prepare_xti(run.model, run.tokenizer, opts.embedding, **placement)
+        method = xti_method.XTIMethod(layer_names=layers, num_vectors=vectors, token_ids=ids, **common)
+        what = f"XTI, {vectors} vector(s) x {len(layers)} layers for {token!r}"
     else:
-        ids = ti.prepare_textual_inversion(model, tokenizer, args, seed=seed, device=device, weight_dtype=weight_dtype)
+        ids = ti.prepare_textual_inversion(run.model, run.tokenizer, opts.embedding, **placement)
         method = ti.TextualInversionMethod(token_ids=ids, **common)
         what = f"Textual Inversion, {len(ids)} vector(s) for {token!r}"
-    return session.train(args, run, method, sampling=sampling, description=what,
-                         result_name="XTI embedding" if xti else "embedding",
-                         sampler_options=dict(prompt_transform=ti.expand_prompt(token, args.num_vectors_per_token),
+    return session.train(started, method, description=what, result_name="XTI embedding" if xti else "embedding",
+                         sampler_options=dict(prompt_transform=ti.expand_prompt(token, vectors),
                                               layer_encoder=method.encode_layers if xti else None))
 
 

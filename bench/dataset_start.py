@@ -33,9 +33,11 @@ import argparse
 from library.config import load_dataset_blueprint
 from library.data.dataset import build_dataset_group
 from library.dataset_debug import build_parser
+from library.option_groups import Options
 args = build_parser("bench", support_dreambooth=True, support_caption=True,
                     support_caption_dropout=True).parse_args([])
-group = build_dataset_group(load_dataset_blueprint(args, {config!r}), seed=0)
+opts = Options.from_args(args)
+group = build_dataset_group(load_dataset_blueprint(opts.data, opts.validation, {config!r}, given=opts.given), seed=0)
 print(len(group), group.num_images, time.perf_counter() - t0)
 """
 
@@ -61,11 +63,13 @@ def in_process(config: Path) -> tuple[float, int]:
     from library.config import load_dataset_blueprint
     from library.data.dataset import build_dataset_group
     from library.dataset_debug import build_parser
+    from library.option_groups import Options
 
     args = build_parser("bench", support_dreambooth=True, support_caption=True,
                         support_caption_dropout=True).parse_args([])
+    opts = Options.from_args(args)
     start = time.perf_counter()
-    group = build_dataset_group(load_dataset_blueprint(args, config), seed=0)
+    group = build_dataset_group(load_dataset_blueprint(opts.data, opts.validation, config, given=opts.given), seed=0)
     return time.perf_counter() - start, len(group)
 
 

@@ -24,15 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from finetune.image_batches import (  # noqa: E402
-    RunStats,
-    add_overwrite_argument,
-    caption_folder,
-    caption_with,
-    check_positive,
-    check_workers,
-    output_extension,
-)
+from finetune import captioning  # noqa: E402
+from finetune.image_batches import RunStats, caption_folder, check_positive, output_extension  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 
@@ -43,21 +36,15 @@ PROMPT = "a picture of"
 SAMPLING_REPETITION_PENALTY = 1.1  # fixed in the reference
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options (the reference's names and defaults)."""
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("train_data_dir", help="folder of the images to caption")
+def _add_blip_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of this script beyond :func:`finetune.captioning.caption_parser`'s."""
     p.add_argument("--caption_weights", default=DEFAULT_CAPTION_WEIGHTS,
                    help="transformers BLIP captioning model: a local folder saved with save_pretrained (model and "
                         f"processor) or a Hugging Face Hub id (default {DEFAULT_CAPTION_WEIGHTS})")
-    p.add_argument("--caption_extension", default=".caption", help="extension of the caption files (default .caption)")
     p.add_argument("--caption_extention", default=None,
                    help="misspelled legacy alias of --caption_extension; overrides it when given")
     p.add_argument("--beam_search", action="store_true",
                    help="beam search (deterministic) instead of nucleus sampling")
-    p.add_argument("--batch_size", type=int, default=1, help="images per generate call (default 1)")
-    p.add_argument("--max_data_loader_n_workers", type=int, default=None,
-                   help="decode images in this many worker processes (default: in the main process)")
     p.add_argument("--num_beams", type=int, default=1, help="beams for --beam_search (1 = greedy; default 1)")
     p.add_argument("--top_p", type=float, default=0.9, help="top-p of nucleus sampling (default 0.9)")
     p.add_argument("--max_length", type=int, default=75,
@@ -66,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum caption length in tokens, counting the 4 prompt tokens (default 5)")
     p.add_argument("--seed", type=int, default=42,
                    help="random seed: the same seed, file list and batch size give the same captions (default 42)")
-    p.add_argument("--debug", action="store_true", help="print each image path and its caption")
-    add_overwrite_argument(p)
-    p.add_argument("--recursive", action="store_true", help="also caption the images in sub-folders")
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options (the reference's names and defaults)."""
+    return captioning.caption_parser(__doc__.strip().splitlines()[0], _add_blip_arguments)
 
 
 def seed_everything(seed: int) -> None:
@@ -96,22 +84,8 @@ def load_blip(weights: str, device: torch.device):
         raise UserError(f"--caption_weights {weights!r}: checkpoints of the original BLIP code are not supported; "
                         "pass a transformers BLIP folder (saved with save_pretrained) or a Hub id such as "
                         f"{DEFAULT_CAPTION_WEIGHTS}")
-    local = os.path.isdir(weights)
-    if not local and os.path.exists(weights):
-        raise UserError(f"--caption_weights {weights!r} is a file; pass a folder saved with save_pretrained "
-                        "(config.json, model weights and the processor files) or a Hub id")
-    try:
-        processor = BlipProcessor.from_pretrained(weights)
-        model = BlipForConditionalGeneration.from_pretrained(weights)
-    except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if local:
-            raise UserError(f"--caption_weights {weights!r}: not a transformers BLIP captioning folder "
-                            f"({reason[:200]})") from exc
-        raise UserError(f"cannot load BLIP model {weights!r} from the Hugging Face Hub (offline or unreachable and "
-                        "not in the local cache, or no such repository): point --caption_weights at a local folder "
-                        "saved with save_pretrained") from exc
-    return processor, model.to(device).eval()
+    return captioning.load_pretrained("--caption_weights", weights, "BLIP", device, lambda name: (
+        BlipProcessor.from_pretrained(name), BlipForConditionalGeneration.from_pretrained(name)))
 
 
 def prompt_ids(processor, batch: int) -> torch.Tensor:
@@ -134,22 +108,10 @@ def generation_options(args: argparse.Namespace) -> dict:
     return options
 
 
-class BlipPreprocess:
-    """Picklable image -> ``(3, H, W)`` float32 pixel values with the processor's resize and normalisation."""
-
-    def __init__(self, image_processor) -> None:
-        self.image_processor = image_processor
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Resize (bicubic, aspect ignored), scale to [0, 1] and normalise one RGB uint8 image."""
-        return self.image_processor(images=image, return_tensors="np")["pixel_values"][0].astype(np.float32)
-
-
 def check_options(args: argparse.Namespace) -> None:
     """UserError for option values generate() would reject or silently misuse."""
-    check_positive(args.batch_size, "--batch_size")
+    captioning.check_batch_options(args)
     check_positive(args.num_beams, "--num_beams")
-    check_workers(args.max_data_loader_n_workers)
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.min_length < 0 or args.min_length > args.max_length:
@@ -160,7 +122,7 @@ class Captioner:
     """A loaded BLIP model with its processor and generation settings."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = captioning.caption_device()
         self.processor, self.model = load_blip(args.caption_weights, self.device)
         self.prompt_length = prompt_ids(self.processor, 1).shape[1] - 1  # [DEC] a picture of
         if args.max_length <= self.prompt_length:
@@ -172,9 +134,9 @@ class Captioner:
                             "BLIP text decoder")
         self.options = generation_options(args)
 
-    def preprocess(self) -> BlipPreprocess:
-        """The picklable per-image preprocessing for the loader workers."""
-        return BlipPreprocess(self.processor.image_processor)
+    def preprocess(self) -> captioning.ProcessorPreprocess:
+        """The picklable per-image preprocessing for the loader workers (resize: bicubic, aspect ignored)."""
+        return captioning.ProcessorPreprocess(self.processor.image_processor)
 
     def caption(self, pixels: torch.Tensor) -> list[str]:
         """Captions of a ``[N, 3, H, W]`` batch, without the prompt."""
@@ -188,9 +150,8 @@ class Captioner:
 def caption_images(args: argparse.Namespace, paths: list[Path], extension: str) -> RunStats:
     """Load the model, caption ``paths`` batch by batch and write the caption files."""
     captioner = Captioner(args)
-    workers = check_workers(args.max_data_loader_n_workers)
     seed_everything(args.seed)  # after loading, so nothing the loading draws can shift the captions
-    return caption_with(captioner, paths, extension, batch_size=args.batch_size, workers=workers, debug=args.debug)
+    return captioning.caption_batches(captioner, args, paths, extension)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

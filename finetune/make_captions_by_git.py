@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -22,16 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from finetune.image_batches import (  # noqa: E402
-    RunStats,
-    add_overwrite_argument,
-    caption_folder,
-    caption_with,
-    check_positive,
-    check_workers,
-    output_extension,
-)
-from finetune.make_captions import BlipPreprocess as ProcessorPreprocess  # noqa: E402  (any image processor)
+from finetune import captioning  # noqa: E402
+from finetune.image_batches import RunStats, caption_folder, output_extension  # noqa: E402
 from library.cli import run_main  # noqa: E402
 from library.errors import UserError  # noqa: E402
 
@@ -63,25 +54,20 @@ def remove_words(caption: str) -> str:
     return " ".join(caption.split())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options (the reference's names and defaults)."""
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("train_data_dir", help="folder of the images to caption")
-    p.add_argument("--caption_extension", default=".caption", help="extension of the caption files (default .caption)")
+def _add_git_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of this script beyond :func:`finetune.captioning.caption_parser`'s."""
     p.add_argument("--model_id", default=DEFAULT_MODEL_ID,
                    help="transformers GIT model: a local folder saved with save_pretrained (model and processor) "
                         f"or a Hugging Face Hub id (default {DEFAULT_MODEL_ID})")
-    p.add_argument("--batch_size", type=int, default=1, help="images per generate call (default 1)")
-    p.add_argument("--max_data_loader_n_workers", type=int, default=None,
-                   help="decode images in this many worker processes (default: in the main process)")
     p.add_argument("--max_length", type=int, default=50,
                    help="maximum caption length in tokens, counting the start token (default 50)")
     p.add_argument("--remove_words", action="store_true",
                    help='remove phrases such as "with the words xxx" or "that says xxx" from the captions')
-    p.add_argument("--debug", action="store_true", help="print each image path and its caption")
-    add_overwrite_argument(p)
-    p.add_argument("--recursive", action="store_true", help="also caption the images in sub-folders")
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options (the reference's names and defaults)."""
+    return captioning.caption_parser(__doc__.strip().splitlines()[0], _add_git_arguments)
 
 
 def load_git(model_id: str, device: torch.device):
@@ -91,34 +77,23 @@ def load_git(model_id: str, device: torch.device):
     """
     from transformers import AutoConfig, AutoProcessor, GitForCausalLM
 
-    local = os.path.isdir(model_id)
-    if not local and os.path.exists(model_id):
-        raise UserError(f"--model_id {model_id!r} is a file; pass a folder saved with save_pretrained "
-                        "(config.json, model weights and the processor files) or a Hub id")
-    try:
-        config = AutoConfig.from_pretrained(model_id)
+    def load(name: str):
+        config = AutoConfig.from_pretrained(name)
         if config.model_type != "git":
-            raise UserError(f"--model_id {model_id!r} is a {config.model_type!r} model, not a GIT captioner")
-        processor = AutoProcessor.from_pretrained(model_id)
-        model = GitForCausalLM.from_pretrained(model_id)
-    except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if local:
-            raise UserError(f"--model_id {model_id!r}: not a transformers GIT captioning folder "
-                            f"({reason[:200]})") from exc
-        raise UserError(f"cannot load GIT model {model_id!r} from the Hugging Face Hub (offline or unreachable and "
-                        "not in the local cache, or no such repository): point --model_id at a local folder "
-                        "saved with save_pretrained") from exc
-    if not hasattr(processor, "image_processor") or not hasattr(processor, "batch_decode"):
-        raise UserError(f"--model_id {model_id!r}: its processor has no image processor and tokenizer")
-    return processor, model.to(device).eval()
+            raise UserError(f"--model_id {name!r} is a {config.model_type!r} model, not a GIT captioner")
+        processor = AutoProcessor.from_pretrained(name)
+        if not hasattr(processor, "image_processor") or not hasattr(processor, "batch_decode"):
+            raise UserError(f"--model_id {name!r}: its processor has no image processor and tokenizer")
+        return processor, GitForCausalLM.from_pretrained(name)
+
+    return captioning.load_pretrained("--model_id", model_id, "GIT", device, load)
 
 
 class GitCaptioner:
     """A loaded GIT model with its processor and the generation length."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = captioning.caption_device()
         self.processor, self.model = load_git(args.model_id, self.device)
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if positions is not None and args.max_length > positions:
@@ -127,9 +102,9 @@ class GitCaptioner:
         self.max_length = args.max_length
         self.remove_words = args.remove_words
 
-    def preprocess(self) -> ProcessorPreprocess:
+    def preprocess(self) -> captioning.ProcessorPreprocess:
         """The picklable per-image preprocessing (the processor's resize, crop and normalisation)."""
-        return ProcessorPreprocess(self.processor.image_processor)
+        return captioning.ProcessorPreprocess(self.processor.image_processor)
 
     def caption(self, pixels: torch.Tensor) -> list[str]:
         """Captions of a ``[N, 3, H, W]`` batch (``--remove_words`` applied when asked)."""
@@ -141,16 +116,13 @@ class GitCaptioner:
 
 def caption_images(args: argparse.Namespace, paths: list[Path], extension: str) -> RunStats:
     """Load the model, caption ``paths`` batch by batch and write the caption files."""
-    captioner = GitCaptioner(args)
-    return caption_with(captioner, paths, extension, batch_size=args.batch_size,
-                        workers=check_workers(args.max_data_loader_n_workers), debug=args.debug)
+    return captioning.caption_batches(GitCaptioner(args), args, paths, extension)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Caption the images of ``train_data_dir``; unreadable images are reported and skipped."""
     args = build_parser().parse_args(argv)
-    check_positive(args.batch_size, "--batch_size")
-    check_workers(args.max_data_loader_n_workers)
+    captioning.check_batch_options(args)
     if args.max_length < 2:
         raise UserError(f"--max_length must be at least 2 (the start token and one word), got {args.max_length}")
     extension = output_extension(args.caption_extension, None)

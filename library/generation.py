@@ -7,18 +7,22 @@ rounding. LoRA networks are hooked into the model exactly as in training (``crea
 encoder stays in float32 while the UNet and VAE take ``--fp16`` / ``--bf16``, as in a mixed-precision run.
 So an image made here equals the sample made during training for the same seed and settings.
 
-Everything the user gives is checked (:func:`check_options`) before the model is loaded.
+The functions take the script's option group (:class:`library.generation_options.GenerationOptions`) or
+plain values. Everything the user gives is checked
+(:func:`library.generation_options.check_generation_options`, :func:`network_specs`, :func:`read_prompts`)
+before the model is loaded. Each distinct prompt (with its negative prompt) is encoded once
+(:class:`PromptEncodings`) and reused for all of its batches.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import math
 import random
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,13 +30,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from library.errors import UserError
-from library.training.prompts import MAX_SEED, MAX_STEPS, MIN_SIZE, SAMPLER_NAMES, SIZE_MULTIPLE, SamplePrompt
-from library.training.prompts import parse_prompt_line, read_prompt_file
+from library.generation_options import GenerationOptions, check_generation_options
+from library.training.prompts import MAX_SEED, SamplePrompt, parse_prompt_line, read_prompt_file
 
 logger = logging.getLogger(__name__)
 
-MAX_EMBEDDINGS_MULTIPLES = 3  # the long-prompt encoder takes up to three 75-token chunks
 FILE_NAME = re.compile(r"^(\d{6,})_\d+\.png$")
+PROMPT_CACHE_SIZE = 16  # encoded (prompt, negative prompt) pairs kept for reuse
 
 
 @dataclass(frozen=True)
@@ -69,62 +73,16 @@ def network_specs(modules: Sequence[str] | None, weights: Sequence[str] | None,
             for i, (m, w) in enumerate(zip(modules, weights))]
 
 
-def _check_size(option: str, value: int) -> None:
-    if value < MIN_SIZE or value % SIZE_MULTIPLE:
-        raise UserError(f"{option} {value}: must be a multiple of {SIZE_MULTIPLE} of at least {MIN_SIZE} pixels")
-
-
-def check_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Validate the image options; returns the per-prompt defaults (``--W`` ``--H`` ``--steps``
-    ``--scale`` ``--seed``) that prompt lines may override."""
-    if not args.ckpt:
-        raise UserError("--ckpt is required (an ldm .ckpt/.safetensors file or a diffusers folder)")
-    if not args.outdir:
-        raise UserError("--outdir is required (the folder the images are written to)")
-    if bool(args.prompt) == bool(args.from_file):
-        raise UserError("give either --prompt \"<text>\" or --from_file <prompts.txt> (one of them)")
-    if args.xformers and torch.cuda.is_available():
-        import importlib.util
-
-        if importlib.util.find_spec("xformers") is None:
-            raise UserError("--xformers needs the package 'xformers' (pip install xformers); leave the option out "
-                            "to use PyTorch's scaled-dot-product attention")
-    if args.sampler not in SAMPLER_NAMES:
-        raise UserError(f"--sampler {args.sampler}: unknown; use one of {', '.join(SAMPLER_NAMES)}")
-    _check_size("--W", args.W)
-    _check_size("--H", args.H)
-    if not 1 <= args.steps <= MAX_STEPS:
-        raise UserError(f"--steps {args.steps}: must be between 1 and {MAX_STEPS}")
-    if not math.isfinite(args.scale):
-        raise UserError(f"--scale {args.scale}: must be a finite number")
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed {args.seed}: must be between 0 and 2**64-1")
-    for option, value in (("--images_per_prompt", args.images_per_prompt), ("--batch_size", args.batch_size)):
-        if value < 1:
-            raise UserError(f"{option} {value}: must be at least 1")
-    if not 1 <= args.max_embeddings_multiples <= MAX_EMBEDDINGS_MULTIPLES:
-        raise UserError(f"--max_embeddings_multiples {args.max_embeddings_multiples}: must be 1, 2 or 3 "
-                        "(prompts of up to 75, 150 or 225 tokens)")
-    if args.clip_skip is not None and args.clip_skip < 1:
-        raise UserError(f"--clip_skip {args.clip_skip}: must be 1 or more")
-    if args.fp16 and args.bf16:
-        raise UserError("--fp16 and --bf16: give at most one")
-    for path in args.textual_inversion_embeddings or []:
-        if not Path(path).is_file():
-            raise UserError(f"--textual_inversion_embeddings {path}: no such file")
-    if not Path(args.ckpt).exists():
-        raise UserError(f"--ckpt {args.ckpt}: no such file or folder")
-    return dict(width=args.W, height=args.H, steps=args.steps, scale=args.scale, seed=args.seed)
-
-
-def read_prompts(args: argparse.Namespace, defaults: dict[str, Any]) -> list[SamplePrompt]:
-    """The prompts of ``--from_file`` or ``--prompt`` (each may carry ``--n --w --h --d --l --s``)."""
-    if args.from_file:
-        prompts = read_prompt_file(args.from_file, option="--from_file", defaults=defaults)
+def read_prompts(opts: GenerationOptions) -> list[SamplePrompt]:
+    """The prompts of ``--from_file`` or ``--prompt`` (each may carry ``--n --w --h --d --l --s``; the
+    others come from ``--W --H --steps --scale --seed``)."""
+    defaults = opts.prompt_defaults
+    if opts.from_file:
+        prompts = read_prompt_file(opts.from_file, option="--from_file", defaults=defaults)
         if not prompts:
-            raise UserError(f"--from_file {args.from_file}: holds no prompts (blank and # lines are skipped)")
+            raise UserError(f"--from_file {opts.from_file}: holds no prompts (blank and # lines are skipped)")
         return prompts
-    prompt = parse_prompt_line(args.prompt, 0, None, option="--prompt", defaults=defaults)
+    prompt = parse_prompt_line(opts.prompt, 0, None, option="--prompt", defaults=defaults)
     if prompt is None:
         raise UserError("--prompt: is empty")
     return [prompt]
@@ -134,19 +92,14 @@ def read_prompts(args: argparse.Namespace, defaults: dict[str, Any]) -> list[Sam
 # The model, its networks and embeddings
 # --------------------------------------------------------------------------------------------------
 
-def weight_dtype(args: argparse.Namespace) -> torch.dtype:
-    """float16 with ``--fp16``, bfloat16 with ``--bf16``, else float32."""
-    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-
-
-def set_attention(unet: Any, args: argparse.Namespace, device: torch.device) -> None:
+def set_attention(unet: Any, device: torch.device, *, xformers: bool, sdpa: bool) -> None:
     """``--xformers`` on a GPU; PyTorch SDPA (diffusers' default, ``--sdpa``) otherwise. On the CPU both
     flags change nothing."""
     if device.type == "cpu":
-        if args.xformers or args.sdpa:
+        if xformers or sdpa:
             logger.info("--xformers / --sdpa have no effect on the CPU (PyTorch attention is used)")
         return
-    if args.xformers:
+    if xformers:
         try:
             unet.enable_xformers_memory_efficient_attention()
         except (ImportError, ModuleNotFoundError, ValueError) as exc:
@@ -264,7 +217,35 @@ def png_text(prompt: SamplePrompt, seed: int, *, sampler: str, clip_skip: int | 
 # The run
 # --------------------------------------------------------------------------------------------------
 
-def generate(args: argparse.Namespace) -> list[Path]:
+class PromptEncodings:
+    """The conditioning of each distinct (prompt, negative prompt) pair, encoded once and reused for every
+    batch and image of it (the last :data:`PROMPT_CACHE_SIZE` pairs are kept, so a long prompt file does
+    not hold them all). The pair is encoded together, exactly as
+    :func:`library.training.sampling.encode_prompt_pair` does for a single batch, so images are unchanged."""
+
+    def __init__(self, components: Any, size: int = PROMPT_CACHE_SIZE):
+        """Encode with ``components`` (a :class:`library.training.sampling.SampleComponents`)."""
+        self.components, self.size = components, size
+        self.kept: OrderedDict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.encoded = 0  # how many pairs were encoded (for the log and the tests)
+
+    def get(self, prompt: SamplePrompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) conditioning of ``prompt``, from the cache when it was encoded before."""
+        from library.training import sampling
+
+        key = (prompt.prompt, prompt.negative_prompt)
+        if key in self.kept:
+            self.kept.move_to_end(key)
+            return self.kept[key]
+        pair = sampling.encode_prompt_pair(self.components, *key)
+        self.encoded += 1
+        self.kept[key] = pair
+        if len(self.kept) > self.size:
+            self.kept.popitem(last=False)
+        return pair
+
+
+def generate(opts: GenerationOptions) -> list[Path]:
     """Check the options, load the model, networks and embeddings, and write every image; returns the
     written files in order."""
     from tqdm import tqdm
@@ -274,42 +255,46 @@ def generate(args: argparse.Namespace) -> list[Path]:
     from library.training.sampling import SampleComponents, generate_images, to_uint8, with_prompt_transform
     from library.training.sampling import write_png
 
-    defaults = check_options(args)
-    specs = network_specs(args.network_module, args.network_weights, args.network_mul)
-    prompts = read_prompts(args, defaults)
+    check_generation_options(opts)
+    specs = network_specs(opts.network_module, opts.network_weights, opts.network_mul)
+    prompts = read_prompts(opts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = weight_dtype(args)
-    model = load_model(args.ckpt, v2=args.v2, v_parameterization=args.v_parameterization, vae=args.vae,
-                       tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=torch.float32)
-    transform = load_embeddings(model, args.textual_inversion_embeddings or [])
+    dtype = opts.weight_dtype
+    model = load_model(opts.ckpt, v2=opts.v2, v_parameterization=opts.v_parameterization, vae=opts.vae,
+                       tokenizer_cache_dir=opts.tokenizer_cache_dir, dtype=torch.float32)
+    transform = load_embeddings(model, opts.embedding_files)
     for part, part_dtype in ((model.unet, dtype), (model.vae, dtype), (model.text_encoder, torch.float32)):
         part.requires_grad_(False)
         place(part, device, part_dtype)
-    set_attention(model.unet, args, device)
+    set_attention(model.unet, device, xformers=opts.xformers, sdpa=opts.sdpa)
     apply_networks(model, specs, device)
     parts = SampleComponents(model.unet, model.vae, model.text_encoder, model.tokenizer, model.v_parameterization,
-                             clip_skip=args.clip_skip, max_token_length=75 * args.max_embeddings_multiples)
-    outdir = Path(args.outdir)
+                             clip_skip=opts.clip_skip, max_token_length=opts.max_token_length)
+    encodings = PromptEncodings(parts)
+    outdir = Path(opts.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     counter = next_counter(outdir)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     written: list[Path] = []
-    with tqdm(total=len(prompts) * args.images_per_prompt, desc="generating", unit="image") as bar, autocast:
+    with tqdm(total=len(prompts) * opts.images_per_prompt, desc="generating", unit="image") as bar, autocast:
         for prompt in prompts:
-            seeds = image_seeds(prompt.seed, args.images_per_prompt)
+            seeds = image_seeds(prompt.seed, opts.images_per_prompt)
             conditioned = with_prompt_transform(prompt, transform)
-            for start in range(0, len(seeds), args.batch_size):
-                batch = seeds[start:start + args.batch_size]
+            embeds = encodings.get(conditioned)
+            for start in range(0, len(seeds), opts.batch_size):
+                batch = seeds[start:start + opts.batch_size]
                 generators = [torch.Generator(device="cpu").manual_seed(s) for s in batch]
-                images = generate_images(parts, conditioned, sampler=args.sampler, generators=generators)
+                images = generate_images(parts, conditioned, sampler=opts.sampler, generators=generators,
+                                         embeds=embeds)
                 for seed, image in zip(batch, images):
                     path = outdir / f"{counter:06d}_{seed}.png"
                     while path.exists():
                         counter += 1
                         path = outdir / f"{counter:06d}_{seed}.png"
-                    text = png_text(prompt, seed, sampler=args.sampler, clip_skip=args.clip_skip, model=args.ckpt,
-                                    networks=specs, embeddings=args.textual_inversion_embeddings or [])
+                    text = png_text(prompt, seed, sampler=opts.sampler, clip_skip=opts.clip_skip, model=opts.ckpt,
+                                    networks=specs, embeddings=opts.embedding_files)
                     written.append(write_png(path, to_uint8(image), text))
                     counter += 1
                     bar.update(1)
+    logger.info("encoded %d distinct prompt(s) for %d image(s)", encodings.encoded, len(written))
     return written

@@ -1,5 +1,9 @@
-"""The ``modelspec.*`` header (Stability AI's model spec) of saved LoRA and embedding files, as the
-reference writes it, and the ``--metadata_*`` options that fill its free-text fields.
+"""The ``modelspec.*`` header (Stability AI's model spec) of saved LoRA, embedding and whole-model
+``.safetensors`` files, as the reference writes it, and the ``--metadata_*`` options that fill its free-text
+fields. :func:`modelspec_metadata` is the one builder every writer uses: train_network.py's metadata, Textual
+Inversion embeddings (XTI files carry no header, as the reference's), DreamBooth / fine-tuning checkpoints and
+:func:`library.models.save.save_model` (converted and merged models). A run's part of the header is its
+:class:`HeaderFields` (:func:`run_fields`).
 
 Keys, always: ``sai_model_spec`` (1.0.1), ``architecture`` (``stable-diffusion-v1``,
 ``stable-diffusion-v2-512`` or ``stable-diffusion-v2-768-v``, with ``/lora`` or ``/textual-inversion``
@@ -18,8 +22,13 @@ import argparse
 import base64
 import datetime
 import mimetypes
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from library.option_groups import MetadataOptions
 
 SAI_MODEL_SPEC = "1.0.1"
 IMPL_DIFFUSERS = "diffusers"
@@ -75,17 +84,26 @@ def training_resolution(group: Any) -> tuple[int, int] | None:
     return None
 
 
-def modelspec_metadata(*, v2: bool, v_parameterization: bool, adapter: str | None, title: str | None,
-                       resolution: tuple[int, int] | None, timestamp: float, clip_skip: int | None = None,
-                       user: dict[str, str | None] | None = None) -> dict[str, str]:
-    """The ``modelspec.*`` keys of one saved file (see the module docstring).
+def file_date(timestamp: float) -> str:
+    """``modelspec.date``: ``timestamp`` as ISO 8601 local time in whole seconds."""
+    return datetime.datetime.fromtimestamp(int(timestamp)).isoformat()
+
+
+def modelspec_metadata(*, v2: bool, v_parameterization: bool, adapter: str | None, title: str | None = None,
+                       resolution: tuple[int, int] | None = None, timestamp: float | None = None,
+                       clip_skip: int | None = None, user: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """The ``modelspec.*`` keys of one saved file (see the module docstring): the one place they are made,
+    for LoRA, embedding and whole-model files alike (writers go through :meth:`HeaderFields.header`).
 
     ``adapter`` is ``"lora"``, ``"textual-inversion"`` or None (a whole checkpoint); ``title`` None gives
-    ``LoRA@<unix time>`` etc. as the reference does; ``resolution`` None the model's native size."""
+    ``LoRA@<unix time>`` etc. as the reference does; ``resolution`` None the model's native size;
+    ``timestamp`` (default now) the date."""
     from library import __version__
 
     if adapter not in ADAPTERS:
         raise ValueError(f"unknown adapter {adapter!r}")
+    if timestamp is None:
+        timestamp = time.time()
     if resolution is None:
         side = 768 if v2 and v_parameterization else 512
         resolution = (side, side)
@@ -95,17 +113,37 @@ def modelspec_metadata(*, v2: bool, v_parameterization: bool, adapter: str | Non
         "modelspec.implementation": IMPL_DIFFUSERS if adapter == "lora" else IMPL_STABILITY_AI,
         "modelspec.implementation_version": f"sd-train/{__version__}",
         "modelspec.title": title or f"{ADAPTERS[adapter]}@{int(timestamp)}",
-        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+        "modelspec.date": file_date(timestamp),
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.prediction_type": "v" if v_parameterization else "epsilon",
     }
     if clip_skip is not None:
         meta["modelspec.encoder_layer"] = str(clip_skip)
-    for field in USER_FIELDS:
-        value = (user or {}).get(field)
+    for name in USER_FIELDS:
+        value = (user or {}).get(name)
         if value is not None:
-            meta[f"modelspec.{field}"] = value
+            meta[f"modelspec.{name}"] = value
     return meta
+
+
+@dataclass(frozen=True)
+class HeaderFields:
+    """What a file's ``modelspec`` header takes from its run rather than from the model: the title, the
+    training resolution, ``--clip_skip`` and the ``--metadata_*`` free-text fields (made by :func:`run_fields`;
+    ``HeaderFields(title=name)`` for a file saved outside a training run)."""
+
+    title: str | None = None
+    resolution: tuple[int, int] | None = None
+    clip_skip: int | None = None
+    user: Mapping[str, str | None] = field(default_factory=dict)
+
+    def header(self, *, v2: bool, v_parameterization: bool, adapter: str | None,
+               timestamp: float | None = None) -> dict[str, str]:
+        """The ``modelspec.*`` keys of a file of this run (:func:`modelspec_metadata`) for a model of that
+        version and prediction type; ``adapter`` as there; ``timestamp`` (default now) gives the date."""
+        return modelspec_metadata(v2=v2, v_parameterization=v_parameterization, adapter=adapter, title=self.title,
+                                  resolution=self.resolution, timestamp=timestamp, clip_skip=self.clip_skip,
+                                  user=self.user)
 
 
 def thumbnail_data_url(value: str) -> str:
@@ -125,38 +163,26 @@ def thumbnail_data_url(value: str) -> str:
 
 def metadata_problems(args: argparse.Namespace) -> list[str]:
     """A ``--metadata_thumbnail`` that is neither a data URL nor a readable file (checked before training)."""
-    value = getattr(args, "metadata_thumbnail", None)
+    value = args.metadata_thumbnail
     if value and not value.startswith("data:") and not Path(value).is_file():
         return [f"--metadata_thumbnail {value}: no such file (give an image file or a data: URL)"]
     return []
 
 
-def user_fields(args: argparse.Namespace) -> dict[str, str | None]:
-    """The free-text ``modelspec`` fields from the ``--metadata_*`` options (None where not given); the
-    thumbnail read into a data URL."""
-    fields = {field: getattr(args, f"metadata_{field}", None) for field in USER_FIELDS}
+def user_fields(metadata: MetadataOptions) -> dict[str, str | None]:
+    """The free-text ``modelspec`` fields from the ``--metadata_*`` options of ``metadata`` (None where not
+    given); the thumbnail read into a data URL."""
+    fields = {name: getattr(metadata, f"metadata_{name}") for name in USER_FIELDS}
     if fields["thumbnail"]:
         fields["thumbnail"] = thumbnail_data_url(fields["thumbnail"])
     return fields
 
 
-def run_fields(args: argparse.Namespace, group: Any) -> dict[str, Any]:
-    """What :func:`modelspec_metadata` takes from a run besides the model: title, the training resolution,
-    ``--clip_skip`` and the ``--metadata_*`` fields."""
-    return {"title": file_title(args), "resolution": training_resolution(group), "clip_skip": args.clip_skip,
-            "user": user_fields(args)}
-
-
-def checkpoint_metadata(configs: Any, fields: dict[str, Any], timestamp: float | None = None) -> dict[str, str]:
-    """The ``modelspec.*`` header of a whole-model ``.safetensors`` checkpoint (architecture without an
-    adapter, Stability AI's implementation) from the model's ``configs`` and :func:`run_fields`;
-    ``timestamp`` (default now) gives the date."""
-    import time
-
-    return modelspec_metadata(v2=configs.v2, v_parameterization=configs.v_parameterization, adapter=None,
-                              timestamp=time.time() if timestamp is None else timestamp, **fields)
-
-
-def file_title(args: argparse.Namespace) -> str | None:
-    """``--metadata_title``, else ``--output_name`` (None when neither is given)."""
-    return getattr(args, "metadata_title", None) or getattr(args, "output_name", None)
+def run_fields(metadata: MetadataOptions, *, output_name: str | None, clip_skip: int | None,
+               group: Any) -> HeaderFields:
+    """The :class:`HeaderFields` of a training run: the title ``--metadata_title``, else ``output_name`` (the
+    stem of the run's saves: ``--output_name``, or the method's default such as Textual Inversion's token;
+    None gives the reference's ``LoRA@<time>``-style title), the resolution of the first dataset of
+    ``group``, ``clip_skip`` (``--clip_skip``) and the other ``--metadata_*`` fields of ``metadata``."""
+    return HeaderFields(title=metadata.metadata_title or output_name, resolution=training_resolution(group),
+                        clip_skip=clip_skip, user=user_fields(metadata))

@@ -29,6 +29,7 @@ from networks.lora_common import (
     check_known_args,
     dims_from_state_dict,
     load_state_dict_file,
+    parse_dropout_arg,
     parse_float_arg,
     parse_int_arg,
 )
@@ -60,7 +61,6 @@ class DyLoRAModule(LoRAModule):
         if self.is_conv:
             in_dim, out_dim = org.in_channels, org.out_channels
             down_tail, up_tail = tuple(org.kernel_size), (1, 1)
-            self._conv_args = {"stride": org.stride, "padding": org.padding}
         else:
             in_dim, out_dim = org.in_features, org.out_features
             down_tail, up_tail = (), ()
@@ -97,16 +97,9 @@ class DyLoRAModule(LoRAModule):
         return r - r % self.unit
 
     def _low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        x = match_dtype(x, down)
-        if self.is_conv:
-            h = torch.nn.functional.conv2d(x, down, **self._conv_args)
-            if self.dropout is not None and self.training:
-                h = torch.nn.functional.dropout(h, p=self.dropout)
-            return torch.nn.functional.conv2d(h, up)
-        h = torch.nn.functional.linear(x, down)
-        if self.dropout is not None and self.training:
-            h = torch.nn.functional.dropout(h, p=self.dropout)
-        return torch.nn.functional.linear(h, up)
+        """``up(dropout(down(x)))``: down with the layer's own stride/padding, up a 1×1 map."""
+        h, _ = self.apply_dropouts(self.layer_op(match_dtype(x, down), down), 1.0)  # neuron dropout only
+        return torch.nn.functional.conv2d(h, up) if self.is_conv else torch.nn.functional.linear(h, up)
 
     def lora_forward(self, x: torch.Tensor, slot: int | None = None) -> torch.Tensor:
         """The scaled update. Training: chunk ``slot`` (random if None) trainable, all components
@@ -230,7 +223,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     if conv_dim is not None and conv_dim != network_dim:
         raise UserError(f"--network_args conv_dim={conv_dim}: DyLoRA needs conv_dim equal to --network_dim "
                         f"({network_dim})")
-    dropout = parse_float_arg("neuron_dropout", neuron_dropout)
+    dropout = parse_dropout_arg("neuron_dropout", neuron_dropout)
     return DyLoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
                          apply_to_conv=conv_dim is not None, unit=unit, dropout=dropout)
 

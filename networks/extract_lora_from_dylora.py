@@ -93,7 +93,8 @@ def _resolve_unit(args: argparse.Namespace, metadata: Mapping[str, str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Write one LoRA file per multiple of the unit below the DyLoRA's rank."""
     from networks.lora_common import save_state_dict_file
-    from networks.lora_files import load_lora_file, require_options
+    from networks.lora_files import load_lora_file
+    from networks.lora_tool_options import require_options
 
     args = setup_parser().parse_args(argv)
     require_options(args, model="the DyLoRA file to split", save_to="base name of the split files")

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def setup_parser() -> argparse.ArgumentParser:
     """Command-line options (the reference's names, plus later-upstream clamp/min_diff/metadata ones)."""
     from networks.lora_extract import DEFAULT_MIN_DIFF
-    from networks.lora_files import add_device_argument, add_overwrite_input_argument, add_precision_arguments
+    from networks.lora_tool_options import add_device_argument, add_overwrite_input_argument, add_precision_arguments
     from networks.lora_svd import CLAMP_QUANTILE
 
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
@@ -55,7 +55,7 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> Path:
     """Required options, value ranges, existing models; returns the checked ``--save_to``."""
-    from networks.lora_files import check_ranks, check_save_to, refuse_overwriting_inputs, require_options
+    from networks.lora_tool_options import check_ranks, check_save_to, refuse_overwriting_inputs, require_options
 
     require_options(args, model_org="the model the LoRA will be applied to",
                     model_tuned="the fine-tuned model")
@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Extract the LoRA and write it."""
     from networks.lora import create_network_from_weights
     from networks.lora_extract import extract_state_dict, max_abs_delta, pair_modules
-    from networks.lora_files import output_dtypes, target_layers, torch_device
+    from networks.lora_files import target_layers
+    from networks.lora_tool_options import output_dtypes, torch_device
 
     args = setup_parser().parse_args(argv)
     save_to = _check_args(args)

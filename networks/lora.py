@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,12 +41,16 @@ from networks.lora_common import (
     block_settings,
     check_known_args,
     dims_from_state_dict,
+    DROPOUT_ARGS,
     find_target_modules,
+    group_by_module,
     is_conv3x3,
     load_state_dict_file,
     max_norm_scale_,
+    parse_dropouts,
     parse_float_arg,
     parse_int_arg,
+    quiet_loggers,
     save_state_dict_file,
 )
 from networks.lora_dora import DoRAModule, dora_axis_of, dora_shapes_from_state_dict
@@ -62,8 +66,9 @@ DEFAULT_NETWORK_DIM = 4
 KNOWN_NETWORK_ARGS = (
     "conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
     "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
-    "dropout", "rank_dropout", "module_dropout", *EXTRA_NETWORK_ARGS,
+    *DROPOUT_ARGS, *EXTRA_NETWORK_ARGS,
 )
+BLOCK_SETTINGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 
 
 class LoRANetwork(nn.Module):
@@ -249,10 +254,7 @@ class LoRANetwork(nn.Module):
             return
         has_te = any(k.startswith(LORA_PREFIX_TEXT_ENCODER) for k in weights_sd)
         has_unet = any(k.startswith(LORA_PREFIX_UNET) for k in weights_sd)
-        per_module: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in weights_sd.items():
-            name, _, rest = key.partition(".")
-            per_module.setdefault(name, {})[rest] = value
+        per_module = group_by_module(weights_sd)
         merged = set()
         for lora in (self.text_encoder_loras if has_te else []) + (self.unet_loras if has_unet else []):
             sd = per_module.get(lora.lora_name)
@@ -265,10 +267,21 @@ class LoRANetwork(nn.Module):
             logger.warning("%d LoRA modules in the weights have no matching layer, e.g. %s", len(unmatched),
                            unmatched[0])
 
+    def file_names_to_ours(self, weights_sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """A file's tensors under this network's key names (the same here; OFT renames kohya's own)."""
+        return weights_sd
+
+    def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors a save writes: the state dict, every tensor cast to ``dtype`` on the CPU when given."""
+        state_dict = self.state_dict()
+        if dtype is not None:
+            state_dict = {k: v.detach().to("cpu").to(dtype) for k, v in state_dict.items()}
+        return state_dict
+
     def load_weights(self, file: str | os.PathLike):
         """Load a network file non-strictly (missing/unexpected keys are reported, shapes must match)."""
         weights_sd, _ = load_state_dict_file(file)
-        info = self.load_state_dict(weights_sd, strict=False)
+        info = self.load_state_dict(self.file_names_to_ours(weights_sd), strict=False)
         if info.missing_keys or info.unexpected_keys:
             logger.info("network weights %s: %d missing, %d unexpected keys", file, len(info.missing_keys),
                         len(info.unexpected_keys))
@@ -276,14 +289,12 @@ class LoRANetwork(nn.Module):
 
     def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None = None,
                      metadata: Mapping[str, Any] | None = None) -> None:
-        """Write the network: ``.safetensors`` with metadata and ``sshs_*`` hashes, else ``torch.save``.
+        """Write :meth:`file_tensors`: ``.safetensors`` with metadata and ``sshs_*`` hashes, else ``torch.save``.
 
         With ``dtype`` every tensor (alpha included) is cast to it. With module rules their content is
         added to ``ss_network_args`` (key ``module_rules_content``, a JSON list) beside the file name.
         """
-        state_dict = self.state_dict()
-        if dtype is not None:
-            state_dict = {k: v.detach().to("cpu").to(dtype) for k, v in state_dict.items()}
+        state_dict = self.file_tensors(dtype)
         if metadata and self.module_rules is not None and "ss_network_args" in metadata:
             network_args = json.loads(metadata["ss_network_args"])
             network_args["module_rules_content"] = self.module_rules.to_json()
@@ -363,15 +374,6 @@ class LoRANetwork(nn.Module):
         return {lora.lora_name: (lora.lora_dim, float(lora.alpha.float())) for lora in self.all_loras()}
 
 
-def _parse_dropout(key: str, value: Any) -> float | None:
-    """A dropout probability in [0, 1) (None stays None)."""
-    p = parse_float_arg(key, value)
-    if p is not None and not 0.0 <= p < 1.0:
-        where = "--network_dropout " if key == "neuron_dropout" else f"--network_args {key}="
-        raise UserError(f"{where}{value}: a dropout probability must be in [0, 1)")
-    return p
-
-
 def resolve_network_args(network_dim: int | None, network_alpha: float | None, neuron_dropout: Any,
                          kwargs: dict[str, Any]) -> dict[str, Any]:
     """Defaults, types and ranges of :func:`create_network`'s arguments (UserError naming the option)."""
@@ -393,9 +395,7 @@ def resolve_network_args(network_dim: int | None, network_alpha: float | None, n
                         "3x3-convolution modules)")
     if conv_alpha is not None and conv_alpha < 0:
         raise UserError(f"--network_args conv_alpha={kwargs.get('conv_alpha')}: must be >= 0")
-    dropout = _parse_dropout("neuron_dropout", neuron_dropout)
-    if dropout is None:
-        dropout = _parse_dropout("dropout", kwargs.get("dropout"))
+    dropouts = parse_dropouts(neuron_dropout, kwargs)
     blocks = block_settings(network_dim, network_alpha, conv_dim, conv_alpha, kwargs)
     for key in ("block_alphas", "conv_block_alphas"):
         if any(a < 0 for a in blocks.get(key) or []):
@@ -405,10 +405,8 @@ def resolve_network_args(network_dim: int | None, network_alpha: float | None, n
         raise UserError(f"--network_args block_lr_zero_threshold={kwargs.get('block_lr_zero_threshold')}: "
                         "must be >= 0")
     return {"network_dim": network_dim, "network_alpha": network_alpha, "conv_dim": conv_dim,
-            "conv_alpha": conv_alpha, "blocks": blocks, "dropout": dropout,
-            "extra": parse_extra_args(kwargs, dropout),
-            "rank_dropout": _parse_dropout("rank_dropout", kwargs.get("rank_dropout")),
-            "module_dropout": _parse_dropout("module_dropout", kwargs.get("module_dropout"))}
+            "conv_alpha": conv_alpha, "blocks": blocks, "extra": parse_extra_args(kwargs, dropouts["dropout"]),
+            **dropouts}
 
 
 def check_network_args(network_dim: int | None, network_alpha: float | None, neuron_dropout: Any = None,
@@ -417,12 +415,39 @@ def check_network_args(network_dim: int | None, network_alpha: float | None, neu
     ``--network_dropout``, ``--network_args``) without building anything, so a training script can refuse
     a bad value before it loads the model. Raises :class:`~library.errors.UserError` naming the option.
     Warnings (ignored or padded values) are left to :func:`create_network`, so they are said once."""
-    quiet = logging.getLogger(block_settings.__module__)
-    was_disabled, quiet.disabled = quiet.disabled, True
-    try:
+    with quiet_loggers(block_settings.__module__):
         resolve_network_args(network_dim, network_alpha, neuron_dropout, dict(kwargs))
-    finally:
-        quiet.disabled = was_disabled
+
+
+def network_from_args(network_class: type, parsed: Mapping[str, Any], text_encoder: nn.Module | None,
+                      unet: nn.Module | None, multiplier: float, **class_kwargs: Any) -> LoRANetwork:
+    """A fresh ``network_class`` (a :class:`LoRANetwork`) from :func:`resolve_network_args`' result: ranks,
+    alphas, 3×3 convolutions, block settings, dropouts, DoRA, rsLoRA and module rules, then its block
+    learning rates and LoRA+ ratios set. ``class_kwargs`` (``module_class``, ``module_kwargs``) go to the class."""
+    blocks, extra = parsed["blocks"], parsed["extra"]
+    network = network_class(text_encoder, unet, multiplier=multiplier, lora_dim=parsed["network_dim"],
+                            alpha=parsed["network_alpha"], conv_lora_dim=parsed["conv_dim"],
+                            conv_alpha=parsed["conv_alpha"], dora=extra.dora_axis, rs_lora=extra.rs_lora,
+                            module_rules=extra.rules, **{k: blocks.get(k) for k in BLOCK_SETTINGS},
+                            **{k: parsed[k] for k in DROPOUT_ARGS}, **class_kwargs)
+    if extra.loraplus is not None:
+        network.set_loraplus_lr_ratio(*extra.loraplus.values())
+    if blocks.get("block_lr"):
+        down_w, mid_w, up_w = blocks["lr_weights"]
+        network.set_block_lr_weight(up_w, mid_w, down_w)
+    return network
+
+
+def network_from_file(network_class: type, dims: Mapping[str, int], alphas: Mapping[str, float],
+                      text_encoder: nn.Module | None, unet: nn.Module | None, multiplier: float,
+                      for_inference: bool, kwargs: Mapping[str, Any], dropouts: Sequence[str] = DROPOUT_ARGS,
+                      **class_kwargs: Any) -> LoRANetwork:
+    """A ``network_class`` with one module per name of ``dims`` (rank) and ``alphas``, for a file's weights;
+    of the extra ``kwargs`` (``--dim_from_weights`` training) the ``dropouts`` named are used (the neuron
+    dropout from ``neuron_dropout``, else ``dropout``). ``class_kwargs`` go to the class."""
+    parsed = parse_dropouts(kwargs.get("neuron_dropout"), kwargs, dropouts)
+    return network_class(text_encoder, unet, multiplier=multiplier, modules_dim=dims, modules_alpha=alphas,
+                         for_inference=for_inference, **parsed, **class_kwargs)
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: nn.Module | None,
@@ -439,21 +464,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     :class:`~library.errors.UserError`.
     """
     parsed = resolve_network_args(network_dim, network_alpha, neuron_dropout, kwargs)
-    network_dim, network_alpha = parsed["network_dim"], parsed["network_alpha"]
-    conv_dim, conv_alpha, blocks = parsed["conv_dim"], parsed["conv_alpha"], parsed["blocks"]
-    dropout, rank_dropout, module_dropout = parsed["dropout"], parsed["rank_dropout"], parsed["module_dropout"]
-    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha,
-                          dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
-                          conv_lora_dim=conv_dim, conv_alpha=conv_alpha, block_dims=blocks.get("block_dims"),
-                          block_alphas=blocks.get("block_alphas"), conv_block_dims=blocks.get("conv_block_dims"),
-                          conv_block_alphas=blocks.get("conv_block_alphas"), dora=parsed["extra"].dora_axis,
-                          rs_lora=parsed["extra"].rs_lora, module_rules=parsed["extra"].rules)
-    if parsed["extra"].loraplus is not None:
-        network.set_loraplus_lr_ratio(*parsed["extra"].loraplus.values())
-    if blocks.get("block_lr"):
-        down_w, mid_w, up_w = blocks["lr_weights"]
-        network.set_block_lr_weight(up_w, mid_w, down_w)
-    return network
+    return network_from_args(LoRANetwork, parsed, text_encoder, unet, multiplier)
 
 
 def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: nn.Module | None,
@@ -472,14 +483,8 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     if weights_sd is None:
         weights_sd, _ = load_state_dict_file(file)
     modules_dim, modules_alpha = dims_from_state_dict(weights_sd)
-    dropout = _parse_dropout("neuron_dropout", kwargs.get("neuron_dropout"))
-    if dropout is None:
-        dropout = _parse_dropout("dropout", kwargs.get("dropout"))
-    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim,
-                          modules_alpha=modules_alpha, for_inference=for_inference, dropout=dropout,
-                          rank_dropout=_parse_dropout("rank_dropout", kwargs.get("rank_dropout")),
-                          module_dropout=_parse_dropout("module_dropout", kwargs.get("module_dropout")),
-                          dora=dora_shapes_from_state_dict(weights_sd) or None)
+    network = network_from_file(LoRANetwork, modules_dim, modules_alpha, text_encoder, unet, multiplier,
+                                for_inference, kwargs, dora=dora_shapes_from_state_dict(weights_sd) or None)
     loraplus = parse_extra_args({k: kwargs.get(k) for k in LORAPLUS_ARGS}, None).loraplus
     if loraplus is not None:
         network.set_loraplus_lr_ratio(*loraplus.values())

@@ -1,8 +1,9 @@
-"""Helpers shared by :mod:`networks.lora` and :mod:`networks.dylora`.
+"""Helpers shared by the network modules (:mod:`networks.lora`, :mod:`networks.dylora`, :mod:`networks.oft`,
+:mod:`networks.loha`/:mod:`networks.lokr`) and the LoRA tools.
 
 Module discovery and naming (file_formats.md §1.2-§1.3), the 25-block index (§1.6), parsing of
-``--network_args`` values (training_options.md §9.1), reading and writing network files (§1.1) and
-the ``sshs_*`` hashes (§1.9).
+``--network_args`` values (training_options.md §9.1) and of the dropouts, grouping a state dict's keys
+by module, reading and writing network files (§1.1) and the ``sshs_*`` hashes (§1.9).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import logging
 import math
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +39,7 @@ NUM_TOTAL_BLOCKS = NUM_OF_BLOCKS * 2 + 1  # down + mid + up = 25
 MID_BLOCK_INDEX = NUM_OF_BLOCKS
 
 LR_WEIGHT_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
+DROPOUT_ARGS = ("dropout", "rank_dropout", "module_dropout")
 
 _RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 
@@ -233,6 +236,42 @@ def block_lr_weight_of(lora_name: str, down: Sequence[float] | None, mid: float 
     return 1.0 if up is None else float(up[idx - MID_BLOCK_INDEX - 1])
 
 
+def parse_dropout_arg(key: str, value: Any) -> float | None:
+    """A dropout probability in [0, 1) (None stays None); ``neuron_dropout`` is ``--network_dropout``."""
+    p = parse_float_arg(key, value)
+    if p is not None and not 0.0 <= p < 1.0:
+        where = "--network_dropout " if key == "neuron_dropout" else f"--network_args {key}="
+        raise UserError(f"{where}{value}: a dropout probability must be in [0, 1)")
+    return p
+
+
+def parse_dropouts(neuron_dropout: Any, kwargs: Mapping[str, Any],
+                   keys: Sequence[str] = DROPOUT_ARGS) -> dict[str, float | None]:
+    """``{key: probability or None}`` for the dropouts ``keys`` of :data:`DROPOUT_ARGS`, from the
+    ``--network_args`` ``kwargs``; the neuron ``dropout`` is ``--network_dropout`` (``neuron_dropout``)
+    when given, else ``dropout=``. UserError naming the option for a value outside [0, 1)."""
+    parsed: dict[str, float | None] = {}
+    if "dropout" in keys:
+        neuron = parse_dropout_arg("neuron_dropout", neuron_dropout)
+        parsed["dropout"] = neuron if neuron is not None else parse_dropout_arg("dropout", kwargs.get("dropout"))
+    parsed.update({key: parse_dropout_arg(key, kwargs.get(key)) for key in keys if key != "dropout"})
+    return parsed
+
+
+@contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Silence the named loggers for the block (a check that runs again later says its warnings then)."""
+    loggers = [logging.getLogger(name) for name in names]
+    was = [log.disabled for log in loggers]
+    for log in loggers:
+        log.disabled = True
+    try:
+        yield
+    finally:
+        for log, disabled in zip(loggers, was):
+            log.disabled = disabled
+
+
 def check_known_args(kwargs: Mapping[str, Any], known: Iterable[str]) -> None:
     """Raise a UserError for a ``--network_args`` key the module does not understand."""
     known = set(known)
@@ -403,6 +442,17 @@ def network_metadata(network_module: str, network_dim: Any, network_alpha: Any,
     if network_args:
         meta["ss_network_args"] = json.dumps(dict(network_args))
     return meta
+
+
+def group_by_module(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name: {key after the name: tensor}}``: a network state dict's keys grouped by the part before
+    their first dot (``lora_unet_….lora_down.weight`` → module ``lora_unet_…``, key ``lora_down.weight``), in
+    the order of the state dict."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights_sd.items():
+        name, _, rest = key.partition(".")
+        grouped.setdefault(name, {})[rest] = value
+    return grouped
 
 
 def dims_from_state_dict(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from networks.lora_module import LoRAModule, match_dtype
-from networks.lora_common import adapt_shape, lora_delta
+from networks.lora_common import adapt_shape, group_by_module, lora_delta
 
 DORA_KEY = "dora_scale"
 DORA_AXES = ("in", "out")
@@ -111,13 +111,6 @@ class DoRAModule(LoRAModule):
             down, up = down.flatten(1), up.flatten(1)
         return lora_delta(down, up).reshape(weight.shape) * scale
 
-    def _layer_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The wrapped layer's operation with another weight and no bias."""
-        org = self.org_module
-        if isinstance(org, nn.Conv2d):
-            return org._conv_forward(x, weight, None)
-        return nn.functional.linear(x, weight)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``org(x) + layer(x; m·(W' − W))`` (the previous forward is kept, so networks stack)."""
         out = self.org_forward(x, *args, **kwargs)
@@ -126,7 +119,7 @@ class DoRAModule(LoRAModule):
         delta = self.scaled_delta()
         base = self.org_module.weight.detach().to(delta.dtype)
         diff = dora_diff(base, delta, self.dora_scale.to(delta.dtype), self.dora_axis, self.multiplier)
-        return out + self._layer_op(match_dtype(x, diff), diff).to(out.dtype)
+        return out + self.layer_op(match_dtype(x, diff), diff).to(out.dtype)
 
     @torch.no_grad()
     def merge_to(self, sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
@@ -160,9 +153,5 @@ class DoRAModule(LoRAModule):
 
 def dora_shapes_from_state_dict(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """``{lora_name: shape of its dora_scale}`` for every DoRA module of a network file (empty for LoRA)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for key, value in weights_sd.items():
-        name, _, rest = key.partition(".")
-        if rest == DORA_KEY:
-            shapes[name] = tuple(value.shape)
-    return shapes
+    return {name: tuple(parts[DORA_KEY].shape) for name, parts in group_by_module(weights_sd).items()
+            if DORA_KEY in parts}

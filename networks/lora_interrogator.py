@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from library.models.load import load_model
-    from networks.lora_files import load_lora_file, require_options
+    from networks.lora_files import load_lora_file
+    from networks.lora_tool_options import require_options
 
     args = setup_parser().parse_args(argv)
     require_options(args, sd_model="the Stable Diffusion model the LoRA was trained on",

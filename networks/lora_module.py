@@ -111,20 +111,30 @@ class LoRAModule(nn.Module):
         """The full (down, up) weights as stored in a file."""
         return self.lora_down.weight, self.lora_up.weight
 
-    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled update ``m · s · up(down(x))`` with the training-time dropouts."""
-        h = self.lora_down(match_dtype(x, self.lora_down.weight))
+    def apply_dropouts(self, h: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+        """The training-time dropouts on ``h`` (channels on dim 1 for a conv, last for a linear layer):
+        ``dropout`` zeroes elements, ``rank_dropout`` whole channels per sample and divides ``scale`` by
+        1 − p. Returns ``(h, scale)``; outside training both unchanged."""
         if self.dropout is not None and self.training:
             h = torch.nn.functional.dropout(h, p=self.dropout)
-        scale = self.scale
         if self.rank_dropout is not None and self.training:
-            keep = torch.rand((h.shape[0], self.lora_dim), device=h.device) > self.rank_dropout
-            if self.is_conv:
-                keep = keep[:, :, None, None]
-            else:
-                keep = keep.reshape(h.shape[0], *([1] * (h.dim() - 2)), self.lora_dim)
+            channels = h.shape[1] if self.is_conv else h.shape[-1]
+            keep = torch.rand((h.shape[0], channels), device=h.device) > self.rank_dropout
+            keep = keep[:, :, None, None] if self.is_conv else keep.reshape(h.shape[0], *([1] * (h.dim() - 2)), -1)
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)
+        return h, scale
+
+    def layer_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x`` through the wrapped layer's linear map or convolution (its stride, padding, padding mode …)
+        with ``weight`` instead of its own, without bias."""
+        if self.is_conv:
+            return self.org_module._conv_forward(x, weight, None)
+        return torch.nn.functional.linear(x, weight)
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled update ``m · s · up(down(x))`` with the training-time dropouts."""
+        h, scale = self.apply_dropouts(self.lora_down(match_dtype(x, self.lora_down.weight)), self.scale)
         return self.lora_up(h) * (self.multiplier * scale)
 
     def skipped(self) -> bool:
@@ -173,6 +183,15 @@ class LoRAModule(nn.Module):
         self.restore()
 
     # -- state dict ----------------------------------------------------------------------------
+
+    def take_file_alpha(self, state_dict: dict, prefix: str) -> Any:
+        """Take a scalar ``<prefix>alpha`` of ``state_dict`` as it is (its dtype included) into the alpha buffer
+        and leave it 0-d in ``state_dict``; returns the incoming value (None when there is none)."""
+        incoming = state_dict.get(prefix + "alpha")
+        if isinstance(incoming, torch.Tensor) and incoming.numel() == 1:
+            state_dict[prefix + "alpha"] = incoming.reshape(())
+            self._buffers["alpha"] = incoming.detach().reshape(()).clone().to(self.alpha.device)
+        return incoming
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

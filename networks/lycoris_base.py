@@ -16,24 +16,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from library.errors import UserError
-from networks.lora import LoRANetwork, resolve_network_args
+from networks.lora import LoRANetwork, network_from_args, network_from_file, resolve_network_args
 from networks.lora_module import LoRAModule, match_dtype
-from networks.lora_common import adapt_shape, check_known_args, load_state_dict_file
+from networks.lora_common import DROPOUT_ARGS, adapt_shape, check_known_args, group_by_module, load_state_dict_file
 from networks.lycoris_common import KIND_NAMES, LYCORIS_KEYS, lycoris_delta, lycoris_scale, module_kind
 
 # The networks.lora keys that mean the same for LoHa/LoKr (parsed by networks.lora).
 SHARED_NETWORK_ARGS = (
     "conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
     "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
-    "dropout", "rank_dropout", "module_dropout", "module_rules",
+    *DROPOUT_ARGS, "module_rules",
 )
-DROPOUT_ARGS = ("dropout", "rank_dropout", "module_dropout")
 
 
 class LycorisModule(LoRAModule):
@@ -58,12 +58,11 @@ class LycorisModule(LoRAModule):
         if self.unscaled:
             self.register_buffer("alpha", torch.tensor(self.lora_dim))  # saved equal to dim, as LyCORIS does
             self.scale = 1.0
-        self._op_args = ({"stride": org_module.stride, "padding": org_module.padding,
-                          "dilation": org_module.dilation, "groups": org_module.groups} if self.is_conv else {})
 
-    def parts(self) -> dict[str, torch.Tensor]:
-        """The factors by file key name (``hada_w1_a`` …)."""
-        return dict(self.named_parameters(recurse=False))
+    def parts(self) -> Mapping[str, torch.Tensor]:
+        """The factors by file key name (``hada_w1_a`` …): a read-only view of the module's own parameters
+        (its only ones), made without copying them at every forward."""
+        return MappingProxyType(self._parameters)
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The factors as stored in a file (see :meth:`parts`)."""
@@ -76,20 +75,7 @@ class LycorisModule(LoRAModule):
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``m · scale · op(x, ΔW)`` with the training-time dropouts."""
         weight = self.delta_weight()
-        x = match_dtype(x, weight)
-        if self.is_conv:
-            h = torch.nn.functional.conv2d(x, weight, None, **self._op_args)
-        else:
-            h = torch.nn.functional.linear(x, weight)
-        if self.dropout is not None and self.training:
-            h = torch.nn.functional.dropout(h, p=self.dropout)
-        scale = self.scale
-        if self.rank_dropout is not None and self.training:
-            channels = h.shape[1] if self.is_conv else h.shape[-1]
-            keep = torch.rand((h.shape[0], channels), device=h.device) > self.rank_dropout
-            keep = keep[:, :, None, None] if self.is_conv else keep.reshape(h.shape[0], *([1] * (h.dim() - 2)), -1)
-            h = h * keep.to(h.dtype)
-            scale = scale / (1.0 - self.rank_dropout)
+        h, scale = self.apply_dropouts(self.layer_op(match_dtype(x, weight), weight), self.scale)
         return h * (self.multiplier * scale)
 
     @torch.no_grad()
@@ -118,10 +104,7 @@ class LycorisModule(LoRAModule):
             key = prefix + name
             if key in state_dict:
                 state_dict[key] = adapt_shape(state_dict[key], param.shape)
-        incoming = state_dict.get(prefix + "alpha")
-        if isinstance(incoming, torch.Tensor) and incoming.numel() == 1:
-            state_dict[prefix + "alpha"] = incoming.reshape(())
-            self._buffers["alpha"] = incoming.detach().reshape(()).clone().to(self.alpha.device)
+        incoming = self.take_file_alpha(state_dict, prefix)
         nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                         unexpected_keys, error_msgs)
         if isinstance(incoming, torch.Tensor):
@@ -168,14 +151,6 @@ class _PerModule:
         return self.module_class(lora_name, layer, *args, **kwargs, **self.per_module.get(lora_name, {}))
 
 
-def _parse_shared(network_dim: int | None, network_alpha: float | None, neuron_dropout: Any,
-                  shared: Mapping[str, Any]) -> dict[str, Any]:
-    """networks.lora's parsing of the shared keys; ``module_rules`` holds the loaded rules (or None)."""
-    parsed = resolve_network_args(network_dim, network_alpha, neuron_dropout, dict(shared))
-    parsed["module_rules"] = getattr(parsed.get("extra"), "rules", None)
-    return parsed
-
-
 def check_args(kind: LycorisType, network_dim: int | None, network_alpha: float | None, neuron_dropout: Any,
                kwargs: Mapping[str, Any]) -> None:
     """What ``create_network`` would refuse, without building anything (UserError naming the option)."""
@@ -189,26 +164,14 @@ def create(kind: LycorisType, multiplier: float, network_dim: int | None, networ
            kwargs: Mapping[str, Any]) -> LoRANetwork:
     """A fresh network of ``kind`` modules from the command-line values (see the type's ``create_network``)."""
     own, shared = kind.split_args(kwargs)
-    p = _parse_shared(network_dim, network_alpha, neuron_dropout, shared)
-    blocks = p["blocks"]
-    settings = {key: blocks.get(key) for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")}
-    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, lora_dim=p["network_dim"],
-                          alpha=p["network_alpha"], conv_lora_dim=p["conv_dim"], conv_alpha=p["conv_alpha"],
-                          module_class=kind.module_class, module_kwargs=own, module_rules=p["module_rules"],
-                          **{k: p[k] for k in DROPOUT_ARGS}, **settings)
-    if blocks.get("block_lr"):
-        down_w, mid_w, up_w = blocks["lr_weights"]
-        network.set_block_lr_weight(up_w, mid_w, down_w)
-    return network
+    parsed = resolve_network_args(network_dim, network_alpha, neuron_dropout, dict(shared))
+    return network_from_args(LoRANetwork, parsed, text_encoder, unet, multiplier, module_class=kind.module_class,
+                             module_kwargs=own)
 
 
 def file_modules(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """``{module name: {key after the name: tensor}}`` of the LoHa/LoKr modules of a state dict."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in weights_sd.items():
-        name, _, rest = key.partition(".")
-        grouped.setdefault(name, {})[rest] = value
-    return {name: parts for name, parts in grouped.items() if module_kind(parts) is not None}
+    return {name: parts for name, parts in group_by_module(weights_sd).items() if module_kind(parts) is not None}
 
 
 def create_from_weights(kind: LycorisType, multiplier: float, file: str | os.PathLike | None,
@@ -230,9 +193,6 @@ def create_from_weights(kind: LycorisType, multiplier: float, file: str | os.Pat
         dims[name], per_module[name] = kind.layout_of(parts)
         alpha = parts.get("alpha")
         alphas[name] = float(alpha.float()) if alpha is not None else float(dims[name])
-    dropouts = _parse_shared(None, None, kwargs.get("neuron_dropout"),
-                             {k: kwargs[k] for k in DROPOUT_ARGS if kwargs.get(k) is not None})
-    network = LoRANetwork(text_encoder, unet, multiplier=multiplier, modules_dim=dims, modules_alpha=alphas,
-                          module_class=_PerModule(kind.module_class, per_module), for_inference=for_inference,
-                          **{k: dropouts[k] for k in DROPOUT_ARGS})
+    network = network_from_file(LoRANetwork, dims, alphas, text_encoder, unet, multiplier, for_inference, kwargs,
+                                module_class=_PerModule(kind.module_class, per_module))
     return network, dict(weights_sd)

@@ -36,18 +36,20 @@ from networks.lora_files import (  # noqa: E402
     DOWN,
     UP,
     LoRAFile,
-    add_merge_arguments,
-    add_precision_arguments,
-    check_merge_args,
     common_sd_version,
     load_lora_files,
     match_lora_to_model,
     merge_module_into_layer,
     merged_lora_metadata,
     model_lora_layers,
-    output_dtypes,
     refuse_dora,
     save_lora_file,
+)
+from networks.lora_tool_options import (  # noqa: E402
+    add_merge_arguments,
+    add_precision_arguments,
+    check_merge_args,
+    output_dtypes,
 )
 
 logger = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from library.errors import UserError
-from networks.lora import LoRANetwork, resolve_network_args
-from networks.lora_common import check_known_args, load_state_dict_file, save_state_dict_file
+from networks.lora import LoRANetwork, network_from_args, network_from_file, resolve_network_args
+from networks.lora_common import check_known_args, group_by_module, load_state_dict_file, quiet_loggers
 from networks.lora_module import LoRAModule, match_dtype
 
 logger = logging.getLogger(__name__)
@@ -136,8 +136,6 @@ class OFTModule(LoRAModule):
             alpha = float(alpha.detach().float())
         self.register_buffer("alpha", torch.tensor(float(alpha or 0.0)))
         self.scale = 1.0
-        self._op_args = ({"stride": org_module.stride, "padding": org_module.padding,
-                          "dilation": org_module.dilation, "groups": org_module.groups} if self.is_conv else {})
 
     def _build_layers(self, org: nn.Module) -> None:
         """``oft_blocks`` [num_blocks, block_size, block_size]."""
@@ -167,10 +165,7 @@ class OFTModule(LoRAModule):
         included, runs first; so the module chains with other networks hooked into the same layer)."""
         weight = self.rotated_weight() - self.org_module.weight.detach().float()
         x = match_dtype(x, weight)
-        weight = weight.to(x.dtype)
-        if self.is_conv:
-            return torch.nn.functional.conv2d(x, weight, None, **self._op_args)
-        return torch.nn.functional.linear(x, weight)
+        return self.layer_op(x, weight.to(x.dtype))
 
     @torch.no_grad()
     def merge_to(self, sd: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
@@ -204,10 +199,7 @@ class OFTModule(LoRAModule):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Take the incoming alpha as it is (dtype included)."""
-        incoming = state_dict.get(prefix + "alpha")
-        if isinstance(incoming, torch.Tensor) and incoming.numel() == 1:
-            state_dict[prefix + "alpha"] = incoming.reshape(())
-            self._buffers["alpha"] = incoming.detach().reshape(()).clone().to(self.alpha.device)
+        self.take_file_alpha(state_dict, prefix)
         nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                         unexpected_keys, error_msgs)
 
@@ -220,27 +212,13 @@ class OFTNetwork(LoRANetwork):
         """Not offered (``--scale_weight_norms`` is refused before training): alpha bounds the rotation."""
         raise AttributeError("OFT networks have no max-norm regularisation; --network_alpha bounds the rotation")
 
-    def load_weights(self, file: str | os.PathLike):
-        """Load a network file non-strictly (kohya's ``oft_unet_…`` names read as ``lora_unet_…``)."""
-        weights_sd, _ = load_state_dict_file(file)
-        info = self.load_state_dict(kohya_names_to_lora(weights_sd), strict=False)
-        if info.missing_keys or info.unexpected_keys:
-            logger.info("network weights %s: %d missing, %d unexpected keys", file, len(info.missing_keys),
-                        len(info.unexpected_keys))
-        return info
+    def file_names_to_ours(self, weights_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """kohya's ``oft_unet_…`` names read as ``lora_unet_…`` (:func:`kohya_names_to_lora`)."""
+        return kohya_names_to_lora(weights_sd)
 
-    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None = None,
-                     metadata: Mapping[str, Any] | None = None) -> None:
-        """Write every module's :meth:`OFTModule.file_tensors` (``.safetensors`` with metadata and hashes,
-        else ``torch.save``); module rules are added to ``ss_network_args`` as networks.lora does."""
-        import json
-
-        tensors = {f"{m.lora_name}.{k}": v for m in self.all_loras() for k, v in m.file_tensors(dtype).items()}
-        if metadata and self.module_rules is not None and "ss_network_args" in metadata:
-            network_args = json.loads(metadata["ss_network_args"])
-            network_args["module_rules_content"] = self.module_rules.to_json()
-            metadata = {**metadata, "ss_network_args": json.dumps(network_args)}
-        save_state_dict_file(tensors, file, metadata)
+    def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every module's :meth:`OFTModule.file_tensors` (what ``save_weights`` writes)."""
+        return {f"{m.lora_name}.{k}": v for m in self.all_loras() for k, v in m.file_tensors(dtype).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,15 +331,8 @@ def _parse(network_dim: int | None, network_alpha: float | None, neuron_dropout:
 def check_network_args(network_dim: int | None, network_alpha: float | None, neuron_dropout: Any = None,
                        **kwargs: Any) -> None:
     """Check the options :func:`create_network` would get without building anything (UserError)."""
-    loggers = [logging.getLogger(name) for name in (__name__, "networks.lora_common")]
-    was = [(log, log.disabled) for log in loggers]
-    for log in loggers:
-        log.disabled = True  # warnings are said once, by create_network
-    try:
+    with quiet_loggers(__name__, "networks.lora_common"):  # warnings are said once, by create_network
         _parse(network_dim, network_alpha, neuron_dropout, kwargs)
-    finally:
-        for log, disabled in was:
-            log.disabled = disabled
 
 
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: nn.Module | None,
@@ -371,17 +342,8 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     (None → 1e-3, 0 → none). ``--network_args``: conv_dim, conv_alpha (default: network_alpha), block_dims,
     block_alphas, conv_block_dims, conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold,
     module_dropout, module_rules (as networks.lora; dims are block counts, alphas constraints)."""
-    p = _parse(network_dim, network_alpha, neuron_dropout, kwargs)
-    blocks = p["blocks"]
-    settings = {key: blocks.get(key) for key in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")}
-    network = OFTNetwork(text_encoder, unet, multiplier=multiplier, lora_dim=p["network_dim"],
-                         alpha=p["network_alpha"], conv_lora_dim=p["conv_dim"], conv_alpha=p["conv_alpha"],
-                         module_class=OFTModule, module_rules=p["extra"].rules,
-                         module_dropout=p["module_dropout"], **settings)
-    if blocks.get("block_lr"):
-        down_w, mid_w, up_w = blocks["lr_weights"]
-        network.set_block_lr_weight(up_w, mid_w, down_w)
-    return network
+    parsed = _parse(network_dim, network_alpha, neuron_dropout, kwargs)
+    return network_from_args(OFTNetwork, parsed, text_encoder, unet, multiplier, module_class=OFTModule)
 
 
 def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: nn.Module | None,
@@ -394,11 +356,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     if weights_sd is None:
         weights_sd, _ = load_state_dict_file(file)
     weights = kohya_names_to_lora(weights_sd)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in weights.items():
-        name, _, rest = key.partition(".")
-        grouped.setdefault(name, {})[rest] = value
-    modules = {n: p for n, p in grouped.items() if OFT_KEY in p}
+    modules = {n: p for n, p in group_by_module(weights).items() if OFT_KEY in p}
     if not modules:
         raise UserError(f"--network_weights {file}: has no OFT modules (no '<module>.oft_blocks' keys); use the "
                         "--network_module the file was trained with")
@@ -406,12 +364,8 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     for name, parts in modules.items():
         checked = oft_module_weights(name, parts, f"--network_weights {file}")
         dims[name], alphas[name] = checked.rank, checked.alpha_value
-    module_dropout = None
-    if kwargs.get("module_dropout") is not None:
-        module_dropout = resolve_network_args(None, None, None, {"module_dropout": kwargs["module_dropout"]}
-                                              )["module_dropout"]
-    network = OFTNetwork(text_encoder, unet, multiplier=multiplier, modules_dim=dims, modules_alpha=alphas,
-                         module_class=OFTModule, for_inference=for_inference, module_dropout=module_dropout)
+    network = network_from_file(OFTNetwork, dims, alphas, text_encoder, unet, multiplier, for_inference, kwargs,
+                                dropouts=("module_dropout",), module_class=OFTModule)
     return network, weights
 
 

@@ -32,17 +32,19 @@ from networks.lora_files import (  # noqa: E402
     UP,
     LoRAFile,
     LoRAModuleWeights,
+    load_lora_file,
+    refuse_dora,
+    save_lora_file,
+)
+from networks.lora_tool_options import (  # noqa: E402
     add_device_argument,
     add_overwrite_input_argument,
     add_precision_arguments,
     check_ranks,
     check_save_to,
-    load_lora_file,
-    refuse_dora,
     output_dtypes,
     refuse_overwriting_inputs,
     require_options,
-    save_lora_file,
     torch_device,
 )
 from networks.lora_svd import (  # noqa: E402

@@ -30,17 +30,19 @@ from networks.lora_files import (  # noqa: E402
     UP,
     LoRAFile,
     LoRAModuleWeights,
+    common_sd_version,
+    load_lora_files,
+    refuse_dora,
+    merged_lora_metadata,
+    save_lora_file,
+)
+from networks.lora_tool_options import (  # noqa: E402
     add_device_argument,
     add_merge_arguments,
     add_precision_arguments,
     check_merge_args,
     check_ranks,
-    common_sd_version,
-    load_lora_files,
-    refuse_dora,
-    merged_lora_metadata,
     output_dtypes,
-    save_lora_file,
     torch_device,
 )
 from networks.lora_svd import CLAMP_QUANTILE, clamp_to_quantile, factor_svd, layer_shaped, truncate  # noqa: E402

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from tests.train_util import read_record
+
 UNET_PREFIX = "model.diffusion_model."
 TE_PREFIXES = ("cond_stage_model.",)
 
@@ -34,10 +36,10 @@ def any_differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a.keys() & b.keys())
 
 
-def trained_weights(debug_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The in-memory weights at the end of a run (the trainer's SDTRAIN_DEBUG_DIR hook): (UNet, text
+def trained_weights(record_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The in-memory weights at the end of a run (its ``--record_training_dir`` record): (UNet, text
     encoder), keyed as the modules name them; the text-encoder dict is empty when it never trained."""
-    weights = torch.load(Path(debug_dir) / "rank0.pt", map_location="cpu", weights_only=False)["weights"]
+    weights = read_record(record_dir)["weights"]
     unet = {k[len("unet."):]: v for k, v in weights.items() if k.startswith("unet.")}
     te = {k[len("text_encoder."):]: v for k, v in weights.items() if k.startswith("text_encoder.")}
     return unet, te

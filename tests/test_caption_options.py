@@ -18,8 +18,15 @@ from library.data.captions import CaptionOptions, metadata_caption, process_capt
 from library.data.dataset import build_dataset_group
 from library.dataset_debug import build_parser
 from library.errors import UserError
+from library.option_groups import Options
 from tests.train_util import run_script
 from train_network import main as train_network
+
+
+def blueprint_from(args, config, **support):
+    """``load_dataset_blueprint`` with the option groups of the parsed ``args``."""
+    opts = Options.from_args(args)
+    return load_dataset_blueprint(opts.data, opts.validation, config, given=opts.given, **support)
 
 
 def outcomes(caption: str, options: CaptionOptions, seeds: int = 60, **kw) -> set[str]:
@@ -158,7 +165,7 @@ def test_config_keys_cascade_and_transform_the_batches(tmp_path: Path, caplog):
   custom_attributes = { weight = 2, tags = ['a'] }
 """, general_extra="keep_tokens_separator = '|||'")
     caplog.set_level("INFO")
-    blueprint = load_dataset_blueprint(_parse([]), config)
+    blueprint = blueprint_from(_parse([]), config)
     (subset,) = blueprint.datasets[0].subsets
     assert (subset.caption_prefix, subset.caption_suffix, subset.enable_wildcard) == ("photo of", ";;;end", True)
     assert subset.keep_tokens_separator == "|||" and subset.caption_separator == ","  # from [general] / default
@@ -189,7 +196,7 @@ def test_command_line_options_are_the_fallback(tmp_path: Path):
     config = _config(tmp_path, "  caption_suffix = 'subset'")
     args = _parse(["--caption_suffix", "cli", "--caption_separator", ";", "--enable_wildcard",
                    "--keep_tokens_separator", "###", "--secondary_separator", "+"])
-    (subset,) = load_dataset_blueprint(args, config).datasets[0].subsets
+    (subset,) = blueprint_from(args, config).datasets[0].subsets
     assert subset.caption_suffix == "subset" and subset.caption_prefix == "general prefix"
     assert subset.caption_separator == "," and subset.enable_wildcard is True  # [[datasets]] beats the option
     assert (subset.keep_tokens_separator, subset.secondary_separator) == ("###", "+")
@@ -206,7 +213,7 @@ def test_command_line_options_are_the_fallback(tmp_path: Path):
 def test_wrong_types_are_one_line_naming_the_key(tmp_path: Path, line: str, message: str):
     config = _config(tmp_path, "  " + line)
     with pytest.raises(UserError) as err:
-        load_dataset_blueprint(_parse([]), config)
+        blueprint_from(_parse([]), config)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -239,7 +246,7 @@ enable_wildcard = true
   num_repeats = 1
 """, encoding="utf-8")
     (tmp_path / "meta2.json").write_text(json.dumps({"img1": {"caption": "solo"}}), encoding="utf-8")
-    blueprint = load_dataset_blueprint(_parse(["--dataset_repeats", "3"]), config)
+    blueprint = blueprint_from(_parse(["--dataset_repeats", "3"]), config)
     assert [s.num_repeats for s in blueprint.datasets[0].subsets] == [3, 1]
     group = build_dataset_group(blueprint, seed=1)
     (ds,) = group.datasets
@@ -360,7 +367,9 @@ def test_wildcards_count_as_changing_captions_for_the_text_encoder_cache(tmp_pat
 
     config = _config(tmp_path, "  enable_wildcard = true")
     args = _parse([])
-    group = build_dataset_group(load_dataset_blueprint(args, config), seed=1)
-    assert any(c.startswith("enable_wildcard (--enable_wildcard") for c in caption_conflicts(args, group))
-    plain = build_dataset_group(load_dataset_blueprint(args, _config(tmp_path / "p", "")), seed=1)
-    assert caption_conflicts(args, plain) == []
+    group = build_dataset_group(blueprint_from(args, config), seed=1)
+    opts = Options.from_args(args)
+    assert any(c.startswith("enable_wildcard (--enable_wildcard")
+               for c in caption_conflicts(group, opts.data, opts.dreambooth))
+    plain = build_dataset_group(blueprint_from(args, _config(tmp_path / "p", "")), seed=1)
+    assert caption_conflicts(plain, opts.data, opts.dreambooth) == []

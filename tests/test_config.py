@@ -23,8 +23,15 @@ from library.config import (
     split_folder_name,
 )
 from library.errors import UserError
+from library.option_groups import Options
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def blueprint_from(args, config, **support):
+    """``load_dataset_blueprint`` with the option groups of the parsed ``args``."""
+    opts = Options.from_args(args)
+    return load_dataset_blueprint(opts.data, opts.validation, config, given=opts.given, **support)
 
 
 def make_images(folder: Path, count: int = 2) -> Path:
@@ -71,7 +78,7 @@ def one_subset(image_dir: Path, subset_lines: str = "", dataset_lines: str = "re
 
 
 def load(config: Path, argv: Sequence[str] = (), **support: bool) -> DatasetBlueprint:
-    return load_dataset_blueprint(parse(argv), config, **support)
+    return blueprint_from(parse(argv), config, **support)
 
 
 def config_error(tmp_path: Path, text: str, argv: Sequence[str] = (), **support: bool) -> str:
@@ -232,7 +239,7 @@ def test_builtin_defaults_when_options_absent(tmp_path: Path, dirs: dict[str, Pa
     config = write(tmp_path / "c.toml", one_subset(dirs["hoge"]))
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    (ds,) = load_dataset_blueprint(parser.parse_args([]), config).datasets
+    (ds,) = blueprint_from(parser.parse_args([]), config).datasets
     sub = ds.subsets[0]
     assert (ds.batch_size, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) == (1, 256, 1024, 64)
     assert (sub.num_repeats, sub.caption_extension, sub.token_warmup_min, sub.token_warmup_step) == (1, ".caption", 1, 0.0)
@@ -293,7 +300,7 @@ def test_command_line_dreambooth_folders(tmp_path: Path, caplog: pytest.LogCaptu
             "--enable_bucket", "--caption_extension", ".txt", "--shuffle_caption", "--keep_tokens", "1",
             "--train_batch_size", "2", "--caption_tag_dropout_rate", "0.1"]
     with caplog.at_level(logging.WARNING):
-        blueprint = load_dataset_blueprint(parse(argv), None)
+        blueprint = blueprint_from(parse(argv), None)
     assert blueprint.source is None
     (ds,) = blueprint.datasets
     assert ds.style == "dreambooth" and ds.resolution == (512, 512) and ds.enable_bucket and ds.batch_size == 2
@@ -310,7 +317,7 @@ def test_command_line_dreambooth_folders(tmp_path: Path, caplog: pytest.LogCaptu
 def test_command_line_finetuning(tmp_path: Path, dirs: dict[str, Path]) -> None:
     argv = ["--train_data_dir", str(dirs["piyo"]), "--in_json", str(dirs["md"]), "--dataset_repeats", "4",
             "--color_aug"]
-    (ds,) = load_dataset_blueprint(parse(argv), None).datasets
+    (ds,) = blueprint_from(parse(argv), None).datasets
     assert ds.style == "finetuning" and ds.resolution is None
     (sub,) = ds.subsets
     assert sub.image_dir == str(dirs["piyo"]) and sub.metadata_file == str(dirs["md"])
@@ -349,13 +356,13 @@ def test_command_line_errors(tmp_path: Path, argv_factory, expected: str) -> Non
     make_images(tmp_path / "named" / "cats")
     make_images(tmp_path / "ok" / "5_cat")
     with pytest.raises(UserError) as info:
-        load_dataset_blueprint(parse(argv_factory(tmp_path)), None)
+        blueprint_from(parse(argv_factory(tmp_path)), None)
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 def test_command_line_finetuning_only_requires_in_json(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--in_json"):
-        load_dataset_blueprint(parse(["--train_data_dir", str(tmp_path)], dreambooth=False), None,
+        blueprint_from(parse(["--train_data_dir", str(tmp_path)], dreambooth=False), None,
                                support_dreambooth=False)
 
 
@@ -516,7 +523,7 @@ def test_dreambooth_only_script_refuses_metadata_file(tmp_path: Path, dirs: dict
 def test_caption_dropout_refused_without_support(tmp_path: Path, dirs: dict[str, Path]) -> None:
     config = write(tmp_path / "bad.toml", "[general]\ncaption_dropout_rate = 0.1\n" + one_subset(dirs["hoge"]))
     with pytest.raises(UserError, match=r"\[general\]: 'caption_dropout_rate' is not supported by this training"):
-        load_dataset_blueprint(parse([], dropout=False), config, support_caption_dropout=False)
+        blueprint_from(parse([], dropout=False), config, support_caption_dropout=False)
 
 
 def test_mixed_styles_in_one_dataset(tmp_path: Path, dirs: dict[str, Path]) -> None:
@@ -593,7 +600,7 @@ def test_run_main_reports_config_error_in_one_line(tmp_path: Path, dirs: dict[st
 
     def main(argv: Sequence[str] | None) -> int:
         args = parse(argv or [])
-        load_dataset_blueprint(args, args.dataset_config)
+        blueprint_from(args, args.dataset_config)
         return 0
 
     assert run_main(main, ["--dataset_config", str(config)]) == 2

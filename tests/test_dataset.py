@@ -17,6 +17,13 @@ from library.data.dataset import build_dataset_group, check_cache_compatibility
 from library.errors import UserError
 from library.models.tokenizer import load_tokenizer
 from library.dataset_debug import build_parser
+from library.option_groups import Options
+
+
+def blueprint_from(args, config, **support):
+    """``load_dataset_blueprint`` with the option groups of the parsed ``args``."""
+    opts = Options.from_args(args)
+    return load_dataset_blueprint(opts.data, opts.validation, config, given=opts.given, **support)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +49,7 @@ def parse(argv) -> object:
 
 def group_from(argv, seed=1, tokenizer=None, config=None, **kw):
     args = parse(argv)
-    blueprint = load_dataset_blueprint(args, config)
+    blueprint = blueprint_from(args, config)
     return build_dataset_group(blueprint, seed=seed, tokenizer=tokenizer, max_token_length=args.max_token_length,
                                weighted_captions=args.weighted_captions, **kw)
 
@@ -230,7 +237,7 @@ def test_long_captions_give_chunked_input_ids(db_folders):
 
 def test_cached_latents_refuse_pixel_augmentations(db_folders):
     args = parse(["--train_data_dir", db_folders / "train", "--resolution", "64", "--color_aug"])
-    blueprint = load_dataset_blueprint(args, None)
+    blueprint = blueprint_from(args, None)
     with pytest.raises(UserError, match="color_aug.*cache_latents"):
         check_cache_compatibility(blueprint, True)
     check_cache_compatibility(blueprint, False)
@@ -274,7 +281,7 @@ def test_min_bucket_reso_below_steps_is_a_config_error(tmp_path):
     args = parse(["--train_data_dir", tmp_path / "d", "--resolution", "128", "--enable_bucket",
                   "--min_bucket_reso", "32", "--bucket_reso_steps", "64"])
     with pytest.raises(UserError, match="min_bucket_reso 32 must be at least bucket_reso_steps 64"):
-        load_dataset_blueprint(args, None)
+        blueprint_from(args, None)
 
 
 def test_images_fitting_no_bucket_are_left_out_with_a_warning(tmp_path, caplog):

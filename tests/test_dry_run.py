@@ -373,3 +373,20 @@ def test_text_encoder_outputs_mode(setup, tmp_path, no_weights):
     assert cached["text_encoder_outputs"] == "cached before training, in memory"
     assert dry(train_network, [*unet_only, "--shuffle_caption"], tmp_path)["text_encoder_outputs"] == \
         "encoded at every step"
+
+
+def test_the_dry_run_knows_no_method_by_name():
+    """library/dry_run gets everything method-specific through DryRunPlan: none of its modules imports a method
+    module (lazy imports counted), and library/training imports neither the dry run nor a method but the base."""
+    grimp = pytest.importorskip("grimp")
+
+    graph = grimp.build_graph("library", include_external_packages=False, cache_dir=None)
+    edges = [(m, imp) for m in graph.modules for imp in graph.find_modules_directly_imported_by(m)]
+    assert not [(m, imp) for m, imp in edges
+                if m.startswith("library.dry_run") and imp.startswith("library.methods")]
+    assert not [(m, imp) for m, imp in edges if m.startswith("library.training")
+                and (imp.startswith("library.dry_run")
+                     or (imp.startswith("library.methods.") and imp != "library.methods.base"))]
+    # the methods use only the interface module of the dry run
+    assert {imp for m, imp in edges if m.startswith("library.methods") and imp.startswith("library.dry_run")} == \
+        {"library.dry_run.plan"}

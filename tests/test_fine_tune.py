@@ -13,7 +13,7 @@ import torch
 from fine_tune import main as train
 from library.methods.full_model import resolve_save_format
 from tests.full_model_util import all_equal, any_differs, assert_module_matches, ldm_parts, trained_weights
-from tests.train_util import make_dataset, run_script
+from tests.train_util import make_dataset, record_args, run_script
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_in_json_trains_only_the_unet_by_default(models, data, tmp_path, model):
 
 
 @pytest.mark.parametrize("model", ["sd1", "sd2"])
-def test_toml_metadata_file_from_diffusers_with_text_encoder(models, data, tmp_path, monkeypatch, model):
+def test_toml_metadata_file_from_diffusers_with_text_encoder(models, data, tmp_path, model):
     """TOML ``metadata_file`` + a diffusers input: the default output is a diffusers folder
     (``--use_safetensors`` → safetensors weights), holding the trained UNet and text encoder."""
     from diffusers import StableDiffusionPipeline
@@ -66,18 +66,16 @@ batch_size = 2
   metadata_file = '{meta}'
   num_repeats = 2
 """, encoding="utf-8")
-    debug = tmp_path / "debug"
-    debug.mkdir()
-    monkeypatch.setenv("SDTRAIN_DEBUG_DIR", str(debug))
+    record = tmp_path / "record"
     out = tmp_path / "out"
     flags = ["--v2", "--v_parameterization"] if model == "sd2" else []
     argv = [*flags, "--pretrained_model_name_or_path", models[model]["diffusers"], "--dataset_config", config,
             "--output_dir", out, "--max_train_steps", "2", "--learning_rate", "1e-3", "--train_text_encoder",
-            "--use_safetensors", "--seed", "3", "--max_data_loader_n_workers", "0"]
+            "--use_safetensors", "--seed", "3", "--max_data_loader_n_workers", "0", *record_args(record)]
     assert run_script(train, argv) == 0
     assert (out / "last" / "text_encoder" / "model.safetensors").is_file()
     assert (out / "last" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    unet_w, te_w = trained_weights(debug)
+    unet_w, te_w = trained_weights(record)
     base = load_model(models[model]["diffusers"])
     assert any_differs(base.unet.state_dict(), unet_w) and any_differs(base.text_encoder.state_dict(), te_w)
     ours = load_model(out / "last")
@@ -90,18 +88,17 @@ batch_size = 2
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "diffusers"])
-def test_train_text_encoder_changes_it_and_formats_reload(models, data, tmp_path, monkeypatch, fmt):
+def test_train_text_encoder_changes_it_and_formats_reload(models, data, tmp_path, fmt):
     from diffusers import StableDiffusionPipeline
 
     from library.models.load import load_model
 
-    debug = tmp_path / "debug"
-    debug.mkdir()
-    monkeypatch.setenv("SDTRAIN_DEBUG_DIR", str(debug))
+    record = tmp_path / "record"
     out = tmp_path / "out"
-    assert run_script(train, base_args(models, data, out, "--train_text_encoder", "--save_model_as", fmt)) == 0
+    assert run_script(train, base_args(models, data, out, "--train_text_encoder", "--save_model_as", fmt,
+                                       *record_args(record))) == 0
     path = out / ("last.safetensors" if fmt == "safetensors" else "last")
-    unet_w, te_w = trained_weights(debug)
+    unet_w, te_w = trained_weights(record)
     ours = load_model(path)
     assert_module_matches(ours.unet, unet_w, "our UNet")
     assert_module_matches(ours.text_encoder, te_w, "our text encoder")

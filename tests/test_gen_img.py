@@ -280,3 +280,45 @@ def test_embedding_that_does_not_fit(trained, tmp_path, capsys):
                                 "--textual_inversion_embeddings", path]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: --textual_inversion_embeddings {path}: {message}"), err
+
+
+# ---- the option group, prompt encoding once ------------------------------------------------------
+
+def test_every_option_has_one_field_with_the_parser_default():
+    """GenerationOptions has exactly the options of the parser, with the same defaults (lists: tuples)."""
+    import dataclasses
+
+    from gen_img_diffusers import build_parser
+    from library.generation_options import GenerationOptions
+
+    args = build_parser().parse_args([])
+    fields = {f.name: f.default for f in dataclasses.fields(GenerationOptions)}
+    assert set(fields) == set(vars(args))
+    assert all(fields[name] == value for name, value in vars(args).items())
+    opts = GenerationOptions.from_args(build_parser().parse_args(["--network_mul", "0.5", "1", "--bf16"]))
+    assert opts.network_mul == (0.5, 1.0) and opts.weight_dtype == torch.bfloat16 and opts.max_token_length == 225
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.steps = 3  # type: ignore[misc]
+
+
+def test_each_prompt_is_encoded_once_for_all_its_images(trained, tmp_path, monkeypatch):
+    """3 images in batches of 1 for each of 3 lines, two of them the same prompt: 2 encodings (not 9), and
+    the images are those of each seed made on its own."""
+    from library.training import sampling
+
+    calls = []
+    real = sampling.encode_prompt_pair
+
+    def counting(components, prompt, negative_prompt):
+        calls.append((prompt, negative_prompt))
+        return real(components, prompt, negative_prompt)
+
+    monkeypatch.setattr(sampling, "encode_prompt_pair", counting)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat --n dog --d 10\na cat --n dog --d 20\nsks dog --d 30\n", encoding="utf-8")
+    common = ["--ckpt", trained["model"], "--W", "64", "--H", "64", "--steps", "2"]
+    images = generate(tmp_path / "out", *common, "--from_file", prompts, "--images_per_prompt", "3")
+    assert sorted(calls) == [("a cat", "dog"), ("sks dog", "")]
+    assert [p.name for p in images] == [f"{i:06d}_{s}.png" for i, s in enumerate([10, 11, 12, 20, 21, 22, 30, 31, 32])]
+    (alone,) = generate(tmp_path / "alone", *common, "--prompt", "a cat --n dog --d 21")
+    assert np.array_equal(pixels(alone), pixels(images[4]))

@@ -3,7 +3,6 @@ naming the step, the images and the planted module; sampling during training doe
 
 from __future__ import annotations
 
-import argparse
 import gc
 import textwrap
 
@@ -148,10 +147,9 @@ def test_sampling_does_not_grow_memory_over_20_rounds(models, tmp_path):
     model = load_model(models["sd1"]["safetensors"])
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True)
-    sampler = make_sampler(SampleSettings(prompts_file=prompts, every_n_steps=1),
-                           argparse.Namespace(output_dir=str(tmp_path / "out"), clip_skip=None, output_name=None),
-                           unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                           v_parameterization=False, seed=1)
+    sampler = make_sampler(SampleSettings(prompts_file=prompts, every_n_steps=1), output_dir=tmp_path / "out",
+                           clip_skip=None, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                           v_parameterization=False, seed=1, output_name=None)
     process = psutil.Process()
     rss, traced = [], []
     try:

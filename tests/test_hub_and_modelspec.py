@@ -260,3 +260,60 @@ def test_resume_from_huggingface_missing_state_is_one_line(models, data, tmp_pat
                                        "--resume_from_huggingface"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no files under that path" in err[0], err
+
+
+# ---- the one modelspec builder ---------------------------------------------------------------------------
+
+
+def test_saved_checkpoints_get_the_builders_whole_model_header(models, tmp_path):
+    """library.models.save writes the header the one builder makes (kohya's checkpoint keys, titled with the
+    file's stem), not a header of its own; a run's fields replace the title, resolution and free text."""
+    import datetime
+
+    from library.models.load import load_model
+    from library.models.save import save_model
+    from library.modelspec import HeaderFields, modelspec_metadata
+
+    model = load_model(models["sd1"]["safetensors"])
+    meta = _header(save_model(model, tmp_path / "plain.safetensors", "safetensors"))
+    when = datetime.datetime.fromisoformat(meta["modelspec.date"]).timestamp()
+    assert meta == modelspec_metadata(v2=False, v_parameterization=False, adapter=None, title="plain", timestamp=when)
+    assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["modelspec.resolution"] == "512x512"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    fields = HeaderFields(title="Run", resolution=(64, 48), clip_skip=2, user={"author": "Ann", "tags": None})
+    meta = _header(save_model(model, tmp_path / "run.safetensors", "safetensors", header=fields))
+    assert (meta["modelspec.title"], meta["modelspec.resolution"], meta["modelspec.encoder_layer"],
+            meta["modelspec.author"]) == ("Run", "64x48", "2", "Ann")
+    assert "modelspec.tags" not in meta
+
+
+def test_run_fields_take_the_title_from_the_metadata_options_or_the_output_name():
+    from types import SimpleNamespace
+
+    from library.modelspec import run_fields
+    from library.option_groups import MetadataOptions
+
+    no_data = SimpleNamespace(datasets=[])
+    fields = run_fields(MetadataOptions(metadata_license="MIT"), output_name="zqx", clip_skip=None, group=no_data)
+    assert fields.title == "zqx" and fields.user["license"] == "MIT" and fields.resolution is None
+    titled = run_fields(MetadataOptions(metadata_title="Shown"), output_name="zqx", clip_skip=1, group=no_data)
+    assert titled.title == "Shown" and titled.clip_skip == 1
+    untitled = run_fields(MetadataOptions(), output_name=None, clip_skip=None, group=no_data)
+    header = untitled.header(v2=True, v_parameterization=True, adapter="lora", timestamp=1_700_000_000)
+    assert header["modelspec.title"] == "LoRA@1700000000" and header["modelspec.resolution"] == "768x768"
+    assert not any(key[len("modelspec."):] in ("author", "license", "thumbnail") for key in header)
+
+
+def test_network_args_are_recorded_as_the_network_gets_them():
+    """ss_network_args holds what parse_network_args gives the network module (spaces around key and value
+    removed), also with --no_metadata."""
+    import json
+
+    from library.methods.network_metadata import minimal_metadata
+    from library.option_groups import NetworkOptions
+
+    meta = minimal_metadata(NetworkOptions(network_module="networks.lora", network_dim=4,
+                                           network_args=("conv_dim = 2", "conv_alpha=1")))
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "1"
+    assert "ss_network_args" not in minimal_metadata(NetworkOptions(network_module="networks.lora"))

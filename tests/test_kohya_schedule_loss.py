@@ -26,8 +26,9 @@ from library.training import diffusion
 from library.training.lr import build_lr_scheduler, lr_at_steps, resolve_steps
 from library.training.lr_options import steps_or_ratio
 from library.training.timestep_loss_options import timestep_loss_problems, validation_timesteps
+from library.option_groups import LossOptions, ValidationOptions
 from tests.full_model_util import all_equal, any_differs, ldm_parts
-from tests.train_util import make_dataset, run_script
+from tests.train_util import make_dataset, record_args, recorded_timesteps, run_script
 
 # ---- hand-computed schedule ------------------------------------------------------------------------------
 
@@ -72,11 +73,10 @@ def test_validator_uses_the_restricted_range():
 
     held = SimpleNamespace(epoch_batches=lambda epoch: [])
     group = SimpleNamespace(validation=held)
-    args = argparse.Namespace(validate_every_n_steps=None, validate_every_n_epochs=None, min_timestep=300,
-                              max_timestep=800)
-    assert make_validator(args, group, 1).settings.timesteps == (400, 500, 600, 700)
-    args.min_timestep = args.max_timestep = None
-    assert make_validator(args, group, 1).settings.timesteps == VALIDATION_TIMESTEPS
+    validation = ValidationOptions(validate_every_n_steps=None, validate_every_n_epochs=None)
+    restricted = LossOptions(min_timestep=300, max_timestep=800)
+    assert make_validator(validation, restricted, group, 1).settings.timesteps == (400, 500, 600, 700)
+    assert make_validator(validation, LossOptions(), group, 1).settings.timesteps == VALIDATION_TIMESTEPS
 
 
 def _loss_inputs():
@@ -259,15 +259,13 @@ def scalars(logs: Path, tag: str) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("script", list(MAINS))
-def test_every_script_trains_inside_the_timestep_range(script, models, data, meta, tmp_path, monkeypatch):
-    """The timesteps each step drew (the SDTRAIN_DEBUG_DIR hook) all lie in [640, 650)."""
-    debug = tmp_path / "debug"
-    debug.mkdir()
-    monkeypatch.setenv("SDTRAIN_DEBUG_DIR", str(debug))
+def test_every_script_trains_inside_the_timestep_range(script, models, data, meta, tmp_path):
+    """The timesteps each step drew (the --record_training_dir record) all lie in [640, 650)."""
+    record = tmp_path / "record"
     argv = script_args(script, models, data, meta, tmp_path / "out", "--min_timestep", "640", "--max_timestep", "650",
-                       steps=3)
+                       *record_args(record), steps=3)
     assert run_script(MAINS[script], argv) == 0
-    drawn = [t for line in (debug / "timesteps-rank0.jsonl").read_text().splitlines() for t in json.loads(line)]
+    drawn = recorded_timesteps(record)
     assert len(drawn) == 3 and all(640 <= t < 650 for t in drawn), drawn
 
 

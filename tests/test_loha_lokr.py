@@ -397,16 +397,36 @@ def test_check_lora_weights_and_show_metadata(trained, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["ss_network_module"] == "networks.lokr"
 
 
+# What the tools that need lora_down/lora_up factors say of each other network type's file.
+REFUSALS = {"networks.loha": "LyCORIS LoHa/LoKr", "networks.lokr": "LyCORIS LoHa/LoKr", "networks.oft": "OFT file"}
+
+
+@pytest.fixture(scope="module")
+def network_files(models, tmp_path_factory):
+    """``{network module: a fresh SD1 network of it saved as <folder>/last.safetensors}`` (made once)."""
+    import importlib
+
+    base = load(models["sd1"]["safetensors"])
+    files = {}
+    for name in REFUSALS:
+        network = importlib.import_module(name).create_network(1.0, 4, None, None, base.text_encoder, base.unet,
+                                                               conv_dim="2")
+        files[name] = tmp_path_factory.mktemp(name.replace(".", "_")) / "last.safetensors"
+        network.save_weights(files[name], metadata={"ss_network_module": name})
+    return files
+
+
+@pytest.mark.parametrize("network_module", list(REFUSALS))
 @pytest.mark.parametrize("tool", ["resize", "svd_merge", "merge_into_lora"])
-def test_tools_that_need_lora_factors_refuse_in_one_line(trained, tmp_path, capsys, tool):
-    path, save_to = trained("lokr-sd1") / "last.safetensors", tmp_path / "out.safetensors"
+def test_tools_that_need_lora_factors_refuse_in_one_line(network_files, tmp_path, capsys, tool, network_module):
+    path, save_to = network_files[network_module], tmp_path / "out.safetensors"
     runs = {"resize": (resize_lora.main, ["--model", path, "--save_to", save_to, "--new_rank", "2"]),
             "svd_merge": (svd_merge_lora.main, ["--models", path, "--ratios", "1", "--save_to", save_to]),
             "merge_into_lora": (merge_lora.main, ["--models", path, "--ratios", "1", "--save_to", save_to])}
     main, argv = runs[tool]
     capsys.readouterr()
     assert run_script(main, argv) == 2 and not save_to.exists()
-    one_error_line(capsys, "last.safetensors", "LyCORIS LoHa/LoKr", "merge_lora.py --sd_model")
+    one_error_line(capsys, "last.safetensors", REFUSALS[network_module], "merge_lora.py --sd_model")
 
 
 def test_diffusers_pipeline_does_not_load_these_files(models, trained):

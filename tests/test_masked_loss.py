@@ -17,10 +17,17 @@ from library.config import load_dataset_blueprint
 from library.data.dataset import build_dataset_group
 from library.data.masks import attach_mask_source
 from library.errors import UserError
+from library.option_groups import Options
 from tests.train_util import run_script
 from train_network import build_parser, main as train_network
 
 HALF = torch.cat([torch.ones(1, 8, 4), torch.zeros(1, 8, 4)], dim=2)  # left half of a 64 px image, latent size
+
+
+def blueprint_from(args, config, **support):
+    """``load_dataset_blueprint`` with the option groups of the parsed ``args``."""
+    opts = Options.from_args(args)
+    return load_dataset_blueprint(opts.data, opts.validation, config, given=opts.given, **support)
 
 
 def rgb(i: int, size=(64, 64)) -> np.ndarray:
@@ -71,9 +78,9 @@ batch_size = {batch}
 
 def group_for(argv, config) -> tuple:
     args = build_parser().parse_args([*map(str, argv), "--dataset_config", str(config)])
-    blueprint = load_dataset_blueprint(args, args.dataset_config)
+    blueprint = blueprint_from(args, args.dataset_config)
     group = build_dataset_group(blueprint, seed=1)
-    attach_mask_source(args, group)
+    attach_mask_source(group, masked_loss=args.masked_loss, conditioning_data_dir=args.conditioning_data_dir)
     return args, group
 
 

@@ -59,14 +59,16 @@ def test_base_weights_are_the_model_merge_lora_makes(models, base_files, data, t
     """Merged at load == merge_lora.py's merged model, bit for bit (LoCon, LoHa and DoRA files, negative
     multiplier included); training on either gives the same LoRA."""
     from library.methods.network_base_weights import merge_base_weights
+    from library.option_groups import NetworkOptions
 
     sd1 = models["sd1"]["safetensors"]
     merged = tmp_path / "merged.safetensors"
     assert run_main_tool(["--sd_model", sd1, "--save_to", merged, "--models", *base_files,
                           "--ratios", *MULTIPLIERS]) == 0
     ours = load_model(sd1)
-    merge_base_weights([str(f) for f in base_files], [float(m) for m in MULTIPLIERS], text_encoder=ours.text_encoder,
-                       unet=ours.unet, v2=False)
+    network = NetworkOptions(base_weights=tuple(str(f) for f in base_files),
+                             base_weights_multiplier=tuple(float(m) for m in MULTIPLIERS))
+    merge_base_weights(network, text_encoder=ours.text_encoder, unet=ours.unet, v2=False)
     theirs, plain = load_model(merged), load_model(sd1)
     for part in ("unet", "text_encoder"):
         a, b, c = (getattr(m, part).state_dict() for m in (ours, theirs, plain))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from library.errors import UserError
-from networks import check_lora_weights, merge_lora, oft, resize_lora, svd_merge_lora
+from networks import check_lora_weights, merge_lora, oft
 from networks.lora_files import load_lora_file, model_lora_layers
 from tests.lora_tools_util import assert_close, load, max_diff, one_error_line, outputs
 from tests.train_util import make_dataset, run_script, runs_once
@@ -422,16 +422,7 @@ def test_check_lora_weights_and_show_metadata(trained, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["ss_network_module"] == "networks.oft"
 
 
-@pytest.mark.parametrize("tool", ["resize", "svd_merge", "merge_into_lora"])
-def test_tools_that_need_lora_factors_refuse_in_one_line(trained, tmp_path, capsys, tool):
-    path, save_to = trained("sd1") / "last.safetensors", tmp_path / "out.safetensors"
-    runs = {"resize": (resize_lora.main, ["--model", path, "--save_to", save_to, "--new_rank", "2"]),
-            "svd_merge": (svd_merge_lora.main, ["--models", path, "--ratios", "1", "--save_to", save_to]),
-            "merge_into_lora": (merge_lora.main, ["--models", path, "--ratios", "1", "--save_to", save_to])}
-    main, argv = runs[tool]
-    capsys.readouterr()
-    assert run_script(main, argv) == 2 and not save_to.exists()
-    one_error_line(capsys, "last.safetensors", "OFT file", "merge_lora.py --sd_model")
+# test_loha_lokr.py::test_tools_that_need_lora_factors_refuse_in_one_line covers the OFT files too.
 
 
 def test_merge_refuses_a_file_for_another_model(models, trained, tmp_path, capsys):

@@ -208,6 +208,19 @@ def test_checks_come_before_the_model_and_report_every_problem(setup, tmp_path, 
     assert "--seed must be between 0" in err and "missing.safetensors" not in err
 
 
+@pytest.mark.parametrize("option, bad", [("--network_dim", "0"), ("--network_alpha", "-1"),
+                                         ("--network_dropout", "1.5")])
+def test_a_network_option_out_of_range_is_said_once(option, bad, setup, tmp_path, capsys):
+    """The network module's own check (which says the same) is skipped when the option's range failed, and
+    runs when it did not (the bad --network_args key is then named)."""
+    argv = base_args("train_network", setup, tmp_path / "out", model=tmp_path / "missing.safetensors")
+    assert run_script(train_network.main, argv + [f"{option}={bad}", "--network_args", "conv_dim=0"]) == 2
+    err = one_error_line(capsys)
+    assert err.count(f"{option} must be") == 1 and "conv_dim" not in err
+    assert run_script(train_network.main, argv + ["--network_args", "conv_dim=0"]) == 2
+    assert "--network_args conv_dim=0: must be at least 1" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--seed", "abc"], "error: argument --seed: invalid int value: 'abc'"),
     (["--learning_rate", "1e-4x"], "error: argument --learning_rate: invalid float value: '1e-4x'"),

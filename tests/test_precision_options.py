@@ -296,8 +296,11 @@ def test_ddp_timeout_is_the_process_group_timeout(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import sys\nfrom train_network import build_parser\n"
                      "from library.training.session import make_accelerator\n"
+                     "from library.option_groups import Options\n"
                      "from library.training.ddp_options import process_group_timeout\n"
-                     "acc, _ = make_accelerator(build_parser().parse_args(sys.argv[1:]), 'probe')\n"
+                     "from library.training.ddp_options import ddp_settings\n"
+                     "opts = Options.from_args(build_parser().parse_args(sys.argv[1:]))\n"
+                     "acc, _ = make_accelerator(opts.logging, opts.training, ddp_settings(opts.distributed))\n"
                      "print(f'rank {acc.process_index} timeout {process_group_timeout()}')\n", encoding="utf-8")
     for flag, expected in ((["--ddp_timeout", "10"], "0:10:00"), ([], "0:30:00")):
         res = _launch([str(probe), *flag], tmp_path)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from library.errors import UserError
 from library.training.prompts import SAMPLER_NAMES, SamplePrompt, parse_prompts, read_prompt_file
+from library.option_groups import Options
 from library.training.sampling import (SAMPLER_TABLE, SampleComponents, Sampler, SampleSettings,
                                        build_sample_scheduler, derived_seed, encode_prompt_pair, generate_image,
                                        sample_file_name, sample_settings, to_uint8)
@@ -132,10 +133,11 @@ def test_sample_options(tmp_path, caplog):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a dog\n", encoding="utf-8")
     parse = build_parser().parse_args
-    assert sample_settings(parse([])) is None
+    assert sample_settings(Options.from_args(parse([])).sample) is None
     with caplog.at_level(logging.WARNING):
-        settings = sample_settings(parse(["--sample_every_n_steps", "2", "--sample_every_n_epochs", "3",
-                                          "--sample_prompts", str(prompts), "--sample_sampler", "k_euler_a"]))
+        settings = sample_settings(Options.from_args(parse(
+            ["--sample_every_n_steps", "2", "--sample_every_n_epochs", "3", "--sample_prompts", str(prompts),
+             "--sample_sampler", "k_euler_a"])).sample)
     assert "--sample_every_n_steps is ignored" in caplog.text
     assert settings == SampleSettings(prompts, None, 3, "k_euler_a", False)
     assert not settings.due(step=3) and settings.due(step=7, epoch=3) and not settings.due(step=7, epoch=2)
@@ -143,9 +145,9 @@ def test_sample_options(tmp_path, caplog):
     assert steps.due(step=4) and not steps.due(step=3) and not steps.due(step=4, epoch=1) and steps.due(step=0,
                                                                                                         first=True)
     with pytest.raises(UserError, match="--sample_every_n_steps needs --sample_prompts"):
-        sample_settings(parse(["--sample_every_n_steps", "2"]))
+        sample_settings(Options.from_args(parse(["--sample_every_n_steps", "2"])).sample)
     with pytest.raises(UserError, match="--sample_every_n_epochs 0: must be at least 1"):
-        sample_settings(parse(["--sample_every_n_epochs", "0", "--sample_prompts", str(prompts)]))
+        sample_settings(Options.from_args(parse(["--sample_every_n_epochs", "0", "--sample_prompts", str(prompts)])).sample)
     with pytest.raises(SystemExit):
         parse(["--sample_sampler", "nonsense"])
 

@@ -13,8 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.train_util import make_dataset, run_script
+from tests.train_util import make_dataset, read_record, record_args, run_script
 from train_network import build_parser, main as train
+from library.option_groups import Options
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +31,16 @@ def base_args(models, data, out, *extra, steps=10):
             "--max_data_loader_n_workers", "0", *extra]
 
 
-def trained_keys(debug: Path) -> dict[int, list[str]]:
-    """The image keys every epoch trained, in order (the trainer's SDTRAIN_DEBUG_DIR record)."""
-    return {epoch: [Path(k).name for k in keys]
-            for epoch, keys in torch.load(debug / "rank0.pt", weights_only=False)["keys"].items()}
+def trained_keys(record: Path) -> dict[int, list[str]]:
+    """The image keys every epoch trained, in order (the run's --record_training_dir record)."""
+    return {epoch: [Path(k).name for k in keys] for epoch, keys in read_record(record)["keys"].items()}
 
 
-def debug_run(models, data, tmp_path, monkeypatch, name, *extra, steps=10) -> dict[int, list[str]]:
-    debug = tmp_path / f"debug_{name}"
-    debug.mkdir()
-    monkeypatch.setenv("SDTRAIN_DEBUG_DIR", str(debug))
-    assert run_script(train, base_args(models, data, tmp_path / name, *extra, steps=steps)) == 0
-    return trained_keys(debug)
+def recorded_run(models, data, tmp_path, name, *extra, steps=10) -> dict[int, list[str]]:
+    """Train run ``name`` with a --record_training_dir record; the image keys every epoch trained."""
+    record = tmp_path / f"record_{name}"
+    assert run_script(train, base_args(models, data, tmp_path / name, *extra, *record_args(record), steps=steps)) == 0
+    return trained_keys(record)
 
 
 def metadata(path: Path) -> dict[str, str]:
@@ -83,14 +82,14 @@ def hparams(logs: Path) -> dict[str, object] | None:
 # ---- --initial_step / --initial_epoch / --skip_until_initial_step ------------------------------------------
 
 
-def test_initial_step_starts_the_counters_but_not_the_lr_schedule(models, data, tmp_path, monkeypatch):
+def test_initial_step_starts_the_counters_but_not_the_lr_schedule(models, data, tmp_path):
     """--initial_step 5 of 10 (4 steps per epoch): the run trains steps 6..10, starting with epoch 2's first
     batch; step saves at 6 and 9, the epoch-2 save after its 4 batches (step 9), ss_steps / ss_epoch count
     from there; the linear schedule starts at its beginning (lr after the first step = 0.9 × lr)."""
-    full = debug_run(models, data, tmp_path, monkeypatch, "full")
+    full = recorded_run(models, data, tmp_path, "full")
     logs = tmp_path / "logs"
-    keys = debug_run(models, data, tmp_path, monkeypatch, "out", "--initial_step", "5", "--save_every_n_steps", "3",
-                     "--save_every_n_epochs", "1", "--lr_scheduler", "linear", "--logging_dir", logs)
+    keys = recorded_run(models, data, tmp_path, "out", "--initial_step", "5", "--save_every_n_steps", "3",
+                        "--save_every_n_epochs", "1", "--lr_scheduler", "linear", "--logging_dir", logs)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["at-step00000006.safetensors", "at-step00000009.safetensors",
                                                     "epoch-000002.safetensors", "last.safetensors"]
@@ -106,15 +105,14 @@ def test_initial_step_starts_the_counters_but_not_the_lr_schedule(models, data, 
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_skip_until_initial_step_trains_the_tail_of_the_uninterrupted_run(models, data, tmp_path, monkeypatch,
-                                                                          accumulation):
+def test_skip_until_initial_step_trains_the_tail_of_the_uninterrupted_run(models, data, tmp_path, accumulation):
     """With --skip_until_initial_step the run trains exactly the batches an uninterrupted run trains after the
     initial step, in the same order (here from inside epoch 2), with gradient accumulation too."""
     ga = ["--gradient_accumulation_steps", str(accumulation)]
     steps, start = (10, 5) if accumulation == 1 else (5, 3)  # 4 or 2 steps per epoch
-    full = debug_run(models, data, tmp_path, monkeypatch, "full", *ga, steps=steps)
-    skipped = debug_run(models, data, tmp_path, monkeypatch, "out", *ga, "--initial_step", str(start),
-                        "--skip_until_initial_step", "--save_every_n_epochs", "1", steps=steps)
+    full = recorded_run(models, data, tmp_path, "full", *ga, steps=steps)
+    skipped = recorded_run(models, data, tmp_path, "out", *ga, "--initial_step", str(start),
+                           "--skip_until_initial_step", "--save_every_n_epochs", "1", steps=steps)
     position = start * accumulation - 4  # batches of epoch 2 before the initial step
     assert skipped == {2: full[2][position:], 3: full[3]}
     epoch_end = 8 if accumulation == 1 else 4
@@ -122,10 +120,10 @@ def test_skip_until_initial_step_trains_the_tail_of_the_uninterrupted_run(models
     assert metadata(tmp_path / "out" / "last.safetensors")["ss_steps"] == str(steps)
 
 
-def test_initial_epoch_is_a_step_count_of_whole_epochs(models, data, tmp_path, monkeypatch):
+def test_initial_epoch_is_a_step_count_of_whole_epochs(models, data, tmp_path):
     """--initial_epoch 3 = --initial_step 8 (4 steps per epoch): epoch 3 from its first batch."""
-    full = debug_run(models, data, tmp_path, monkeypatch, "full")
-    keys = debug_run(models, data, tmp_path, monkeypatch, "out", "--initial_epoch", "3", "--save_every_n_steps", "9")
+    full = recorded_run(models, data, tmp_path, "full")
+    keys = recorded_run(models, data, tmp_path, "out", "--initial_epoch", "3", "--save_every_n_steps", "9")
     assert keys == {3: full[3]}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["at-step00000009.safetensors",
                                                                     "last.safetensors"]
@@ -161,6 +159,24 @@ def test_start_step_mistakes_are_one_line_errors(models, data, tmp_path, capsys,
     assert run_script(train, base_args(models, data, tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1, err
+
+
+def test_record_training_dir_refuses_a_file_or_an_earlier_record(models, data, tmp_path, capsys):
+    """--record_training_dir writes a new record only: a file, or a folder holding a record, is one line, exit 2,
+    before training (the earlier record is left as it was)."""
+    record = tmp_path / "record"
+    assert run_script(train, base_args(models, data, tmp_path / "a", *record_args(record), steps=2)) == 0
+    before = {p.name: p.read_bytes() for p in record.iterdir()}
+    assert sorted(before) == ["rank0.pt", "timesteps-rank0.jsonl"]
+    assert sum(len(read_record(record)["keys"][e]) for e in read_record(record)["keys"]) == 2  # batch size 1
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x", encoding="utf-8")
+    for folder, expected in ((record, "already holds a training record (rank0.pt)"), (a_file, "is a file")):
+        capsys.readouterr()
+        assert run_script(train, base_args(models, data, tmp_path / "b", *record_args(folder), steps=2)) == 2
+        err = capsys.readouterr().err
+        assert f"--record_training_dir {folder}: {expected}" in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in record.iterdir()} == before and not (tmp_path / "b").exists()
 
 
 # ---- --save_state_on_train_end ---------------------------------------------------------------------------
@@ -295,18 +311,20 @@ def test_tracker_init_kwargs_from_file_and_run_name(tmp_path):
     config = tmp_path / "trackers.toml"
     config.write_text("[wandb]\nentity = 'me'\ntags = ['lora']\n[tensorboard]\nflush_secs = 7\n", encoding="utf-8")
     common = ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", "out"]
-    start = tracker_start(build_parser().parse_args([*common, "--log_tracker_config", str(config),
-                                                     "--wandb_run_name", "run-1"]))
+    def start_of(argv):
+        opts = Options.from_args(build_parser().parse_args([*common, *argv]))
+        return tracker_start(opts.logging, opts.command_line())
+
+    start = start_of(["--log_tracker_config", str(config), "--wandb_run_name", "run-1"])
     assert start.init_kwargs == {"wandb": {"entity": "me", "tags": ["lora"], "name": "run-1"},
                                  "tensorboard": {"flush_secs": 7}}
     assert start.config is None
     config.write_text("[wandb]\nname = 'from-file'\n", encoding="utf-8")
-    start = tracker_start(build_parser().parse_args([*common, "--log_tracker_config", str(config), "--wandb_run_name",
-                                                     "run-1", "--log_config", "--wandb_api_key", "k"]))
+    start = start_of(["--log_tracker_config", str(config), "--wandb_run_name", "run-1", "--log_config",
+                      "--wandb_api_key", "k"])
     assert start.init_kwargs == {"wandb": {"name": "from-file"}}
     assert start.config["log_config"] is True and "wandb_api_key" not in start.config
-    assert tracker_start(build_parser().parse_args([*common, "--wandb_run_name", "only"])).init_kwargs == \
-        {"wandb": {"name": "only"}}
+    assert start_of(["--wandb_run_name", "only"]).init_kwargs == {"wandb": {"name": "only"}}
 
 
 @pytest.mark.parametrize("body, expected", [

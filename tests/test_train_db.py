@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from tests.full_model_util import all_equal, any_differs, assert_module_matches, ldm_parts, trained_weights
-from tests.train_util import make_dataset, run_script, write_bucket_config
+from tests.train_util import make_dataset, read_record, record_args, run_script, write_bucket_config
 from train_db import main as train
 
 
@@ -60,24 +60,22 @@ def test_sd2_v_from_toml_with_use_safetensors(models, data, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["ckpt", "safetensors", "diffusers", "diffusers_safetensors"])
-def test_each_format_reloads_with_the_trained_weights(models, data, tmp_path, monkeypatch, fmt):
+def test_each_format_reloads_with_the_trained_weights(models, data, tmp_path, fmt):
     """The saved model, loaded by our loader and by diffusers', holds exactly the in-memory trained UNet and
-    text-encoder weights (recorded by the trainer's debug hook), which differ from the base model."""
+    text-encoder weights (the run's --record_training_dir record), which differ from the base model."""
     from diffusers import StableDiffusionPipeline
 
     from library.models.load import load_model
 
-    debug = tmp_path / "debug"
-    debug.mkdir()
-    monkeypatch.setenv("SDTRAIN_DEBUG_DIR", str(debug))
+    record = tmp_path / "record"
     out = tmp_path / "out"
-    assert run_script(train, base_args(models, data, out, "--save_model_as", fmt)) == 0
+    assert run_script(train, base_args(models, data, out, "--save_model_as", fmt, *record_args(record))) == 0
     path = out / ("last" if fmt.startswith("diffusers") else f"last.{fmt}")
     assert path.exists()
     if fmt.startswith("diffusers"):
         suffix = ".safetensors" if fmt == "diffusers_safetensors" else ".bin"
         assert (path / "unet" / f"diffusion_pytorch_model{suffix}").is_file()
-    unet_w, te_w = trained_weights(debug)
+    unet_w, te_w = trained_weights(record)
     base = load_model(models["sd1"]["safetensors"])
     assert any_differs(base.unet.state_dict(), unet_w) and any_differs(base.text_encoder.state_dict(), te_w)
 
@@ -152,15 +150,13 @@ def test_reg_images_are_weighted_by_prior_loss_weight(models, tmp_path, monkeypa
 
     monkeypatch.setattr(FullModelMethod, "conditioning", real_conditioning)
     monkeypatch.setattr(diffusion, "diffusion_loss", real_loss)
-    debug = tmp_path / "debug"
-    debug.mkdir()
-    monkeypatch.setenv("SDTRAIN_DEBUG_DIR", str(debug))
+    record = tmp_path / "record"
     out = tmp_path / "b"
     argv = base_args(models, data, out, "--reg_data_dir", reg, "--prior_loss_weight", "0", "--optimizer_type",
                      "torch.optim.SGD", "--learning_rate", "0.5", "--save_every_n_steps", "1", "--save_model_as",
-                     "safetensors", steps=4)
+                     "safetensors", *record_args(record), steps=4)
     assert run_script(train, argv) == 0
-    keys = torch.load(debug / "rank0.pt", weights_only=False)["keys"][1]
+    keys = read_record(record)["keys"][1]
     assert len(keys) == 4 and sum("1_dog" in str(k) for k in keys) == 2
     saved = [ldm_parts(models["sd1"]["safetensors"])]
     saved += [ldm_parts(out / f"at-step{s:08d}.safetensors") for s in (1, 2, 3)] + [ldm_parts(out / "last.safetensors")]

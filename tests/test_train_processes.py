@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.models_util import make_model_files
-from tests.train_util import make_dataset
+from tests.train_util import make_dataset, read_record, record_args
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -46,18 +46,18 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def test_two_process_ddp_on_cpu(setup, tmp_path):
     """accelerate launch with 2 processes: identical final weights on both ranks; every sample once per epoch."""
     model, data = setup
-    debug = tmp_path / "ranks"
-    debug.mkdir()
+    record = tmp_path / "ranks"
+    record.mkdir()  # an existing empty folder is fine
     cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(REPO / "train_network.py"), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
            "--resolution", "64", "--output_dir", str(tmp_path / "out"), "--network_module", "networks.lora",
            "--max_train_epochs", "2", "--learning_rate", "1e-3", "--seed", "1", "--max_data_loader_n_workers", "0",
-           "--train_batch_size", "2", "--shuffle_caption"]
-    res = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path, ACCELERATE_USE_CPU="1", SDTRAIN_DEBUG_DIR=str(debug)),
-                         capture_output=True, text=True, timeout=600)
+           "--train_batch_size", "2", "--shuffle_caption", *record_args(record)]
+    res = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path, ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    ranks = [torch.load(debug / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = [read_record(record, rank) for rank in (0, 1)]
     for key, value in ranks[0]["weights"].items():
         assert torch.equal(value, ranks[1]["weights"][key]), key
     for epoch in (1, 2):

@@ -192,7 +192,8 @@ def test_sample_prompts_use_the_expanded_token(models, data, tmp_path, monkeypat
     assert run_script(train, base_args(models, data, tmp_path / "b", *extra, "--sample_every_n_steps", "1",
                                        "--sample_prompts", prompts, steps=2)) == 0
     assert seen == ["a zqx zqx1 on grass"] * 2
-    assert len(list((tmp_path / "b" / "sample").glob("*.png"))) == 2
+    samples = list((tmp_path / "b" / "sample").glob("*.png"))
+    assert len(samples) == 2 and all(p.name.startswith("zqx_") for p in samples)  # named after the token
     assert torch.equal(ti.read_embedding_file(tmp_path / "a" / "zqx.safetensors"),
                        ti.read_embedding_file(tmp_path / "b" / "zqx.safetensors"))
 

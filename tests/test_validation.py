@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from library.training.validation import held_out_keys, image_seed
-from tests.train_util import make_dataset, run_script
+from tests.train_util import make_dataset, read_record, record_args, run_script
 from train_network import main as train
 
 
@@ -44,18 +44,16 @@ def validation_curve(logs: Path) -> dict[int, float]:
     return curve
 
 
-def test_held_out_images_never_train_and_the_curve_repeats(models, data, tmp_path, monkeypatch):
+def test_held_out_images_never_train_and_the_curve_repeats(models, data, tmp_path):
     """--validation_split 0.34 of 6 images holds out the 2 first by image_seed; they never appear in a
-    training batch; two runs with the same seed log the same curve at steps 0, 2, 4."""
-    debug = tmp_path / "debug"
-    debug.mkdir()
-    monkeypatch.setenv("SDTRAIN_DEBUG_DIR", str(debug))
+    training batch (the --record_training_dir record); two runs with the same seed log the same curve at
+    steps 0, 2, 4."""
     extra = ["--validation_split", "0.34", "--validate_every_n_steps", "2", "--train_batch_size", "2",
              "--max_train_epochs", "2", "--flip_aug"]
     curves = []
     for name in ("a", "b"):
         assert run_script(train, base_args(models, data, tmp_path / name, *extra, "--logging_dir",
-                                           tmp_path / f"logs_{name}")) == 0
+                                           tmp_path / f"logs_{name}", *record_args(tmp_path / f"record_{name}"))) == 0
         curves.append(validation_curve(tmp_path / f"logs_{name}"))
     # 4 training images x 2 repeats / batch 2 = 4 steps per epoch, 8 steps: every 2 steps and at epoch ends
     assert sorted(curves[0]) == [0, 2, 4, 6, 8]
@@ -63,8 +61,7 @@ def test_held_out_images_never_train_and_the_curve_repeats(models, data, tmp_pat
     assert all(v > 0 for v in curves[0].values()) and len(set(curves[0].values())) > 1
     images = sorted((data / "2_sks dog").glob("*.png"))
     held = sorted(images, key=lambda p: (image_seed(1, str(p)), str(p)))[:2]
-    trained = {Path(k).name for keys in torch.load(debug / "rank0.pt", weights_only=False)["keys"].values()
-               for k in keys}
+    trained = {Path(k).name for keys in read_record(tmp_path / "record_b")["keys"].values() for k in keys}
     assert trained == {p.name for p in images} - {p.name for p in held}
 
 

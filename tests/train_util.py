@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from library.cli import run_main
+from library.training.training_record import RECORD_FILE, TIMESTEP_FILE
 
 
 def make_dataset(root: Path, folder: str = "5_sks dog", count: int = 4, size: tuple[int, int] = (64, 64),
@@ -27,6 +28,27 @@ def make_dataset(root: Path, folder: str = "5_sks dog", count: int = 4, size: tu
 def run_script(main, argv: Sequence[str | Path]) -> int:
     """Run an entry script's main() in this process, as the command line would."""
     return run_main(main, [str(a) for a in argv])
+
+
+def record_args(folder: Path) -> list[str]:
+    """The options that make a run write its training record into ``folder`` (``--record_training_dir``)."""
+    return ["--record_training_dir", str(folder)]
+
+
+def read_record(folder: Path, rank: int = 0) -> dict:
+    """Process ``rank``'s ``--record_training_dir`` record: ``{"keys": {epoch: [image key, ...]}, "weights":
+    {name: tensor}}`` (the image keys it trained on per epoch, in order, and its final trainable weights)."""
+    import torch
+
+    return torch.load(Path(folder) / RECORD_FILE.format(rank=rank), map_location="cpu", weights_only=False)
+
+
+def recorded_timesteps(folder: Path, rank: int = 0) -> list[int]:
+    """Every timestep process ``rank`` drew, in training order (``--record_training_dir``'s jsonl file)."""
+    import json
+
+    lines = (Path(folder) / TIMESTEP_FILE.format(rank=rank)).read_text(encoding="utf-8").splitlines()
+    return [t for line in lines for t in json.loads(line)]
 
 
 def runs_once(tmp_path_factory, main, argv_for):

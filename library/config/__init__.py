@@ -5,8 +5,8 @@ Typical use in a training script::
 
     add_dataset_arguments(parser, support_dreambooth=True, support_caption=True, support_caption_dropout=True)
     add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    blueprint = load_dataset_blueprint(args, args.dataset_config)
+    opts = Options.from_args(parser.parse_args(argv))
+    blueprint = load_dataset_blueprint(opts.data, opts.validation, opts.data.dataset_config, given=opts.given)
 """
 
 from library.config.arguments import (

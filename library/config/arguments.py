@@ -16,11 +16,15 @@ from typing import Any
 from library.config.caption_options import CAPTION_OPTION_KEYS, add_caption_arguments
 from library.config.image_options import IMAGE_OPTION_KEYS, add_image_cache_arguments
 from library.errors import UserError
+from library.option_groups import DataOptions, ValidationOptions
 
 logger = logging.getLogger(__name__)
 
 # argparse attribute -> config key, where the two differ
 OPTION_TO_KEY: Mapping[str, str] = MappingProxyType({"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"})
+
+# fallback keys whose options are in ValidationOptions (the others are in DataOptions)
+VALIDATION_FALLBACK_KEYS = frozenset({"validation_split", "validation_seed"})
 
 # keys whose command-line value is taken as-is (same name on both sides)
 PLAIN_FALLBACK_KEYS = (
@@ -147,37 +151,25 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def latents_cached(args: argparse.Namespace) -> bool:
-    """Whether latents are cached before training: ``--cache_latents`` or ``--cache_latents_to_disk`` (which
-    implies it)."""
-    return bool(args.cache_latents or args.cache_latents_to_disk)
+def command_line_values(data: DataOptions, validation: ValidationOptions, given: frozenset[str]) -> dict[str, Any]:
+    """The dataset options (``data``, and ``--validation_split`` / ``--validation_seed`` of ``validation``) as
+    config-key -> value, the last fallback before the built-in defaults.
 
-
-def caption_extension_option(args: argparse.Namespace) -> str | None:
-    """The effective caption extension: the legacy ``--caption_extention`` spelling wins when given."""
-    legacy = getattr(args, "caption_extention", None)
-    return legacy if legacy is not None else getattr(args, "caption_extension", None)
-
-
-def command_line_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed options as config-key -> value, the last fallback before the built-in defaults.
-
-    Options the parser does not have (e.g. dropout in textual inversion) are simply absent.
+    Options the script does not have (not in ``given``, e.g. dropout in textual inversion) are simply absent.
     """
     values: dict[str, Any] = {}
-    for key in PLAIN_FALLBACK_KEYS:
-        if getattr(args, key, None) is not None:
-            values[key] = getattr(args, key)
-    for option, key in OPTION_TO_KEY.items():
-        if getattr(args, option, None) is not None:
-            values[key] = getattr(args, option)
-    extension = caption_extension_option(args)
+    for option, key in [(k, k) for k in PLAIN_FALLBACK_KEYS] + list(OPTION_TO_KEY.items()):
+        group = validation if option in VALIDATION_FALLBACK_KEYS else data
+        value = getattr(group, option) if option in given else None
+        if value is not None:
+            values[key] = list(value) if isinstance(value, tuple) else value
+    extension = data.caption_extension_in_effect if "caption_extension" in given else None
     if extension is not None:
         values["caption_extension"] = extension
-    resolution = parse_resolution_option(getattr(args, "resolution", None))
+    resolution = parse_resolution_option(data.resolution)
     if resolution is not None:
         values["resolution"] = resolution
-    face_crop = parse_face_crop_option(getattr(args, "face_crop_aug_range", None))
+    face_crop = parse_face_crop_option(data.face_crop_aug_range)
     if face_crop is not None:
         values["face_crop_aug_range"] = face_crop
     return values

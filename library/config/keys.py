@@ -83,7 +83,8 @@ def path_string(value: Any) -> str:
 
 
 def integer(minimum: int | None = None) -> Validator:
-    """Build a validator for an integer (booleans refused) not below ``minimum``."""
+    """Build a validator for an integer (booleans refused) not below ``minimum``; its ``range`` attribute is
+    ``(minimum, None)`` (the command-line options of the same setting read it, library/training/bounds.py)."""
 
     def check(value: Any) -> int:
         if not _is_int(value):
@@ -92,11 +93,13 @@ def integer(minimum: int | None = None) -> Validator:
             raise voluptuous.Invalid(f"must be an integer >= {minimum}, got {value}")
         return value
 
+    check.range = (minimum, None)
     return check
 
 
 def number(minimum: float | None = None, maximum: float | None = None) -> Validator:
-    """Build a validator for an int or float within [minimum, maximum]; the result is a float."""
+    """Build a validator for an int or float within [minimum, maximum]; the result is a float. Its ``range``
+    attribute is ``(minimum, maximum)`` (see :func:`integer`)."""
 
     def check(value: Any) -> float:
         if not _is_number(value):
@@ -107,6 +110,7 @@ def number(minimum: float | None = None, maximum: float | None = None) -> Valida
             raise voluptuous.Invalid(f"must be a number between {low} and {high}, got {value}")
         return float(value)
 
+    check.range = (minimum, maximum)
     return check
 
 

@@ -7,7 +7,6 @@ the first that is set. Without a config file the datasets come from ``--train_da
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from library.config.blueprint import (
 from library.config.keys import KEYS
 from library.config.schema import CheckedConfig, CheckedDataset, CheckedSubset, Support, check_config
 from library.errors import UserError
+from library.option_groups import DataOptions, ValidationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +167,11 @@ def _check_dataset_settings(ds: BlueprintDataset, location: str, errors: list[st
                           f"resolution {width}x{height} when bucketing is enabled")
 
 
-def _build_blueprint(checked: CheckedConfig, args: argparse.Namespace, source: str | None,
+def _build_blueprint(checked: CheckedConfig, data: DataOptions, source: str | None,
                      fallback: Mapping[str, Any]) -> tuple[DatasetBlueprint, list[str]]:
+    """The blueprint of ``checked`` with --max_token_length and --prior_loss_weight, and the problems found."""
     errors: list[str] = []
     datasets = []
-    prior_loss_weight = getattr(args, "prior_loss_weight", None)
     for dataset in checked.datasets:
         layers = [dataset.values, checked.general, fallback]
         subsets = _usable_subsets(dataset, layers, errors)
@@ -185,8 +185,8 @@ def _build_blueprint(checked: CheckedConfig, args: argparse.Namespace, source: s
         blueprint_dataset = BlueprintDataset(
             style=dataset.style,
             subsets=tuple(subsets),
-            max_token_length=getattr(args, "max_token_length", None),
-            prior_loss_weight=float(prior_loss_weight) if prior_loss_weight is not None else 1.0,
+            max_token_length=data.max_token_length,
+            prior_loss_weight=float(data.prior_loss_weight),
             **values,
         )
         _check_dataset_settings(blueprint_dataset, dataset.location, errors)
@@ -209,10 +209,10 @@ def _check_command_line(fallback: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-def _command_line_datasets(args: argparse.Namespace, support: Support) -> CheckedConfig:
+def _command_line_datasets(data: DataOptions, support: Support) -> CheckedConfig:
     """The single dataset described by --train_data_dir / --reg_data_dir / --in_json."""
-    train_dir = getattr(args, "train_data_dir", None)
-    in_json = getattr(args, "in_json", None) if support.finetuning else None
+    train_dir = data.train_data_dir
+    in_json = data.in_json if support.finetuning else None
     use_metadata = not support.dreambooth or in_json is not None
     if use_metadata:
         if in_json is None:
@@ -221,7 +221,7 @@ def _command_line_datasets(args: argparse.Namespace, support: Support) -> Checke
             raise UserError(f"--in_json '{in_json}' does not exist or is not a file")
         if train_dir is not None and not Path(train_dir).is_dir():
             raise UserError(f"--train_data_dir '{train_dir}' does not exist or is not a folder")
-        if getattr(args, "reg_data_dir", None) is not None:
+        if data.reg_data_dir is not None:
             logger.warning("--reg_data_dir is ignored with --in_json (fine-tuning-style datasets have no "
                            "regularization images)")
         tables = [{"image_dir": train_dir, "metadata_file": in_json}]
@@ -230,7 +230,7 @@ def _command_line_datasets(args: argparse.Namespace, support: Support) -> Checke
         if train_dir is None:
             raise UserError("--train_data_dir is required when no --dataset_config is given")
         tables = subsets_from_folders(train_dir, is_reg=False, option="--train_data_dir")
-        reg_dir = getattr(args, "reg_data_dir", None)
+        reg_dir = data.reg_data_dir
         if reg_dir is not None:
             tables += subsets_from_folders(reg_dir, is_reg=True, option="--reg_data_dir")
         style = DREAMBOOTH
@@ -242,17 +242,19 @@ def _command_line_datasets(args: argparse.Namespace, support: Support) -> Checke
     return CheckedConfig({}, (CheckedDataset(style, {}, subsets, "dataset options"),))
 
 
-def blueprint_from_dict(raw: Any, args: argparse.Namespace, *, source: str, support_dreambooth: bool = True,
-                        support_finetuning: bool = True, support_caption_dropout: bool | None = None
-                        ) -> DatasetBlueprint:
-    """Validate an already parsed config document and resolve it against the command-line options.
+def blueprint_from_dict(raw: Any, data: DataOptions, validation: ValidationOptions, *, given: frozenset[str],
+                        source: str, support_dreambooth: bool = True, support_finetuning: bool = True,
+                        support_caption_dropout: bool | None = None) -> DatasetBlueprint:
+    """Validate an already parsed config document and resolve it against the command-line options
+    (``data`` and ``validation``; ``given``: the option names the script's parser has, see
+    :func:`library.config.arguments.command_line_values`).
 
     ``source`` names the document in error messages (normally the file path). ``support_caption_dropout``
     None: as the script's parser says (see :func:`_support`). Raises UserError with every problem found,
     joined by "; ".
     """
-    support = _support(support_dreambooth, support_finetuning, support_caption_dropout, args)
-    fallback = command_line_values(args)
+    support = _support(support_dreambooth, support_finetuning, support_caption_dropout, given)
+    fallback = command_line_values(data, validation, given)
     errors = _check_command_line(fallback)
     if errors:
         raise UserError("; ".join(errors))
@@ -263,50 +265,54 @@ def blueprint_from_dict(raw: Any, args: argparse.Namespace, *, source: str, supp
                 _check_subset_paths(subset.values.get("image_dir"), subset.values.get("metadata_file"),
                                     subset.location, errors)
         raise UserError(f"{source}: " + "; ".join(errors))
-    blueprint, errors = _build_blueprint(checked, args, source, fallback)
+    blueprint, errors = _build_blueprint(checked, data, source, fallback)
     if errors:
         raise UserError(f"{source}: " + "; ".join(errors))
     return blueprint
 
 
-def _support(dreambooth: bool, finetuning: bool, caption_dropout: bool | None, args: argparse.Namespace) -> Support:
+def _support(dreambooth: bool, finetuning: bool, caption_dropout: bool | None, given: frozenset[str]) -> Support:
     """What the script supports. ``caption_dropout`` None: the config may set the caption-dropout keys
     exactly when the script registered the matching options (``--caption_dropout_rate`` ...), so a script
     without them (Textual Inversion, XTI) refuses the keys too, as kohya's does."""
     if not (dreambooth or finetuning):
         raise ValueError("at least one of support_dreambooth / support_finetuning must be true")
     if caption_dropout is None:
-        caption_dropout = hasattr(args, "caption_dropout_rate")
+        caption_dropout = "caption_dropout_rate" in given
     return Support(dreambooth, finetuning, caption_dropout)
 
 
-def load_dataset_blueprint(args: argparse.Namespace, toml_path: str | os.PathLike | None, *,
-                           support_dreambooth: bool = True, support_finetuning: bool = True,
+def load_dataset_blueprint(data: DataOptions, validation: ValidationOptions, toml_path: str | os.PathLike | None,
+                           *, given: frozenset[str], support_dreambooth: bool = True, support_finetuning: bool = True,
                            support_caption_dropout: bool | None = None) -> DatasetBlueprint:
     """Build the run's dataset blueprint from ``toml_path`` (a .toml/.json config) or, when None,
     from ``--train_data_dir`` / ``--reg_data_dir`` / ``--in_json``.
+
+    The dataset options (``data``) and ``--validation_split`` / ``--validation_seed`` (``validation``) are the
+    last fallback of every key the config leaves unset; ``given`` is the set of option names the script's
+    parser has (``Options.given``): an option the script lacks is no fallback.
 
     Checks that every ``image_dir`` and ``metadata_file`` exists but reads no image. Raises UserError
     (one line naming the file, the dataset/subset and the key) for every user mistake.
     ``support_caption_dropout`` None: as the script's parser says (see :func:`_support`).
     """
-    support = _support(support_dreambooth, support_finetuning, support_caption_dropout, args)
+    support = _support(support_dreambooth, support_finetuning, support_caption_dropout, given)
     if toml_path is not None:
-        ignored = [f"--{name}" for name in LEGACY_DATA_OPTIONS if getattr(args, name, None) is not None]
+        ignored = [f"--{name}" for name in LEGACY_DATA_OPTIONS if getattr(data, name) is not None]
         if ignored:
             logger.info("--dataset_config is given, so %s %s ignored", ", ".join(ignored),
                         "is" if len(ignored) == 1 else "are")
         raw = read_config_file(toml_path)
-        blueprint = blueprint_from_dict(raw, args, source=str(toml_path), support_dreambooth=support_dreambooth,
-                                        support_finetuning=support_finetuning,
+        blueprint = blueprint_from_dict(raw, data, validation, given=given, source=str(toml_path),
+                                        support_dreambooth=support_dreambooth, support_finetuning=support_finetuning,
                                         support_caption_dropout=support.caption_dropout)
     else:
-        fallback = command_line_values(args)
+        fallback = command_line_values(data, validation, given)
         errors = _check_command_line(fallback)
         if errors:
             raise UserError("; ".join(errors))
-        checked = _command_line_datasets(args, support)
-        blueprint, errors = _build_blueprint(checked, args, None, fallback)
+        checked = _command_line_datasets(data, support)
+        blueprint, errors = _build_blueprint(checked, data, None, fallback)
         if errors:
             raise UserError("; ".join(errors))
     logger.info("%s", blueprint.summary())

@@ -83,11 +83,11 @@ def parse_with_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] 
 
 def _with_console_logging(args: argparse.Namespace) -> argparse.Namespace:
     """Apply ``--console_log_*`` right after parsing (library/training/logging_setup.py)."""
+    from library.option_groups import LoggingOptions
     from library.training.logging_setup import console_logging_of, setup_console_logging
 
-    settings = console_logging_of(args)
-    if settings is not None:
-        setup_console_logging(settings)
+    if "console_log_level" in vars(args):  # the training scripts; gen_img has no such options
+        setup_console_logging(console_logging_of(LoggingOptions.from_args(args)))
     return args
 
 

@@ -22,6 +22,7 @@ from library.config.blueprint import BlueprintDataset, BlueprintSubset, DatasetB
 from library.data.buckets import BucketAssignment, BucketSettings, assign_bucket
 from library.data.captions import CaptionOptions, process_caption
 from library.data.entries import ImageEntry, ScanReport, attach_sizes, dataset_entries
+from library.distributed import main_computes
 from library.data.images import (ImageLoadError, color_aug, cover_size, face_crop_aug_range, flip, load_image_rgb,
                                  parse_face_info, resize_and_crop)
 from library.data.tokens import tokenize_caption, tokenize_weighted_captions
@@ -337,14 +338,10 @@ def _precomputed_latents_usable(ds: BucketedDataset) -> bool:
     return True
 
 
-def build_dataset_group(blueprint: DatasetBlueprint, *, seed: int, tokenizer: Any = None,
-                        max_token_length: int | None = None, weighted_captions: bool = False,
-                        use_size_index: bool = True) -> DatasetGroup:
-    """Read every dataset of ``blueprint`` (image lists, captions, header sizes) and bucket it.
-
-    Problems with single images are summarised once and those images left out; a dataset left with
-    no image at all is an error naming it.
-    """
+def scan_datasets(blueprint: DatasetBlueprint, use_size_index: bool = True) -> list[BucketedDataset]:
+    """The image lists, captions and header sizes of every dataset of ``blueprint``, bucketed (the
+    bucket plan); problems with single images are logged once. Raises :class:`UserError` for a dataset
+    left with no usable image."""
     report = ScanReport()
     per_dataset = attach_sizes([dataset_entries(ds, report) for ds in blueprint.datasets], report,
                                use_index=use_size_index)
@@ -355,6 +352,20 @@ def build_dataset_group(blueprint: DatasetBlueprint, *, seed: int, tokenizer: An
             dirs = ", ".join(str(s.metadata_file or s.image_dir) for s in bp.subsets)
             raise UserError(f"dataset {i} ({dirs}) has no usable images")
         datasets.append(BucketedDataset(bp, entries))
+    return datasets
+
+
+def build_dataset_group(blueprint: DatasetBlueprint, *, seed: int, tokenizer: Any = None,
+                        max_token_length: int | None = None, weighted_captions: bool = False,
+                        use_size_index: bool = True) -> DatasetGroup:
+    """Read every dataset of ``blueprint`` (image lists, captions, header sizes) and bucket it.
+
+    Problems with single images are summarised once and those images left out; a dataset left with
+    no image at all is an error naming it. With several processes the main process alone scans
+    (:func:`scan_datasets`: captions, image headers, size index, ``cache_info`` file) and sends the
+    bucketed datasets to the others (:func:`library.distributed.main_computes`).
+    """
+    datasets = main_computes(lambda: scan_datasets(blueprint, use_size_index), "the dataset scan")
     group = DatasetGroup(datasets, seed=seed, tokenizer=tokenizer, max_token_length=max_token_length,
                          weighted_captions=weighted_captions)
     finetuning = [ds for ds in datasets if any(e.latents_npz is not None for e in ds.entries)]

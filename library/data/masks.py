@@ -16,7 +16,6 @@ as ``batch["masks"]`` of shape (B, 1, h, w) in [0, 1]; the loop multiplies the e
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass
@@ -141,12 +140,11 @@ def _subset_name(index: int, sub_index: int, subset: Any) -> str:
     return f"datasets[{index}].subsets[{sub_index}] ({where})"
 
 
-def _subset_spec(args: argparse.Namespace, subset: Any, name: str) -> MaskSpec | None:
+def _subset_spec(subset: Any, name: str, *, masked_loss: bool, conditioning_data_dir: str | None) -> MaskSpec | None:
     """A subset's mask source: its own conditioning_data_dir, else --conditioning_data_dir for training
     (non-regularization) subsets, only with --masked_loss; else its alpha channel with alpha_mask."""
-    masked = bool(getattr(args, "masked_loss", False))
-    folder = subset.conditioning_data_dir or (None if subset.is_reg else getattr(args, "conditioning_data_dir", None))
-    if folder and not masked:
+    folder = subset.conditioning_data_dir or (None if subset.is_reg else conditioning_data_dir)
+    if folder and not masked_loss:
         logger.warning("%s: conditioning_data_dir is ignored without --masked_loss", name)
         folder = None
     if folder and not Path(folder).is_dir():
@@ -189,8 +187,10 @@ def _check_mask_files(source: MaskSource, group: Any) -> None:
                         f"{more}; a mask image has the same file stem as its image (e.g. img1.png for img1.jpg)")
 
 
-def mask_source_for(args: argparse.Namespace, group: Any) -> MaskSource | None:
+def mask_source_for(group: Any, *, masked_loss: bool, conditioning_data_dir: str | None) -> MaskSource | None:
     """The run's :class:`MaskSource` (None without masks), after checking every mask file exists.
+    ``masked_loss``: --masked_loss; ``conditioning_data_dir``: --conditioning_data_dir (the mask folder of
+    every training subset that sets none).
 
     Raises UserError for ``--masked_loss`` without any mask source, a missing mask folder or file, or a
     mask whose aspect ratio differs from its image's.
@@ -202,25 +202,26 @@ def mask_source_for(args: argparse.Namespace, group: Any) -> MaskSource | None:
             if id(subset) in visited:  # validation datasets share their subsets
                 continue
             visited.add(id(subset))
-            spec = _subset_spec(args, subset, _subset_name(i, j, subset))
+            spec = _subset_spec(subset, _subset_name(i, j, subset), masked_loss=masked_loss,
+                                conditioning_data_dir=conditioning_data_dir)
             if spec is not None:
                 specs[subset] = spec
-    masked = bool(getattr(args, "masked_loss", False))
     if not specs:
-        if masked:
+        if masked_loss:
             raise UserError("--masked_loss needs masks: set conditioning_data_dir (a folder of mask images) or "
                             "alpha_mask = true in a [[datasets.subsets]] of the dataset config, or give "
                             "--conditioning_data_dir or --alpha_mask")
         return None
     source = MaskSource(specs)
     _check_mask_files(source, group)
-    if not masked:
+    if not masked_loss:
         logger.info("alpha_mask is set: the loss is weighted by the images' alpha channel (as with --masked_loss)")
     return source
 
 
-def attach_mask_source(args: argparse.Namespace, group: Any) -> None:
-    """Set ``group.masks`` (and its validation group's) from the options and the dataset config."""
-    source = mask_source_for(args, group)
+def attach_mask_source(group: Any, *, masked_loss: bool, conditioning_data_dir: str | None) -> None:
+    """Set ``group.masks`` (and its validation group's) from --masked_loss, --conditioning_data_dir and the
+    dataset config (see :func:`mask_source_for`)."""
+    source = mask_source_for(group, masked_loss=masked_loss, conditioning_data_dir=conditioning_data_dir)
     for g in _groups(group):
         g.masks = source

@@ -13,7 +13,6 @@ whose sliced attention really keeps it). See docs/dry_run.md for the formula and
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,12 +22,12 @@ from typing import Any, Callable, Iterable
 import torch
 
 from library.errors import UserError
+from library.option_groups import ModelOptions
 
 logger = logging.getLogger(__name__)
 
 GIB = 2 ** 30
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)   # CUDA context + allocator reserve, a typical figure
 BACKWARD_MARGIN = 0.10                # gradients of activations alive during backward, on top of the saved set
 VAE_TRANSIENT_TENSORS = 3             # live tensors of the largest size while the VAE encodes (no grad)
@@ -56,43 +55,45 @@ class MetaModel:
     source: str
 
 
-def model_configs(args: argparse.Namespace):
-    """``(ModelConfigs, source note)`` of ``--pretrained_model_name_or_path`` from the header / configs only."""
+def model_configs(model: ModelOptions):
+    """``(ModelConfigs, source note)`` of ``--pretrained_model_name_or_path`` from the header / configs only
+    (also reads --v_parameterization, --reference_model and --v2)."""
     from library.models import detect
     from library.models.load import configs_from_diffusers_folder
     from library.models.presets import get_preset
     from library.models.statedict import open_state_dict
 
-    spec = str(args.pretrained_model_name_or_path or "")
+    spec = str(model.pretrained_model_name_or_path or "")
     if not spec:
         raise UserError("--pretrained_model_name_or_path is required (an ldm .ckpt/.safetensors file, "
                         "a diffusers folder, or a Hugging Face Hub id)")
     local = Path(os.path.expanduser(spec))
-    v_param = bool(args.v_parameterization)
+    v_param = bool(model.v_parameterization)
     if local.is_file():
         state = open_state_dict(local)  # lazy: header / pickle index only, no tensor is read
         family = detect.detect_ldm_family(state.shapes())
         if family not in ("sd1", "sd2"):
             raise UserError(f"{local}: not a Stable Diffusion 1.x/2.x checkpoint (found: {family})")
-        if getattr(args, "reference_model", None):
-            configs = configs_from_diffusers_folder(Path(args.reference_model), v_param)
+        if model.reference_model:
+            configs = configs_from_diffusers_folder(Path(model.reference_model), v_param)
         else:
             configs = detect.infer_configs_from_ldm(state.shapes())
         return configs, "checkpoint header (tensor shapes)"
     if local.is_dir():
         return configs_from_diffusers_folder(local, v_param), "diffusers configs"
-    preset = "sd2" if args.v2 else "sd1"
+    preset = "sd2" if model.v2 else "sd1"
     return get_preset(preset), f"the {preset.upper()} architecture (the model is not a local file or folder)"
 
 
-def build_meta_model(args: argparse.Namespace) -> MetaModel:
-    """The three components with every tensor on the meta device (nothing allocated, nothing read)."""
+def build_meta_model(model: ModelOptions) -> MetaModel:
+    """The three components of ``--pretrained_model_name_or_path`` with every tensor on the meta device
+    (nothing allocated, nothing read)."""
     import warnings
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    configs, source = model_configs(args)
+    configs, source = model_configs(model)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unet = UNet2DConditionModel.from_config(configs.unet)
@@ -101,11 +102,6 @@ def build_meta_model(args: argparse.Namespace) -> MetaModel:
     for module in (unet, vae, te):
         module.requires_grad_(False)
     return MetaModel(unet, te, vae, configs, source)
-
-
-def numel(params: Iterable[torch.Tensor]) -> int:
-    """Total element count."""
-    return sum(p.numel() for p in params)
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -204,11 +200,18 @@ class SavedTensors:
     units: list[dict[int, int]] = field(default_factory=list)  # per checkpointed unit
     unit_inputs: dict[int, int] = field(default_factory=dict)  # inputs a checkpoint keeps instead
     exclude: set[int] = field(default_factory=set)             # parameter storages (counted as weights)
+    seen: list[torch.Tensor] = field(default_factory=list)     # every recorded tensor, kept alive (meta: free)
+
+    def key(self, t: torch.Tensor) -> int:
+        """The storage key of ``t``, which stays its own: ``t`` is kept alive so that no later tensor's storage
+        can reuse the address (the count would then depend on when Python frees tensors)."""
+        self.seen.append(t)
+        return _storage_key(t)
 
     def pack(self, target: dict[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
         """A pack hook recording each saved tensor's storage once."""
         def hook(t: torch.Tensor) -> torch.Tensor:
-            key = _storage_key(t)
+            key = self.key(t)
             if key not in self.exclude:
                 target[key] = max(target.get(key, 0), t.untyped_storage().nbytes())
             return t
@@ -230,8 +233,8 @@ class SavedTensors:
 
 def _unit_call(saved: SavedTensors, module: Any, args: tuple, kwargs: dict) -> Any:
     for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and _storage_key(value) not in saved.exclude:
-            saved.unit_inputs[_storage_key(value)] = value.untyped_storage().nbytes()
+        if isinstance(value, torch.Tensor) and saved.key(value) not in saved.exclude:
+            saved.unit_inputs[saved.key(value)] = value.untyped_storage().nbytes()
     unit: dict[int, int] = {}
     saved.units.append(unit)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack(unit), lambda t: t):
@@ -287,7 +290,7 @@ def count_text_encoder_activations(meta: MetaModel, *, rows: int, dtype: torch.d
     def enter(module, args, kwargs):
         for value in list(args) + list(kwargs.values()):
             if isinstance(value, torch.Tensor) and value.is_floating_point():
-                saved.unit_inputs[_storage_key(value)] = value.untyped_storage().nbytes()
+                saved.unit_inputs[saved.key(value)] = value.untyped_storage().nbytes()
         unit: dict[int, int] = {}
         saved.units.append(unit)
         ctx = torch.autograd.graph.saved_tensors_hooks(saved.pack(unit), lambda t: t)

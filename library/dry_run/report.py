@@ -9,17 +9,18 @@ regularization images, steps, learning rate, sample captions, output files, memo
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
-from library.config.arguments import latents_cached
 from library.config.caption_options import caption_settings
+from library.dry_run.plan import DryRunPlan
+from library.option_groups import OptimizerOptions, Options, TextEncoderCacheOptions, TrainingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ def regularization_section(group: Any) -> list[dict]:
     return out
 
 
-def steps_section(plan: Any, group: Any, args: argparse.Namespace) -> dict:
-    """The step arithmetic of :func:`library.training.plan.make_plan`."""
+def steps_section(plan: Any, group: Any, training: TrainingOptions) -> dict:
+    """The step arithmetic of :func:`library.training.plan.make_plan` (reads --max_train_epochs)."""
     last = plan.max_train_steps - (plan.num_epochs - 1) * plan.steps_per_epoch
     samples = sum(ds.num_samples for ds in group.datasets)
     batch = max(ds.blueprint.batch_size for ds in group.datasets)  # the datasets' own (TOML) batch sizes
@@ -98,36 +99,42 @@ def steps_section(plan: Any, group: Any, args: argparse.Namespace) -> dict:
     return {"batches_per_epoch": len(group), "processes": plan.num_processes,
             "batches_per_process": plan.batches_per_epoch, "gradient_accumulation_steps": plan.gradient_accumulation_steps,
             "steps_per_epoch": plan.steps_per_epoch, "epochs": plan.num_epochs, "last_epoch_steps": last,
-            "max_train_steps": plan.max_train_steps, "from_epochs": bool(args.max_train_epochs),
+            "max_train_steps": plan.max_train_steps, "from_epochs": bool(training.max_train_epochs),
             "batch_size": batch, "total_batch_size": batch * per_step,
             "mean_samples_per_step": samples / len(group) * per_step if len(group) else 0.0,
             "samples_per_epoch": samples}
 
 
-def lr_section(args: argparse.Namespace, plan: Any, groups: list[tuple[str, float | None]]) -> dict:
+def lr_section(optimizer: OptimizerOptions, plan: Any, groups: list[tuple[str, float | None]]) -> dict:
     """Learning rates at 0, 10, 25, 50, 75 and 100 % of the run, from the real scheduler code on a
-    throwaway one-number optimizer. Step k is the lr of the (k+1)-th optimizer step; 100 % is the last step."""
+    throwaway one-number optimizer. Step k is the lr of the (k+1)-th optimizer step; 100 % is the last step.
+    Reads the optimizer and learning-rate options."""
     from library.training.lr import lr_at_steps, resolve_steps
     from library.training.lr_options import schedule_options
     from library.training.optim import parse_optimizer_args, resolve_optimizer_name
 
-    optimizer = resolve_optimizer_name(args.optimizer_type, use_8bit_adam=args.use_8bit_adam,
-                                       use_lion_optimizer=args.use_lion_optimizer)
-    name, notes = args.lr_scheduler, []
-    group_lrs = [lr if lr is not None else args.learning_rate for _, lr in groups]
-    if optimizer.lower() == "adafactor" and parse_optimizer_args(args.optimizer_args).get("relative_step", True):
-        name = f"adafactor:{args.learning_rate}"
+    optimizer_name = resolve_optimizer_name(optimizer.optimizer_type, use_8bit_adam=optimizer.use_8bit_adam,
+                                            use_lion_optimizer=optimizer.use_lion_optimizer)
+    name, notes = optimizer.lr_scheduler, []
+    group_lrs = [lr if lr is not None else optimizer.learning_rate for _, lr in groups]
+    relative_step = parse_optimizer_args(optimizer.optimizer_args).get("relative_step", True)
+    if optimizer_name.lower() == "adafactor" and relative_step:
+        name = f"adafactor:{optimizer.learning_rate}"
         group_lrs = None
         notes.append("AdaFactor relative_step: the optimizer computes its own lr; the schedule's initial lr is shown")
-    if optimizer.lower().startswith(("dadapt", "prodigy")):
-        notes.append(f"{optimizer}: the lr is a multiplier of the adapted step size")
+    if optimizer_name.lower().startswith(("dadapt", "prodigy")):
+        notes.append(f"{optimizer_name}: the lr is a multiplier of the adapted step size")
+    if plan.num_processes > 1:  # as kohya: no automatic scaling with the global batch
+        notes.append(f"{plan.num_processes} processes: the learning rate is used as given, not scaled with the "
+                     f"{plan.num_processes}x larger global batch")
     total = plan.max_train_steps
     steps = [min(total - 1, int(p * total)) for p in LR_POINTS]
-    values = lr_at_steps(name, steps, learning_rate=args.learning_rate, max_train_steps=total, group_lrs=group_lrs,
-                         **schedule_options(args))
+    values = lr_at_steps(name, steps, learning_rate=optimizer.learning_rate, max_train_steps=total, group_lrs=group_lrs,
+                         **schedule_options(optimizer))
     names = [n for n, _ in groups] if group_lrs else ["lr"]
-    return {"scheduler": args.lr_scheduler_type or name, "warmup_steps": resolve_steps(args.lr_warmup_steps, total),
-            "optimizer": optimizer, "groups": names, "notes": notes,
+    return {"scheduler": optimizer.lr_scheduler_type or name,
+            "warmup_steps": resolve_steps(optimizer.lr_warmup_steps, total),
+            "optimizer": optimizer_name, "groups": names, "notes": notes,
             "points": [{"percent": round(p * 100), "step": s, "lrs": dict(zip(names, v))}
                        for p, s, v in zip(LR_POINTS, steps, values)]}
 
@@ -182,76 +189,87 @@ def memory_section(estimate: Any) -> dict:
 
 # ---- the run -----------------------------------------------------------------------------------------------
 
-def text_encoder_outputs_mode(args: argparse.Namespace, group: Any) -> str:
-    """How the steps get their text conditioning (docs/te_cache.md), in words."""
-    from library.training.te_cache import automatic_reuse, cache_requested, text_encoder_stops_later
+def text_encoder_outputs_mode(te_cache: TextEncoderCacheOptions, text_encoder_use: Any,
+                              conflicts: Sequence[str]) -> str:
+    """How the steps get their text conditioning (docs/te_cache.md), in words: from the cache options,
+    ``text_encoder_use`` (the method's :class:`library.training.te_cache.TextEncoderUse`) and the options that
+    change captions between steps (:func:`library.training.te_cache.caption_conflicts`)."""
+    from library.training.te_cache import automatic_reuse
 
-    if getattr(args, "cache_text_encoder_outputs_to_disk", False):
+    if te_cache.cache_text_encoder_outputs_to_disk:
         return "cached before training, in memory and in <image>_te_outputs.npz files"
-    if cache_requested(args):
+    if te_cache.requested:
         return "cached before training, in memory"
-    if automatic_reuse(args, group):
-        when = (f" once the text encoder stops training at step {args.stop_text_encoder_training}"
-                if text_encoder_stops_later(args) else "")
+    if automatic_reuse(te_cache, text_encoder_use, conflicts):
+        when = (f" once the text encoder stops training at step {text_encoder_use.steps}"
+                if text_encoder_use.stops_later else "")
         return (f"reused per caption after its first encoding{when} (automatic; --no_cache_text_encoder_outputs "
                 "turns it off)")
     return "encoded at every step"
 
 
-def build_report(args: argparse.Namespace, method: str, *, layout: Any, support_dreambooth: bool,
-                 support_finetuning: bool,
-                 configure_group: Any = None) -> dict:
+def build_report(opts: Options, plan: DryRunPlan, *, output_name: str | None, text_encoder_use: Any,
+                 support_dreambooth: bool, support_finetuning: bool, configure_group: Any = None) -> dict:
     """Everything the dry run reports, as JSON-ready data. Reads image headers, the dataset config and
-    the model's header / configs; loads no weights and encodes nothing. ``configure_group(group)`` is the
-    script's own dataset hook (Textual Inversion's caption replacements), as for ``session.prepare_run``."""
-    from library.dry_run import estimate as estimate_mod
+    the model's header / configs; loads no weights and encodes nothing. ``plan`` is the method's part
+    (:mod:`library.dry_run.plan`); ``output_name`` the stem of the saves (``--output_name`` or the method's
+    default); ``text_encoder_use`` the method's text-encoder use (library.methods.base.MethodStart);
+    ``configure_group(group)`` is the script's own dataset hook (Textual Inversion's caption
+    replacements), as for ``session.prepare_run``."""
     from library.dry_run import memory as mem
+    from library.dry_run.estimate import estimate_memory
+    from library.dry_run.plan import Precision
     from library.training import session
+    from library.training.hub_resume import resume_folder
     from library.training.save_plan import plan_outputs
     from library.training.plan import make_plan
     from library.training.prompts import read_prompt_file
-
-    if not args.output_dir:
+    from library.training.te_cache import caption_conflicts
+    if not opts.save.output_dir:
         raise UserError("--output_dir is required (where trained files are written)")
     processes = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
-    seed = session.choose_seed(args)
-    tokenizer = session.tokenizer_for(args)
-    if method in ("textual_inversion", "xti"):
-        from library.methods.textual_inversion import add_tokens, token_strings
-
-        add_tokens(tokenizer, token_strings(args.token_string, args.num_vectors_per_token))
-    _blueprint, group = session.load_datasets(args, tokenizer, seed, support_dreambooth=support_dreambooth,
+    seed = session.choose_seed(opts.training.seed, resume_folder(opts.save, opts.hub))
+    tokenizer = session.tokenizer_for(opts.model)
+    if plan.prepare_tokenizer is not None:
+        plan.prepare_tokenizer(tokenizer)  # Textual Inversion's new tokens
+    _blueprint, group = session.load_datasets(opts.data, opts.validation, tokenizer, seed, given=opts.given,
+                                              support_dreambooth=support_dreambooth,
                                               support_finetuning=support_finetuning)
     if configure_group is not None:
         configure_group(group)
-    plan = make_plan(len(group), num_processes=processes, gradient_accumulation_steps=args.gradient_accumulation_steps,
-                     batch_size=args.train_batch_size, max_train_steps=args.max_train_steps,
-                     max_train_epochs=args.max_train_epochs)
-    group.set_max_train_steps(plan.max_train_steps)
+    run_plan = make_plan(len(group), num_processes=processes,
+                         gradient_accumulation_steps=opts.training.gradient_accumulation_steps,
+                         batch_size=opts.data.train_batch_size, max_train_steps=opts.training.max_train_steps,
+                         max_train_epochs=opts.training.max_train_epochs)
+    group.set_max_train_steps(run_plan.max_train_steps)
 
-    meta = mem.build_meta_model(args)
-    trainable = estimate_mod.plan_trainable(args, method, meta)
-    prompts = len(read_prompt_file(args.sample_prompts)) if getattr(args, "sample_prompts", None) else 0
-    outputs = plan_outputs(args, plan, layout.file_name, sample_prompts=prompts)
+    meta = mem.build_meta_model(opts.model)
+    precision = Precision.from_training(opts.training)
+    trainable = plan.trainable(meta, precision)
+    prompts = len(read_prompt_file(opts.sample.sample_prompts)) if opts.sample.sample_prompts else 0
+    outputs = plan_outputs(opts, run_plan, plan.layout.file_name, output_name=output_name, sample_prompts=prompts)
     validation = getattr(group, "validation", None)
     report = {
-        "method": method, "method_name": estimate_mod.METHOD_NAMES[method],
-        "model": {"path": str(args.pretrained_model_name_or_path), "v2": bool(meta.configs.v2),
+        "method": plan.method, "method_name": plan.title,
+        "model": {"path": str(opts.model.pretrained_model_name_or_path), "v2": bool(meta.configs.v2),
                   "configs_from": meta.source},
-        "seed": seed, "seed_given": args.seed is not None,
+        "seed": seed, "seed_given": opts.training.seed is not None,
         "datasets": dataset_section(group),
         "validation_images": validation.num_images if validation is not None else 0,
         "regularization": regularization_section(group),
-        "steps": steps_section(plan, group, args),
-        "learning_rate": lr_section(args, plan, trainable.groups),
+        "steps": steps_section(run_plan, group, opts.training),
+        "learning_rate": lr_section(opts.optimizer, run_plan, trainable.groups),
         "trainable": {"parameters": trainable.count, "parts": trainable.parts},
-        "captions": caption_section(group, plan, tokenizer, args.max_token_length),
-        "text_encoder_outputs": text_encoder_outputs_mode(args, group),
+        "captions": caption_section(group, run_plan, tokenizer, opts.data.max_token_length),
+        "text_encoder_outputs": text_encoder_outputs_mode(
+            opts.te_cache, text_encoder_use, caption_conflicts(group, opts.data, opts.dreambooth)),
         "outputs": outputs.to_json(),
     }
-    estimate = estimate_mod.estimate_memory(args, method, meta, trainable, activation_buckets(group),
-                                            vae_in_step=not latents_cached(args) and not group.precomputed_ok,
-                                            device=mem.training_device())
+    estimate = estimate_memory(meta, trainable, activation_buckets(group), precision=precision, model=opts.model,
+                               data=opts.data, optimizer=opts.optimizer, ema=opts.ema,
+                               text_encoder_cached=opts.te_cache.requested,
+                               vae_in_step=not opts.data.latents_cached and not group.precomputed_ok,
+                               device=mem.training_device())
     report["memory"] = memory_section(estimate)
     report["warnings"] = _warnings(report)
     return report
@@ -275,31 +293,38 @@ def _warnings(report: dict) -> list[str]:
     return warnings
 
 
-def _check_json_target(args: argparse.Namespace) -> None:
-    """``--dry_run_json`` must not name one of the run's inputs (it would be overwritten)."""
-    if not args.dry_run_json:
+RUN_INPUT_OPTIONS = ("pretrained_model_name_or_path", "dataset_config", "in_json", "sample_prompts", "network_weights")
+
+
+def _check_json_target(json_path: str | None, inputs: dict[str, Any]) -> None:
+    """``--dry_run_json`` must not name one of the run's ``inputs`` (option name -> path; it would be
+    overwritten)."""
+    if not json_path:
         return
-    target = Path(args.dry_run_json).resolve()
-    for option in ("pretrained_model_name_or_path", "dataset_config", "in_json", "sample_prompts", "network_weights"):
-        value = getattr(args, option, None)
+    target = Path(json_path).resolve()
+    for option, value in inputs.items():
         if value and Path(str(value)).resolve() == target:
-            raise UserError(f"--dry_run_json {args.dry_run_json} is the --{option} file; give another path")
+            raise UserError(f"--dry_run_json {json_path} is the --{option} file; give another path")
 
 
-def run_dry_run(args: argparse.Namespace, method: str, *, layout: Any, support_dreambooth: bool = True,
-                support_finetuning: bool = True, configure_group: Any = None) -> int:
-    """Build the report, print it (main process only), write ``--dry_run_json`` if asked; returns 0."""
+def run_dry_run(opts: Options, plan: DryRunPlan, *, output_name: str | None, text_encoder_use: Any,
+                support_dreambooth: bool, support_finetuning: bool, configure_group: Any = None) -> int:
+    """Build the report, print it (main process only), write ``--dry_run_json`` if asked; returns 0.
+
+    ``plan`` is the method's part, from its module's ``dry_run_plan(...)`` (library/methods/network.py,
+    full_model.py, textual_inversion.py, xti.py); the rest as for :func:`build_report`."""
     from library.dry_run.text import render_report
 
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0
-    _check_json_target(args)
-    report = build_report(args, method, layout=layout, support_dreambooth=support_dreambooth,
+    _check_json_target(opts.dry_run.dry_run_json, {name: opts.option(name) for name in RUN_INPUT_OPTIONS})
+    report = build_report(opts, plan, output_name=output_name, text_encoder_use=text_encoder_use,
+                          support_dreambooth=support_dreambooth,
                           support_finetuning=support_finetuning, configure_group=configure_group)
     print(render_report(report))
-    if args.dry_run_json:
+    if opts.dry_run.dry_run_json:
         from library.fileio import atomic_write_text
 
-        atomic_write_text(args.dry_run_json, json.dumps(report, indent=2) + "\n")
-        print(f"wrote the report to {args.dry_run_json}")
+        atomic_write_text(opts.dry_run.dry_run_json, json.dumps(report, indent=2) + "\n")
+        print(f"wrote the report to {opts.dry_run.dry_run_json}")
     return 0

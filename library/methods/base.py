@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from library.training.te_cache import TextEncoderUse
+
+
+@dataclass(frozen=True)
+class MethodStart:
+    """The method's part of the start of a run, made from the options by the method module (after the
+    shared checks, before anything loads) and used by :func:`library.run_start.start_run`."""
+
+    #: how the method names its saves (library/output_safety.py)
+    layout: Any
+    #: the method's part of ``--dry_run`` (a :class:`library.dry_run.plan.DryRunPlan`), made only for a dry run
+    dry_run_plan: Callable[[], Any]
+    #: the stem of the run's saves: ``--output_name``, or the method's default (Textual Inversion: the token)
+    output_name: str | None
+    #: what the method does with the text encoder (whether the text-encoder output cache may be used)
+    text_encoder_use: "TextEncoderUse"
+    #: the method's change to the datasets once built (Textual Inversion's caption replacements), or None
+    configure_group: Callable[[Any], None] | None = None
 
 
 class Method(Protocol):
@@ -30,6 +51,9 @@ class Method(Protocol):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every trained parameter (for clipping and gradient synchronisation)."""
 
+    def replace_parameters(self, new_of: dict[int, torch.nn.Parameter]) -> None:
+        """Train ``new_of[id(p)]`` instead of each parameter ``p`` (FSDP's sharded parameters)."""
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights, for training states."""
 
@@ -51,6 +75,11 @@ class Method(Protocol):
 
     def after_step(self, global_step: int) -> None:
         """Called after every optimizer step."""
+
+    def on_train_start(self, trainer: Any, built: Any) -> None:
+        """Called once before the first step, after ``--resume``: ``trainer`` is the
+        :class:`~library.training.trainer.Trainer` (its ``progress`` holds the run's session id and start time),
+        ``built`` the :class:`~library.training.optim.BuiltOptimizer` (LoRA builds its file metadata here)."""
 
     def learning_rates(self, optimizer: Any) -> dict[str, float]:
         """Scalars to log as ``lr/...`` for the current step."""
@@ -76,6 +105,13 @@ class MethodBase:
         """Every parameter of :meth:`param_groups`, in order."""
         return [p for group in self.param_groups() for p in group["params"]]
 
+    def replace_parameters(self, new_of: dict[int, torch.nn.Parameter]) -> None:
+        """Use ``new_of[id(old)]`` in place of every trained parameter (FSDP made new, sharded ones:
+        library/training/sharding.py). This default rewrites the groups :meth:`param_groups` returns, for
+        methods that keep them; a method that builds them at each call overrides it."""
+        for group in self.param_groups():
+            group["params"] = [new_of.get(id(p), p) for p in group["params"]]
+
     def unet_forward(self, unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
                      dtype: torch.dtype) -> torch.Tensor:
         """``unet(noisy, timesteps, cond).sample`` with the conditioning in ``dtype``."""
@@ -86,6 +122,9 @@ class MethodBase:
 
     def after_step(self, global_step: int) -> None:
         """Nothing to do per step."""
+
+    def on_train_start(self, trainer: Any, built: Any) -> None:
+        """Nothing to do before the first step."""
 
     def learning_rates(self, optimizer: Any) -> dict[str, float]:
         """``lr`` of the (single) group, and ``lr/d*lr`` for D-Adaptation / Prodigy."""

@@ -20,8 +20,10 @@ from library.data.tokens import (apply_token_weights, encode_tokens, encode_weig
                                  tokenize_captions_no_padding)
 from library.errors import UserError
 
-from library.methods.base import MethodBase
+from library.methods.base import MethodBase, MethodStart
+from library.option_groups import DreamBoothOptions, FineTuneOptions, Options
 from library.output_safety import OutputLayout
+from library.training.te_cache import TextEncoderUse
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,65 @@ def output_layout(save_model_as: str | None, use_safetensors: bool, model_path: 
     return OutputLayout("diffusers", "/")
 
 
+def text_encoder_steps(script: str, dreambooth: DreamBoothOptions, fine_tune: FineTuneOptions) -> int | None:
+    """The text-encoder policy of ``script`` (see the module docstring): DreamBooth's
+    ``--stop_text_encoder_training N`` (None = the whole run, negative or 0 = never), fine-tuning's
+    ``--train_text_encoder`` (the whole run, else never)."""
+    if script == "dreambooth":
+        stop = dreambooth.stop_text_encoder_training
+        return None if stop is None else max(0, stop)
+    return None if fine_tune.train_text_encoder else 0
+
+
+def text_encoder_use(script: str, steps: int | None) -> TextEncoderUse:
+    """The text encoder of ``script`` trained for ``steps`` (:func:`text_encoder_steps`), with what freezes it."""
+    why = ("DreamBooth trains it unless --stop_text_encoder_training is 0 or negative" if script == "dreambooth"
+           else "--train_text_encoder trains it")
+    return TextEncoderUse(steps=steps, why=why)
+
+
+def method_start(script: str):
+    """The start of a train_db.py (``script`` "dreambooth") or fine_tune.py ("finetune") run, as a function of
+    the options (:class:`~library.methods.base.MethodStart`): saves named ``--output_name`` in the format of
+    :func:`output_layout`, and the dry run's :func:`dry_run_plan`."""
+
+    def start(opts: Options) -> MethodStart:
+        steps = text_encoder_steps(script, opts.dreambooth, opts.fine_tune)
+        layout = output_layout(opts.save.save_model_as, opts.save.use_safetensors,
+                               opts.model.pretrained_model_name_or_path)
+        return MethodStart(layout=layout, output_name=opts.save.output_name,
+                           text_encoder_use=text_encoder_use(script, steps),
+                           dry_run_plan=lambda: dry_run_plan(script, layout, text_encoder_steps=steps,
+                                                             learning_rate_te=opts.optimizer.learning_rate_te))
+
+    return start
+
+
+def prepare_method(script: str, opts: Options, run: Any, *, save_dtype: torch.dtype | None) -> "FullModelMethod":
+    """Prepare the loaded model of ``run`` (a :class:`library.training.session.PreparedRun`) with
+    :func:`prepare_full_model` and return its :class:`FullModelMethod`, from the options of ``script``
+    ("dreambooth" or "finetune"): the text-encoder policy (:func:`text_encoder_steps`), --gradient_checkpointing,
+    --full_fp16 / --full_bf16, --clip_skip, --max_token_length, --weighted_captions, --no_token_padding
+    (DreamBooth), --save_model_as / --use_safetensors, --learning_rate_te and the modelspec fields
+    (:func:`library.modelspec.run_fields`). ``save_dtype`` is ``--save_precision``'s."""
+    from library.modelspec import run_fields
+
+    model, device = run.model, run.accelerator.device
+    steps = text_encoder_steps(script, opts.dreambooth, opts.fine_tune)
+    prepare_full_model(model, text_encoder_trains=steps != 0, gradient_checkpointing=opts.model.gradient_checkpointing,
+                       device=device, weight_dtype=run.weight_dtype,
+                       full_half=opts.training.full_fp16 or opts.training.full_bf16, vae_dtype=run.vae_dtype)
+    return FullModelMethod(model=model, text_encoder_steps=steps, clip_skip=opts.model.clip_skip,
+                           max_token_length=opts.data.max_token_length, weighted_captions=opts.data.weighted_captions,
+                           no_token_padding=script == "dreambooth" and opts.dreambooth.no_token_padding,
+                           save_format=resolve_save_format(opts.save.save_model_as, opts.save.use_safetensors,
+                                                           model.source_format),
+                           save_dtype=save_dtype, device=device,
+                           header=run_fields(opts.metadata, output_name=run.output_name,
+                                             clip_skip=opts.model.clip_skip, group=run.group),
+                           learning_rate_te=opts.optimizer.learning_rate_te)
+
+
 def output_path(output_dir: Path, name: str, save_format: str) -> Path:
     """``output_dir/name.ckpt`` / ``name.safetensors`` for ldm files, ``output_dir/name/`` for diffusers."""
     if save_format in ("ckpt", "safetensors"):
@@ -112,10 +173,10 @@ class FullModelMethod(MethodBase):
     def __init__(self, *, model: Any, text_encoder_steps: int | None, clip_skip: int | None,
                  max_token_length: int | None, weighted_captions: bool, no_token_padding: bool,
                  save_format: str, save_dtype: torch.dtype | None, device: torch.device,
-                 header: dict[str, Any] | None = None, learning_rate_te: float | None = None):
+                 header: Any = None, learning_rate_te: float | None = None):
         """``text_encoder_steps``: None = whole run, 0 = never, N = the first N optimizer steps. ``header``:
-        :func:`library.modelspec.run_fields` of the run, for the ``modelspec`` header of ``.safetensors``
-        checkpoints (default: the small architecture header of :mod:`library.models.save`).
+        the run's :class:`library.modelspec.HeaderFields` (:func:`library.modelspec.run_fields`), for the
+        ``modelspec`` header of ``.safetensors`` checkpoints (default: titled with the file's stem).
 
         ``learning_rate_te`` (``--learning_rate_te``): the text encoder's own lr in a second optimizer group
         (None: one group at ``--learning_rate``; ignored while the text encoder never trains).
@@ -155,6 +216,11 @@ class FullModelMethod(MethodBase):
             return [{"params": list(self._params)}]
         unet = self._params[:len(self._params) - len(self._te_params)]
         return [{"params": unet}, {"params": list(self._te_params), "lr": self.learning_rate_te}]
+
+    def replace_parameters(self, new_of: dict[int, torch.nn.Parameter]) -> None:
+        """Train ``new_of[id(p)]`` instead of each parameter ``p`` (FSDP's sharded parameters)."""
+        self._params = [new_of.get(id(p), p) for p in self._params]
+        self._te_params = [new_of.get(id(p), p) for p in self._te_params]
 
     def learning_rates(self, optimizer: Any) -> dict[str, float]:
         """``lr`` of the single group, or with ``--learning_rate_te`` kohya's names ``lr/unet`` and
@@ -235,10 +301,47 @@ class FullModelMethod(MethodBase):
 
         path = output_path(Path(output_dir), name, self.save_format)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = None
-        if self.header is not None and self.save_format == "safetensors":
-            from library.modelspec import checkpoint_metadata
-
-            meta = checkpoint_metadata(self.model.configs, self.header)
         return save_model(self.model, path, self.save_format, save_dtype=self.save_dtype, epoch=epoch,
-                          global_step=step, metadata=meta)
+                          global_step=step, header=self.header)
+
+
+DRY_RUN_TITLES = {"dreambooth": "DreamBooth (train_db.py)", "finetune": "fine-tuning (fine_tune.py)"}
+
+
+def dry_run_plan(script: str, layout: OutputLayout, *, text_encoder_steps: int | None,
+                 learning_rate_te: float | None) -> Any:
+    """The full model's part of ``--dry_run`` (a :class:`library.dry_run.plan.DryRunPlan`) for ``script``
+    ("dreambooth" or "finetune"): the whole UNet trains, and the text encoder unless ``text_encoder_steps``
+    is 0 (as for :class:`FullModelMethod`: None = whole run, N = the first N steps); ``learning_rate_te``
+    (--learning_rate_te) gives the text encoder its own optimizer group. Dtypes as :func:`prepare_full_model`."""
+    from library.dry_run.plan import DryRunPlan, Precision, Trainable, numel
+
+    te_trains = text_encoder_steps != 0
+
+    def trainable(meta: Any, precision: Precision) -> Trainable:
+        trained_dtype = precision.trained_dtype
+        meta.unet.requires_grad_(True)
+        params = list(meta.unet.parameters())
+        parts = {"UNet (all weights)": numel(params)}
+        notes = []
+        if te_trains:
+            meta.text_encoder.requires_grad_(True)
+            te_params = list(meta.text_encoder.parameters())
+            params += te_params
+            parts["text encoder (all weights)"] = numel(te_params)
+            if text_encoder_steps:
+                notes.append(f"the text encoder trains for the first {text_encoder_steps} steps only (its optimizer "
+                             "state stays)")
+        groups: list[tuple[str, float | None]] = [("all", None)]
+        if te_trains and learning_rate_te is not None:  # two optimizer groups, as trained
+            groups = [("unet", None), ("text encoder", learning_rate_te)]
+        count = numel(params)
+        return Trainable(shapes=[p.shape for p in params], parts=parts, groups=groups, dtype=trained_dtype,
+                         component_dtypes={"unet": trained_dtype,
+                                           "text_encoder": trained_dtype if te_trains else precision.weight_dtype,
+                                           "vae": precision.weight_dtype},
+                         text_encoder_in_grad_path=te_trains,
+                         autocast_copies=count if trained_dtype == torch.float32 else 0,
+                         ema_elements=count, notes=notes)
+
+    return DryRunPlan(method=script, title=DRY_RUN_TITLES[script], layout=layout, trainable=trainable)

@@ -11,34 +11,15 @@ weights of ``merge_lora.py --sd_model <model> --models a.safetensors --ratios 0.
 
 from __future__ import annotations
 
-import argparse
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from library.option_groups import NetworkOptions
+
 logger = logging.getLogger(__name__)
-
-
-def base_weight_problems(files: Sequence[str] | None, multipliers: Sequence[float] | None) -> list[str]:
-    """What is wrong with ``--base_weights`` / ``--base_weights_multiplier`` (checked before loading)."""
-    problems = []
-    files = list(files or [])
-    if multipliers is not None and len(multipliers) != len(files):
-        if not files:
-            problems.append("--base_weights_multiplier needs --base_weights (one multiplier per file)")
-        else:
-            problems.append(f"--base_weights_multiplier: {len(multipliers)} value(s) for {len(files)} --base_weights "
-                            "file(s); give one multiplier per file, or none for 1.0 each")
-    for file in files:
-        path = Path(file)
-        if not path.exists():
-            problems.append(f"--base_weights {file}: no such file")
-        elif path.is_dir():
-            problems.append(f"--base_weights {file}: is a folder; expected a network file (.safetensors, .pt, .ckpt)")
-    return problems
 
 
 def base_weight_multipliers(files: Sequence[str], multipliers: Sequence[float] | None) -> list[float]:
@@ -47,8 +28,8 @@ def base_weight_multipliers(files: Sequence[str], multipliers: Sequence[float] |
 
 
 @torch.no_grad()
-def merge_base_weights(files: Sequence[str], multipliers: Sequence[float], *, text_encoder: nn.Module,
-                       unet: nn.Module, v2: bool) -> None:
+def merge_network_files(files: Sequence[str], multipliers: Sequence[float], *, text_encoder: nn.Module,
+                        unet: nn.Module, v2: bool) -> None:
     """Add ``multiplier · ΔW`` of every module of every file, in order, to the matching layers of the text
     encoder and U-Net (merged in float32, stored in the layers' dtype), exactly as ``merge_lora.py``
     merges into a model. UserError naming the file when it is unreadable, not a network file, made for
@@ -72,9 +53,10 @@ def merge_base_weights(files: Sequence[str], multipliers: Sequence[float], *, te
         logger.info("all base weights merged: %s", ", ".join(str(f) for f in files))
 
 
-def merge_base_weights_from_args(args: argparse.Namespace, *, text_encoder: nn.Module, unet: nn.Module,
-                                 v2: bool) -> None:
-    """The glue of train_network.py: ``--base_weights`` / ``--base_weights_multiplier`` into the model."""
-    files = list(args.base_weights or [])
-    merge_base_weights(files, base_weight_multipliers(files, args.base_weights_multiplier), text_encoder=text_encoder,
-                       unet=unet, v2=v2)
+def merge_base_weights(network: NetworkOptions, *, text_encoder: nn.Module, unet: nn.Module, v2: bool) -> None:
+    """Merge the ``--base_weights`` files of ``network`` into the text encoder and U-Net, each with its
+    ``--base_weights_multiplier`` (1.0 each when none are given), with :func:`merge_network_files`; nothing
+    without ``--base_weights``."""
+    files = list(network.base_weights or [])
+    merge_network_files(files, base_weight_multipliers(files, network.base_weights_multiplier),
+                        text_encoder=text_encoder, unet=unet, v2=v2)

@@ -1,59 +1,17 @@
-"""train_network.py's later kohya options: ``--base_weights`` (+ multipliers), ``--scale_weight_norms``,
-``--fp8_base_unet`` and ``--cpu_offload_checkpointing``: their registration, their up-front checks and the
-glue that applies them (``--fp8_base`` itself is shared by every script: :mod:`library.models.fp8`).
+"""train_network.py's ``--scale_weight_norms`` (max-norm regularisation): the check that the network supports
+it and the regulariser applied after every optimizer step. Its registration and up-front checks, and those of
+the other later kohya network options, are in library/training/network_options.py; ``--base_weights`` is
+merged by :mod:`library.methods.network_base_weights`, ``--fp8_base`` / ``--fp8_base_unet`` applied by
+:mod:`library.models.fp8`.
 
 docs/train_network.md ("Base weights, max-norm regularisation, fp8") describes them.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import math
 from typing import Any
 
 from library.errors import UserError
-
-logger = logging.getLogger(__name__)
-
-
-def add_network_extra_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options above, in train_network.py's network group (kohya names, defaults and meanings)."""
-    from library.models.fp8_options import add_fp8_unet_argument
-
-    g = parser.add_argument_group("network: base weights, max-norm, fp8 (docs/train_network.md)")
-    a = g.add_argument
-    a("--base_weights", type=str, default=None, nargs="*", metavar="FILE",
-      help="network files (LoRA, LoCon, DoRA, LoHa, LoKr) merged into the model before training, in order")
-    a("--base_weights_multiplier", type=float, default=None, nargs="*", metavar="M",
-      help="multiplier of each --base_weights file, one per file (default 1.0 each)")
-    a("--scale_weight_norms", type=float, default=None, metavar="MAX",
-      help="after every optimizer step, scale each module whose update alpha/rank·up·down has a norm above MAX "
-           "back to MAX (max-norm regularisation; 1 is a good start; networks.lora only)")
-    add_fp8_unet_argument(g)
-    a("--cpu_offload_checkpointing", action="store_true",
-      help="[EXPERIMENTAL in kohya] offload checkpointed activations to the CPU, for U-Nets or DiTs that support it; "
-           "the SD1/SD2 U-Net does not: refused with --gradient_checkpointing, no effect without it")
-
-
-def network_extra_problems(args: argparse.Namespace) -> list[str]:
-    """Up-front checks of the options above (nothing for scripts that lack them)."""
-    if not hasattr(args, "base_weights"):
-        return []
-    from library.methods.network_base_weights import base_weight_problems
-
-    problems = base_weight_problems(args.base_weights, args.base_weights_multiplier)
-    bad = [m for m in args.base_weights_multiplier or [] if not math.isfinite(m)]
-    if bad:
-        problems.append(f"--base_weights_multiplier must be finite numbers, got {bad[0]}")
-    if args.cpu_offload_checkpointing:
-        if args.gradient_checkpointing:
-            problems.append("--cpu_offload_checkpointing: the SD1/SD2 U-Net cannot offload checkpointed activations "
-                            "to the CPU (kohya-ss/sd-scripts' SD1/SD2 U-Net has no such mode either); leave it out")
-        else:
-            logger.warning("--cpu_offload_checkpointing has no effect without --gradient_checkpointing (and the "
-                           "SD1/SD2 U-Net does not support it)")
-    return problems
 
 
 def check_max_norm_support(network: Any, module_name: str, max_norm: float | None) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -12,9 +10,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from library.config.arguments import parse_network_args
+from library.modelspec import file_date
+from library.option_groups import ModelOptions, NetworkOptions, Options, ValidationOptions
 from library.training.loss_options import loss_metadata
 from library.training.plan import RunPlan
-from library.config.arguments import latents_cached
 
 
 def _legacy_file_hash(path: Path) -> str:
@@ -78,8 +78,9 @@ def _bucket_info(ds: Any) -> dict[str, Any] | None:
             "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
 
 
-def dataset_metadata(group: Any, blueprint: Any, args: argparse.Namespace, plan: RunPlan) -> dict[str, str]:
-    """The dataset description: legacy keys without ``--dataset_config``, ``ss_datasets`` with it."""
+def dataset_metadata(group: Any, blueprint: Any, plan: RunPlan, *, batch_size: int) -> dict[str, str]:
+    """The dataset description: legacy keys without ``--dataset_config`` (``batch_size`` is
+    ``--train_batch_size``), ``ss_datasets`` with it."""
     meta = {"ss_tag_frequency": json.dumps(tag_frequency(group)),
             "ss_dataset_dirs": json.dumps(_dirs(group, reg=False))}
     if blueprint.source is None:
@@ -87,7 +88,7 @@ def dataset_metadata(group: Any, blueprint: Any, args: argparse.Namespace, plan:
         bp = ds.blueprint
         sub = bp.subsets[0]
         meta.update({
-            "ss_batch_size_per_device": str(args.train_batch_size), "ss_total_batch_size": str(plan.total_batch_size),
+            "ss_batch_size_per_device": str(batch_size), "ss_total_batch_size": str(plan.total_batch_size),
             "ss_resolution": str(bp.resolution), "ss_color_aug": str(sub.color_aug), "ss_flip_aug": str(sub.flip_aug),
             "ss_random_crop": str(sub.random_crop), "ss_shuffle_caption": str(sub.shuffle_caption),
             "ss_keep_tokens": str(sub.keep_tokens), "ss_enable_bucket": str(bp.enable_bucket),
@@ -128,89 +129,90 @@ def dataset_metadata(group: Any, blueprint: Any, args: argparse.Namespace, plan:
     return meta
 
 
-def _later_upstream_keys(args: argparse.Namespace, group: Any) -> dict[str, str]:
-    """``ss_*`` keys the current reference writes beyond the 2023 set (``--fp8_base``, ``--fp8_base_unet``,
-    ``--scale_weight_norms`` as given; options a script lacks keep the reference's default)."""
-    validation = getattr(group, "validation", None)
-    split = getattr(args, "validation_split", None)
+def _validation_keys(validation: ValidationOptions, group: Any) -> dict[str, str]:
+    """The ``ss_validation_*`` keys of the current reference: the validation options and the number of
+    validation images of ``group`` (0 without a validation split)."""
+    split = validation.validation_split
+    images = group.validation.num_images if group.validation is not None else 0
     return {
-        "ss_adaptive_noise_scale": str(args.adaptive_noise_scale),
-        "ss_network_dropout": str(args.network_dropout),
         "ss_validation_split": str(split if split is not None else 0.0),
-        "ss_validation_seed": str(getattr(args, "validation_seed", None)),
-        "ss_validate_every_n_steps": str(getattr(args, "validate_every_n_steps", None)),
-        "ss_validate_every_n_epochs": str(getattr(args, "validate_every_n_epochs", None)),
-        "ss_max_validation_steps": str(getattr(args, "max_validation_steps", None)),
-        "ss_num_validation_images": str(validation.num_images if validation is not None else 0),
-        "ss_fp8_base": str(bool(getattr(args, "fp8_base", False))),
-        "ss_fp8_base_unet": str(bool(getattr(args, "fp8_base_unet", False))),
-        "ss_noise_offset_random_strength": str(bool(getattr(args, "noise_offset_random_strength", False))),
-        "ss_resize_interpolation": str(getattr(args, "resize_interpolation", None)),
-        "ss_scale_weight_norms": str(getattr(args, "scale_weight_norms", None)),
+        "ss_validation_seed": str(validation.validation_seed),
+        "ss_validate_every_n_steps": str(validation.validate_every_n_steps),
+        "ss_validate_every_n_epochs": str(validation.validate_every_n_epochs),
+        "ss_max_validation_steps": str(validation.max_validation_steps),
+        "ss_num_validation_images": str(images),
     }
 
 
-def lora_modelspec(args: argparse.Namespace, *, group: Any, v2: bool, v_parameterization: bool,
-                   timestamp: float) -> dict[str, str]:
-    """The ``modelspec.*`` keys of a LoRA from this run (``modelspec.date`` is set again at each save)."""
-    from library.modelspec import file_title, modelspec_metadata, training_resolution, user_fields
+def minimal_metadata(network: NetworkOptions) -> dict[str, str]:
+    """The keys written even with ``--no_metadata``: ``ss_network_module``, ``ss_network_dim``,
+    ``ss_network_alpha`` and, with ``--network_args``, ``ss_network_args`` (the ``key=value`` pairs as
+    :func:`library.config.arguments.parse_network_args` reads them for the network, as JSON)."""
+    meta = {"ss_network_module": str(network.network_module), "ss_network_dim": str(network.network_dim),
+            "ss_network_alpha": str(network.network_alpha)}
+    if network.network_args:
+        meta["ss_network_args"] = json.dumps(parse_network_args(network.network_args))
+    return meta
 
-    return modelspec_metadata(v2=v2, v_parameterization=v_parameterization, adapter="lora", title=file_title(args),
-                              resolution=training_resolution(group), timestamp=timestamp,
-                              clip_skip=args.clip_skip, user=user_fields(args))
 
-
-def network_metadata(args: argparse.Namespace, *, group: Any, blueprint: Any, plan: RunPlan, seed: int,
-                     session_id: int, started_at: float, optimizer_name: str, v2: bool,
-                     recorded_lrs: dict[str, str] | None = None, v_parameterization: bool | None = None
-                     ) -> dict[str, str]:
+def network_metadata(opts: Options, *, group: Any, blueprint: Any, plan: RunPlan, seed: int, session_id: int,
+                     started_at: float, optimizer_name: str, v2: bool, v_parameterization: bool,
+                     recorded_lrs: dict[str, str] | None = None) -> dict[str, str]:
     """The metadata fixed for the run (per-save keys are added by :func:`for_save`): the ``ss_*`` keys,
-    ``ss_base_model_version`` and the ``modelspec.*`` header (docs/train_network.md, "File format").
+    ``ss_base_model_version`` and the ``modelspec.*`` header (docs/train_network.md, "File format"); only
+    :func:`minimal_metadata` with ``--no_metadata``.
 
-    ``v_parameterization`` is the model's (default: ``--v_parameterization``)."""
-    from library.modelspec import base_model_version
+    It records the run's options, so it takes the bundle: it reads the ``network``, ``save``
+    (``--output_name``), ``optimizer``, ``training``, ``model``, ``data``, ``loss``, ``validation`` and
+    ``metadata`` groups. ``v2`` / ``v_parameterization`` are the loaded model's; ``recorded_lrs`` the
+    learning rates as the optimizer got them (:func:`library.methods.network.recorded_learning_rates`)."""
+    from library.modelspec import base_model_version, run_fields
 
-    if v_parameterization is None:
-        v_parameterization = bool(getattr(args, "v_parameterization", False))
-    minimal = {"ss_network_module": str(args.network_module), "ss_network_dim": str(args.network_dim),
-               "ss_network_alpha": str(args.network_alpha)}
-    if args.network_args:
-        minimal["ss_network_args"] = json.dumps(dict(a.split("=", 1) for a in args.network_args))
-    if args.no_metadata:
+    network, model, data, loss = opts.network, opts.model, opts.data, opts.loss
+    minimal = minimal_metadata(network)
+    if network.no_metadata:
         return minimal
     n_train = sum(e.num_repeats for ds in group.datasets for e in ds.entries if not e.is_reg)
     n_reg = sum(ds.blueprint.subsets[e.subset_index].num_repeats for ds in group.datasets for e in ds.entries
                 if e.is_reg)
     meta = {
         "ss_session_id": str(session_id), "ss_training_started_at": str(started_at),
-        "ss_output_name": str(args.output_name), "ss_learning_rate": str(args.learning_rate),
-        "ss_text_encoder_lr": str(args.text_encoder_lr), "ss_unet_lr": str(args.unet_lr),
+        "ss_output_name": str(opts.save.output_name), "ss_learning_rate": str(opts.optimizer.learning_rate),
+        "ss_text_encoder_lr": str(network.text_encoder_lr), "ss_unet_lr": str(network.unet_lr),
         "ss_num_train_images": str(n_train), "ss_num_reg_images": str(n_reg),
         "ss_num_batches_per_epoch": str(plan.batches_per_epoch), "ss_num_epochs": str(plan.num_epochs),
         "ss_max_train_steps": str(plan.max_train_steps),
-        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
-        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
-        "ss_lr_warmup_steps": str(args.lr_warmup_steps), "ss_lr_scheduler": str(args.lr_scheduler),
-        "ss_mixed_precision": str(args.mixed_precision), "ss_full_fp16": str(args.full_fp16), "ss_v2": str(v2),
-        "ss_clip_skip": str(args.clip_skip), "ss_max_token_length": str(args.max_token_length),
-        "ss_cache_latents": str(latents_cached(args)), "ss_seed": str(seed), "ss_lowram": str(args.lowram),
-        "ss_noise_offset": str(args.noise_offset), "ss_multires_noise_iterations": str(args.multires_noise_iterations),
-        "ss_multires_noise_discount": str(args.multires_noise_discount), "ss_min_snr_gamma": str(args.min_snr_gamma),
-        "ss_prior_loss_weight": str(args.prior_loss_weight), "ss_max_grad_norm": str(args.max_grad_norm),
-        "ss_caption_dropout_rate": str(getattr(args, "caption_dropout_rate", 0.0)),
-        "ss_caption_dropout_every_n_epochs": str(getattr(args, "caption_dropout_every_n_epochs", 0)),
-        "ss_caption_tag_dropout_rate": str(getattr(args, "caption_tag_dropout_rate", 0.0)),
-        "ss_face_crop_aug_range": str(_face_crop(args.face_crop_aug_range)), "ss_training_comment": str(args.training_comment),
+        "ss_gradient_checkpointing": str(model.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(opts.training.gradient_accumulation_steps),
+        "ss_lr_warmup_steps": str(opts.optimizer.lr_warmup_steps), "ss_lr_scheduler": str(opts.optimizer.lr_scheduler),
+        "ss_mixed_precision": str(opts.training.mixed_precision), "ss_full_fp16": str(opts.training.full_fp16),
+        "ss_v2": str(v2), "ss_clip_skip": str(model.clip_skip), "ss_max_token_length": str(data.max_token_length),
+        "ss_cache_latents": str(data.latents_cached), "ss_seed": str(seed), "ss_lowram": str(model.lowram),
+        "ss_noise_offset": str(loss.noise_offset), "ss_multires_noise_iterations": str(loss.multires_noise_iterations),
+        "ss_multires_noise_discount": str(loss.multires_noise_discount), "ss_min_snr_gamma": str(loss.min_snr_gamma),
+        "ss_prior_loss_weight": str(data.prior_loss_weight), "ss_max_grad_norm": str(opts.optimizer.max_grad_norm),
+        "ss_caption_dropout_rate": str(data.caption_dropout_rate),
+        "ss_caption_dropout_every_n_epochs": str(data.caption_dropout_every_n_epochs),
+        "ss_caption_tag_dropout_rate": str(data.caption_tag_dropout_rate),
+        "ss_face_crop_aug_range": str(_face_crop(data.face_crop_aug_range)),
+        "ss_training_comment": str(network.training_comment),
         "ss_sd_scripts_commit_hash": "(unknown)", "ss_optimizer": optimizer_name,
     }
-    meta.update(loss_metadata(args))  # loss / noise options (library/training/loss_options.py)
-    meta.update(_later_upstream_keys(args, group))
+    meta.update(loss_metadata(loss))  # loss / noise options (library/training/loss_options.py)
+    # keys the current reference writes beyond the 2023 set
+    meta.update({"ss_adaptive_noise_scale": str(loss.adaptive_noise_scale),
+                 "ss_network_dropout": str(network.network_dropout)})
+    meta.update(_validation_keys(opts.validation, group))
+    meta.update({"ss_fp8_base": str(model.fp8_base), "ss_fp8_base_unet": str(model.fp8_base_unet),
+                 "ss_noise_offset_random_strength": str(loss.noise_offset_random_strength),
+                 "ss_resize_interpolation": str(data.resize_interpolation),
+                 "ss_scale_weight_norms": str(network.scale_weight_norms)})
     meta["ss_base_model_version"] = base_model_version(v2, v_parameterization)
-    meta.update(lora_modelspec(args, group=group, v2=v2, v_parameterization=v_parameterization,
-                               timestamp=started_at))
+    fields = run_fields(opts.metadata, output_name=opts.save.output_name, clip_skip=model.clip_skip, group=group)
+    meta.update(fields.header(v2=v2, v_parameterization=v_parameterization, adapter="lora", timestamp=started_at))
     meta.update(recorded_lrs or {})
     meta.update(minimal)
-    meta.update(dataset_metadata(group, blueprint, args, plan))
+    meta.update(dataset_metadata(group, blueprint, plan, batch_size=data.train_batch_size))
     return meta
 
 
@@ -240,13 +242,14 @@ def cached_file_hashes(path: Path) -> tuple[str, str]:
     return hashes
 
 
-def model_hash_jobs(args: argparse.Namespace) -> dict[str, Any]:
-    """Names and (deferred) hashes of the base model and VAE files.
+def model_hash_jobs(model: ModelOptions) -> dict[str, Any]:
+    """Names and (deferred) hashes of the base model and VAE files (``--pretrained_model_name_or_path``,
+    ``--vae`` of ``model``).
 
     Hashing a multi-GB file must not run beside the training steps (a busy core stalls every parallel
     torch operation on a small machine), so the hashes are computed at the first save and cached."""
     jobs: dict[str, Any] = {}
-    for option, prefix in ((args.pretrained_model_name_or_path, "sd_model"), (args.vae, "vae")):
+    for option, prefix in ((model.pretrained_model_name_or_path, "sd_model"), (model.vae, "vae")):
         if not option:
             continue
         path = Path(option)
@@ -281,5 +284,5 @@ def for_save(base: dict[str, str], *, epoch: int, step: int) -> dict[str, str]:
     now = time.time()
     meta = dict(base, ss_training_finished_at=str(now), ss_epoch=str(epoch), ss_steps=str(step))
     if "modelspec.date" in meta:
-        meta["modelspec.date"] = datetime.datetime.fromtimestamp(int(now)).isoformat()
+        meta["modelspec.date"] = file_date(now)
     return meta

@@ -19,13 +19,18 @@ import torch
 
 from library.data.tokens import encode_tokens
 from library.errors import UserError
+from library.modelspec import HeaderFields
+from library.option_groups import EmbeddingOptions
 
 from library.methods.base import MethodBase
 from library.output_safety import OutputLayout
+from library.training.te_cache import TextEncoderUse
 
 logger = logging.getLogger(__name__)
 
 EMBEDDING_FORMATS = ("pt", "ckpt", "safetensors")
+#: Textual Inversion (and XTI) train new rows of the text encoder's embedding for the whole run
+TEXT_ENCODER_USE = TextEncoderUse(steps=None, why="Textual Inversion trains embeddings inside the text encoder")
 
 OBJECT_TEMPLATES = [
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -170,30 +175,6 @@ def read_embedding_file(path: str | Path) -> torch.Tensor:
     return data.detach().reshape(1, -1) if data.dim() == 1 else data.detach()
 
 
-def embedding_metadata(model: Any, title: str | None, *, resolution: tuple[int, int] | None = None,
-                       clip_skip: int | None = None, user: dict[str, str | None] | None = None,
-                       timestamp: float | None = None) -> dict[str, str]:
-    """The ``modelspec`` header of a saved embedding, the keys and values the reference writes
-    (:mod:`library.modelspec`); ``timestamp`` (default now) gives ``modelspec.date``."""
-    import time
-
-    from library.modelspec import modelspec_metadata
-
-    configs = model.configs
-    return modelspec_metadata(v2=configs.v2, v_parameterization=configs.v_parameterization,
-                              adapter="textual-inversion", title=title, resolution=resolution,
-                              timestamp=time.time() if timestamp is None else timestamp, clip_skip=clip_skip,
-                              user=user)
-
-
-def header_fields(args: argparse.Namespace, group: Any) -> dict[str, Any]:
-    """What :func:`embedding_metadata` takes from the run: title, training resolution, clip skip and the
-    ``--metadata_*`` fields (:func:`library.modelspec.run_fields`)."""
-    from library.modelspec import run_fields
-
-    return run_fields(args, group)
-
-
 def write_embedding_file(path: Path, vectors: torch.Tensor, save_format: str, *, token_string: str, step: int,
                          metadata: dict[str, str] | None = None) -> Path:
     """Write ``vectors`` atomically: safetensors ``{"emb_params": T}`` (+ metadata) or a ``.pt``/``.ckpt``
@@ -262,9 +243,10 @@ class TextualInversionMethod(MethodBase):
     def __init__(self, *, model: Any, token_string: str, token_ids: list[int], clip_skip: int | None,
                  max_token_length: int | None, save_format: str, save_dtype: torch.dtype | None,
                  device: torch.device, gradient_checkpointing: bool = False,
-                 header: dict[str, Any] | None = None):
+                 header: HeaderFields | None = None):
         """Call :func:`prepare_textual_inversion` first (it adds the tokens and sets the vectors).
-        ``header``: :func:`header_fields` of the run, for the safetensors header (default: title = file name)."""
+        ``header``: the run's :class:`library.modelspec.HeaderFields` (:func:`library.modelspec.run_fields`),
+        for the ``modelspec`` header of ``.safetensors`` files (default: titled with the file's stem)."""
         if save_format not in EMBEDDING_FORMATS:
             raise UserError(f"--save_model_as {save_format}: expected one of {', '.join(EMBEDDING_FORMATS)}")
         self.model, self.token_string, self.token_ids = model, token_string, token_ids
@@ -321,8 +303,12 @@ class TextualInversionMethod(MethodBase):
         if self.save_dtype is not None:
             vectors = vectors.to(self.save_dtype)
         path = Path(output_dir) / f"{name}.{self.save_format}"
-        header = self.header or {"title": name}
-        meta = embedding_metadata(self.model, **header) if self.save_format == "safetensors" else None
+        meta = None
+        if self.save_format == "safetensors":
+            fields = self.header if self.header is not None else HeaderFields(title=name)
+            configs = self.model.configs
+            meta = fields.header(v2=configs.v2, v_parameterization=configs.v_parameterization,
+                                 adapter="textual-inversion")
         return write_embedding_file(path, vectors, self.save_format, token_string=self.token_string, step=step,
                                     metadata=meta)
 
@@ -340,13 +326,13 @@ def add_token_rows(model: Any, tokenizer: Any, tokens: list[str]) -> list[int]:
     return ids
 
 
-def freeze_and_place(model: Any, args: argparse.Namespace, *, device: torch.device,
-                     weight_dtype: torch.dtype) -> None:
-    """Freeze everything but the token-embedding matrix and place the parts: UNet and VAE in
-    ``weight_dtype`` (the VAE in float32 with --no_half_vae); the text encoder in fp32, or ``weight_dtype``
-    with --full_fp16/--full_bf16."""
+def freeze_and_place(model: Any, *, gradient_checkpointing: bool, device: torch.device, weight_dtype: torch.dtype,
+                     vae_dtype: torch.dtype, full_half: bool) -> None:
+    """Freeze everything but the token-embedding matrix and place the parts: UNet in ``weight_dtype``, VAE
+    in ``vae_dtype`` (float32 with --no_half_vae), the text encoder in float32, or ``weight_dtype`` with
+    ``full_half`` (--full_fp16 / --full_bf16); ``gradient_checkpointing`` (--gradient_checkpointing) for
+    the UNet and the text encoder."""
     from library.models.placement import place
-    from library.training.precision_options import vae_dtype_for
 
     te = model.text_encoder
     model.unet.requires_grad_(False)
@@ -354,24 +340,71 @@ def freeze_and_place(model: Any, args: argparse.Namespace, *, device: torch.devi
     model.vae.eval()
     te.requires_grad_(False)
     token_embedding(te).weight.requires_grad_(True)
-    if args.gradient_checkpointing:
+    if gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         te.gradient_checkpointing_enable()
-    full_half = getattr(args, "full_fp16", False) or getattr(args, "full_bf16", False)
     place(model.unet, device, weight_dtype)
     place(te, device, weight_dtype if full_half else torch.float32)
-    place(model.vae, device, vae_dtype_for(weight_dtype, getattr(args, "no_half_vae", False)))
+    place(model.vae, device, vae_dtype)
 
 
-def prepare_textual_inversion(model: Any, tokenizer: Any, args: argparse.Namespace, *, seed: int,
-                              device: torch.device, weight_dtype: torch.dtype) -> list[int]:
-    """Add the tokens, resize and initialise the embedding matrix, freeze everything else and place the
-    parts (see :func:`freeze_and_place`). Returns the new token ids."""
-    ids = add_token_rows(model, tokenizer, token_strings(args.token_string, args.num_vectors_per_token))
-    embedding = token_embedding(model.text_encoder)
-    start = initial_vectors(tokenizer, embedding, len(ids), init_word=args.init_word, weights=args.weights,
+def prepare_textual_inversion(model: Any, tokenizer: Any, embedding: EmbeddingOptions, *, seed: int,
+                              gradient_checkpointing: bool, device: torch.device, weight_dtype: torch.dtype,
+                              vae_dtype: torch.dtype, full_half: bool) -> list[int]:
+    """Add the tokens of ``embedding`` (--token_string, --num_vectors_per_token), resize the embedding matrix,
+    initialise the new rows (--weights, else --init_word, else random with ``seed``: :func:`initial_vectors`),
+    freeze everything else and place the parts (:func:`freeze_and_place`, which the other arguments go to).
+    Returns the new token ids."""
+    ids = add_token_rows(model, tokenizer, token_strings(embedding.token_string, embedding.num_vectors_per_token))
+    table = token_embedding(model.text_encoder)
+    start = initial_vectors(tokenizer, table, len(ids), init_word=embedding.init_word, weights=embedding.weights,
                             seed=seed)
     with torch.no_grad():
-        embedding.weight[ids[0]:ids[0] + len(ids)] = start.to(embedding.weight.dtype)
-    freeze_and_place(model, args, device=device, weight_dtype=weight_dtype)
+        table.weight[ids[0]:ids[0] + len(ids)] = start.to(table.weight.dtype)
+    freeze_and_place(model, gradient_checkpointing=gradient_checkpointing, device=device, weight_dtype=weight_dtype,
+                     vae_dtype=vae_dtype, full_half=full_half)
     return ids
+
+
+def embedding_dry_run_plan(embedding: EmbeddingOptions, layout: OutputLayout, *, method: str, title: str,
+                           layer_count: Any = None) -> Any:
+    """The ``--dry_run`` plan (a :class:`library.dry_run.plan.DryRunPlan`) of Textual Inversion and, with
+    ``layer_count(unet)`` (the vector sets per token), of XTI. ``embedding`` is the
+    :class:`~library.option_groups.EmbeddingOptions` (reads --token_string, --num_vectors_per_token). The
+    whole token-embedding matrix is the optimizer's parameter, as in training; only the new rows change."""
+    from library.dry_run.plan import DryRunPlan, Precision, Trainable, numel
+
+    vectors = embedding.num_vectors_per_token
+
+    def trainable(meta: Any, precision: Precision) -> Trainable:
+        table = token_embedding(meta.text_encoder)
+        added, runs, notes = vectors, 1, []
+        if layer_count is not None:
+            runs = layer_count(meta.unet)
+            added += vectors * runs
+            notes.append(f"XTI: {vectors} vector(s) × {runs} cross-attention layers; the text encoder runs once per "
+                         "layer for every caption")
+        rows, width = table.num_embeddings + added, table.embedding_dim
+        table.weight.requires_grad_(True)
+        trained_dtype = precision.trained_dtype
+        notes.append(f"the whole token-embedding matrix ({rows} × {width}) is the optimizer's parameter; only the "
+                     f"{added} new row(s) change")
+        copies = numel(meta.text_encoder.parameters()) if trained_dtype == torch.float32 else 0
+        return Trainable(shapes=[torch.Size((rows, width))],
+                         parts={f"token embeddings ({rows} × {width})": rows * width},
+                         groups=[("embeddings", None)], dtype=trained_dtype,
+                         component_dtypes={"unet": precision.weight_dtype, "text_encoder": trained_dtype,
+                                           "vae": precision.weight_dtype},
+                         text_encoder_in_grad_path=True, autocast_copies=copies, added_embedding_rows=added,
+                         text_encoder_runs=runs, ema_elements=added * width, notes=notes)
+
+    def prepare_tokenizer(tokenizer: Any) -> None:
+        add_tokens(tokenizer, token_strings(embedding.token_string, vectors))
+
+    return DryRunPlan(method=method, title=title, layout=layout, trainable=trainable,
+                      prepare_tokenizer=prepare_tokenizer)
+
+
+def dry_run_plan(embedding: EmbeddingOptions, layout: OutputLayout) -> Any:
+    """Textual Inversion's part of ``--dry_run`` (see :func:`embedding_dry_run_plan`)."""
+    return embedding_dry_run_plan(embedding, layout, method="textual_inversion", title="Textual Inversion")

@@ -16,7 +16,6 @@ ignores the vector index for n > 1); ``--max_token_length`` and sample images ar
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ from library.errors import UserError
 from library.methods.textual_inversion import (TextualInversionMethod, add_token_rows, freeze_and_place,
                                                initial_vectors, read_weights_file, token_embedding,
                                                token_strings)
+from library.option_groups import EmbeddingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -140,27 +140,31 @@ def initial_layer_vectors(tokenizer: Any, embedding: torch.nn.Embedding, num_vec
     return vectors.repeat(len(layer_names), 1)
 
 
-def prepare_xti(model: Any, tokenizer: Any, args: argparse.Namespace, *, seed: int, device: torch.device,
-                weight_dtype: torch.dtype) -> tuple[list[str], list[int]]:
-    """Add the plain and per-layer tokens, initialise the per-layer rows, route each cross-attention layer
-    to its own conditioning, freeze and place the model. Returns (layer names, XTI token ids)."""
+def prepare_xti(model: Any, tokenizer: Any, embedding: EmbeddingOptions, *, seed: int, gradient_checkpointing: bool,
+                device: torch.device, weight_dtype: torch.dtype, vae_dtype: torch.dtype,
+                full_half: bool) -> tuple[list[str], list[int]]:
+    """Add the plain and per-layer tokens of ``embedding`` (--token_string, --num_vectors_per_token),
+    initialise the per-layer rows (--weights, else --init_word, else random with ``seed``), route each
+    cross-attention layer to its own conditioning, freeze and place the model (the other arguments:
+    :func:`~library.methods.textual_inversion.freeze_and_place`). Returns (layer names, XTI token ids)."""
     layers = cross_attention_layers(model.unet)
     names = [name for name, _ in layers]
     if len(names) != len(SD_LAYER_NAMES):
         logger.warning("this UNet has %d cross-attention layers (SD1/SD2 have 16): the XTI file will hold %d "
                        "entries", len(names), len(names))
-    plain = token_strings(args.token_string, args.num_vectors_per_token)
-    ids = add_token_rows(model, tokenizer, plain + layer_token_strings(args.token_string,
-                                                                       args.num_vectors_per_token, names))
+    vectors = embedding.num_vectors_per_token
+    plain = token_strings(embedding.token_string, vectors)
+    ids = add_token_rows(model, tokenizer, plain + layer_token_strings(embedding.token_string, vectors, names))
     xti_ids = ids[len(plain):]
-    embedding = token_embedding(model.text_encoder)
-    start = initial_layer_vectors(tokenizer, embedding, args.num_vectors_per_token, names,
-                                  init_word=args.init_word, weights=args.weights, seed=seed)
+    table = token_embedding(model.text_encoder)
+    start = initial_layer_vectors(tokenizer, table, vectors, names, init_word=embedding.init_word,
+                                  weights=embedding.weights, seed=seed)
     with torch.no_grad():
-        embedding.weight[xti_ids[0]:xti_ids[0] + len(xti_ids)] = start
+        table.weight[xti_ids[0]:xti_ids[0] + len(xti_ids)] = start
         # the plain tokens never reach the encoder (captions use the layer tokens); keep them deterministic
-        embedding.weight[ids[0]:ids[0] + len(plain)] = start[:len(plain)]
-    freeze_and_place(model, args, device=device, weight_dtype=weight_dtype)
+        table.weight[ids[0]:ids[0] + len(plain)] = start[:len(plain)]
+    freeze_and_place(model, gradient_checkpointing=gradient_checkpointing, device=device, weight_dtype=weight_dtype,
+                     vae_dtype=vae_dtype, full_half=full_half)
     install_layer_routing(model.unet, layers)
     return names, xti_ids
 
@@ -224,3 +228,12 @@ class XTIMethod(TextualInversionMethod):
         if self.save_dtype is not None:
             vectors = {k: v.to(self.save_dtype) for k, v in vectors.items()}
         return write_xti_file(Path(output_dir) / f"{name}.{self.save_format}", vectors, self.save_format)
+
+
+def dry_run_plan(embedding: EmbeddingOptions, layout: Any) -> Any:
+    """XTI's part of ``--dry_run``: Textual Inversion's plan with one vector set per UNet cross-attention layer
+    (see :func:`library.methods.textual_inversion.embedding_dry_run_plan`)."""
+    from library.methods.textual_inversion import embedding_dry_run_plan
+
+    return embedding_dry_run_plan(embedding, layout, method="xti", title="Extended Textual Inversion (XTI)",
+                                  layer_count=lambda unet: len(cross_attention_layers(unet)))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from library.option_groups import ModelOptions
+
 logger = logging.getLogger("library.models.fp8")
 
 
@@ -26,10 +28,11 @@ def add_fp8_unet_argument(parser: argparse.ArgumentParser) -> None:
 
 def fp8_problems(args: argparse.Namespace) -> list[str]:
     """The option checks of ``--fp8_base`` / ``--fp8_base_unet`` (a warning where the script ignores them)."""
-    fp8_base, fp8_unet = bool(getattr(args, "fp8_base", False)), bool(getattr(args, "fp8_base_unet", False))
+    model = ModelOptions.from_args(args)  # --fp8_base_unet is train_network.py's only: the field default elsewhere
+    fp8_base, fp8_unet = model.fp8_base, model.fp8_base_unet
     if not (fp8_base or fp8_unet):
         return []
-    if not hasattr(args, "network_module"):  # train_db / fine_tune / textual inversion
+    if "network_module" not in vars(args):  # train_db / fine_tune / textual inversion
         logger.warning("--fp8_base has no effect in this script (kohya-ss/sd-scripts' SD1/SD2 DreamBooth, "
                        "fine-tuning and Textual Inversion scripts ignore it too); only train_network.py uses it")
         return []

@@ -19,6 +19,7 @@ from library.errors import UserError
 from library.fileio import atomic_path
 from library.models import convert
 from library.models.presets import ModelConfigs
+from library.modelspec import HeaderFields
 
 logger = logging.getLogger(__name__)
 
@@ -49,20 +50,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
     return tensor.cpu().contiguous()
-
-
-def modelspec_metadata(configs: ModelConfigs, title: str | None = None) -> dict[str, str]:
-    """A small ``modelspec.*`` header naming the architecture and prediction type of a checkpoint."""
-    if configs.v2:
-        arch = "stable-diffusion-v2-768-v" if configs.v_parameterization else "stable-diffusion-v2-512"
-    else:
-        arch = "stable-diffusion-v1"
-    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
-            "modelspec.implementation": "diffusers",
-            "modelspec.prediction_type": "v" if configs.v_parameterization else "epsilon"}
-    if title:
-        meta["modelspec.title"] = title
-    return meta
 
 
 def build_ldm_state_dict(components: dict[str, dict[str, torch.Tensor]], configs: ModelConfigs,
@@ -170,12 +157,13 @@ def _public(config: dict) -> dict:
 
 def save_model(model, path: str | os.PathLike, save_format: str, *, save_dtype: torch.dtype | None = None,
                epoch: int = 0, global_step: int = 0, use_template: bool = True,
-               metadata: dict[str, str] | None = None) -> Path:
+               header: HeaderFields | None = None) -> Path:
     """Save a :class:`~library.models.load.StableDiffusionModel` in ``save_format``.
 
     ckpt/safetensors write an ldm single file (with the source ldm file as template when the model came
-    from one); diffusers/diffusers_safetensors write a folder. ``metadata`` is the header of a
-    ``.safetensors`` file (default: :func:`modelspec_metadata`). Returns the written path.
+    from one); diffusers/diffusers_safetensors write a folder. A ``.safetensors`` file gets the whole-model
+    ``modelspec.*`` header (:mod:`library.modelspec`) for the model's version and prediction type, with the
+    run's ``header`` fields (default: titled with the file's stem). Returns the written path.
     """
     if save_format not in SAVE_FORMATS:
         raise UserError(f"--save_model_as {save_format}: expected one of {', '.join(SAVE_FORMATS)}")
@@ -191,7 +179,9 @@ def save_model(model, path: str | os.PathLike, save_format: str, *, save_dtype: 
             extra = open_state_dict(template).extra
         meta = None
         if save_format == "safetensors":
-            meta = metadata if metadata is not None else modelspec_metadata(model.configs, path.stem)
+            fields = header if header is not None else HeaderFields(title=path.stem)
+            meta = fields.header(v2=model.configs.v2, v_parameterization=model.configs.v_parameterization,
+                                 adapter=None)
         save_ldm_checkpoint(path, state, epoch=epoch, global_step=global_step, metadata=meta,
                             template_extra=extra)
         logger.info("saved %d tensors to %s", len(state), path)

@@ -11,7 +11,7 @@ import argparse
 from library.errors import UserError
 from library.training.ema import add_ema_arguments, ema_problems
 from library.training.validation import add_validation_arguments, validation_problems
-from library.training.loss_options import add_loss_arguments, check_loss_arguments
+from library.training.loss_options import add_loss_arguments, validate_loss_arguments
 from library.training.te_cache import add_te_cache_arguments
 from library.training.tracker_config import tracker_problems
 
@@ -80,6 +80,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
     add_loss_arguments(parser)
     from library.training.timestep_loss_options import add_timestep_loss_arguments
     add_timestep_loss_arguments(parser)  # --min/max_timestep, offset random strength, v-pred-like loss scalings
+    from library.training.training_record import add_record_arguments
+    add_record_arguments(parser)  # --record_training_dir (library/training/training_record.py)
     add_te_cache_arguments(parser)
     add_validation_arguments(parser)
     add_ema_arguments(parser)
@@ -102,11 +104,6 @@ def add_dry_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "memory estimate without loading the model, then exit")
     g.add_argument("--dry_run_json", type=str, default=None,
                    help="also write the dry-run report as JSON to this file (implies --dry_run)")
-
-
-def dry_run_requested(args: argparse.Namespace) -> bool:
-    """True when ``--dry_run`` or ``--dry_run_json`` was given."""
-    return bool(getattr(args, "dry_run", False) or getattr(args, "dry_run_json", None))
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,31 +192,6 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"sampler of the sample images (default {DEFAULT_SAMPLER})")
 
 
-def add_network_arguments(parser: argparse.ArgumentParser) -> None:
-    """train_network.py's own options."""
-    g = parser.add_argument_group("network")
-    a = g.add_argument
-    a("--network_module", type=str, default=None, help="module with create_network(), e.g. networks.lora")
-    a("--network_dim", type=int, default=None, help="rank (module default: 4)")
-    a("--network_alpha", type=float, default=1, help="alpha; scale = alpha/dim (default 1; 0 = dim)")
-    a("--network_dropout", type=float, default=None, help="neuron dropout on the LoRA down output")
-    a("--network_args", type=str, default=None, nargs="*", help="extra key=value arguments for create_network")
-    a("--network_weights", type=str, default=None, help="start from these network weights")
-    a("--dim_from_weights", action="store_true", help="take dims/alphas from --network_weights")
-    a("--network_train_unet_only", action="store_true", help="train only the UNet modules")
-    a("--network_train_text_encoder_only", action="store_true", help="train only the text-encoder modules")
-    a("--unet_lr", type=float, default=None, help="learning rate of the UNet modules")
-    a("--text_encoder_lr", type=float, default=None, help="learning rate of the text-encoder modules")
-    a("--no_metadata", action="store_true", help="write only minimal metadata into the saved file")
-    a("--training_comment", type=str, default=None, help="stored as ss_training_comment")
-    from library.methods.network_extras import add_network_extra_arguments
-    add_network_extra_arguments(parser)  # --base_weights, --scale_weight_norms, --fp8_base_unet, ...
-    from library.training.start_step import add_start_step_arguments
-    from library.training.validation import add_max_validation_steps_argument
-    add_start_step_arguments(parser)  # --initial_step / --initial_epoch / --skip_until_initial_step
-    add_max_validation_steps_argument(parser)  # --max_validation_steps (library/training/validation.py)
-
-
 def validate_training_args(args: argparse.Namespace) -> None:
     """Check option combinations up front; every problem is reported together in one UserError."""
     from library.config.image_options import image_cache_problems
@@ -261,9 +233,6 @@ def validate_training_args(args: argparse.Namespace) -> None:
                             "--dynamo_backend aot_eager compiles correctly on the CPU")
     if hasattr(args, "output_dir") and not args.output_dir and not getattr(args, "debug_dataset", False):
         problems.append("--output_dir is required (where trained files are written)")
-    if getattr(args, "network_train_unet_only", False) and getattr(args, "network_train_text_encoder_only", False):
-        problems.append("--network_train_unet_only and --network_train_text_encoder_only leave nothing to train; "
-                        "give at most one")
     problems += validation_problems(args) + ema_problems(args)
     problems += image_cache_problems(args)
     problems += fused_backward_problems(args) + deepspeed_problems(args)
@@ -271,14 +240,16 @@ def validate_training_args(args: argparse.Namespace) -> None:
     from library.training.lr_options import lr_schedule_problems
     from library.training.timestep_loss_options import timestep_loss_problems
     problems += timestep_loss_problems(args) + lr_schedule_problems(args)
-    from library.methods.network_extras import network_extra_problems
+    from library.training.training_record import record_problems
+    problems += record_problems(args)  # --record_training_dir
     from library.models.fp8_options import fp8_problems
-    problems += fp8_problems(args) + network_extra_problems(args)  # library/models/fp8_options.py, methods/network_extras.py
+    from library.training.network_options import network_problems
+    problems += fp8_problems(args) + network_problems(args)  # library/models/fp8_options.py, training/network_options.py
     problems += tracker_problems(args)
-    problems += network_arg_problems(args, problems)
+    problems += network_arg_problems(args)
     if problems:
         raise UserError("; ".join(problems))
-    check_loss_arguments(args)
+    validate_loss_arguments(args)
     _check_schedule(args)
 
 
@@ -288,7 +259,8 @@ def _check_schedule(args: argparse.Namespace) -> None:
 
     if args.optimizer_type.lower() == "adafactor" or args.lr_scheduler.startswith("adafactor"):
         return  # its schedule depends on the optimizer's own rules, checked when it is built
+    from library.option_groups import OptimizerOptions
     from library.training.lr_options import schedule_options
 
     lr_at_steps(args.lr_scheduler, [0], learning_rate=args.learning_rate or 1.0,
-                max_train_steps=max(1, args.max_train_steps or 1), **schedule_options(args))
+                max_train_steps=max(1, args.max_train_steps or 1), **schedule_options(OptimizerOptions.from_args(args)))

@@ -5,6 +5,8 @@ message per option outside its range (``--network_dim must be at least 1, got 0`
 :func:`network_arg_problems` asks the ``--network_module`` to check ``--network_args`` the same way.
 A few options keep their checks beside their other rules (:data:`CHECKED_ELSEWHERE`) and
 :data:`UNBOUNDED` lists the ones any value of their type suits. docs/guardrails.md lists them all.
+An option that sets a dataset-config key takes that key's range from its validator
+(library/config/keys.py), so each such range is written once.
 """
 
 from __future__ import annotations
@@ -68,23 +70,26 @@ DROPOUT = Bound(0.0, 1.0, high_open=True)
 FINITE = Bound()
 SEED = Bound(0, 2**32 - 1)  # numpy's seed range (accelerate's set_seed seeds numpy too)
 
+
+def config_key_bound(key: str) -> Bound:
+    """The range of the dataset-config key ``key`` as its validator checks it (library/config/keys.py)."""
+    from library.config.keys import KEYS
+
+    low, high = KEYS[key].validator.range
+    return Bound(low, high)
+
+
 BOUNDS: Mapping[str, Bound] = MappingProxyType({
-    # data loading and datasets (the dataset config's keys have the same rules, library/config/keys.py)
+    # data loading and datasets (an option that sets a dataset-config key has that key's range)
     "seed": SEED,
-    "train_batch_size": AT_LEAST_1,
+    "train_batch_size": config_key_bound("batch_size"),
     "vae_batch_size": AT_LEAST_1,
     "max_data_loader_n_workers": AT_LEAST_0,
     "prior_loss_weight": NON_NEGATIVE,
-    "keep_tokens": AT_LEAST_0,
-    "min_bucket_reso": AT_LEAST_1,
-    "max_bucket_reso": AT_LEAST_1,
-    "bucket_reso_steps": AT_LEAST_1,
-    "token_warmup_min": AT_LEAST_0,
-    "token_warmup_step": NON_NEGATIVE,
-    "caption_dropout_rate": UNIT,
-    "caption_dropout_every_n_epochs": AT_LEAST_0,
-    "caption_tag_dropout_rate": UNIT,
-    "dataset_repeats": AT_LEAST_1,
+    **{key: config_key_bound(key) for key in (
+        "keep_tokens", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "token_warmup_min",
+        "token_warmup_step", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate")},
+    "dataset_repeats": AT_LEAST_1,  # the config's num_repeats takes any integer (0: the subset is left out)
     # training length, precision, noise
     "max_train_epochs": AT_LEAST_0,  # 0 = not given (--max_train_steps counts)
     "gradient_accumulation_steps": AT_LEAST_1,
@@ -167,19 +172,24 @@ def _missing(args: argparse.Namespace, name: str) -> bool:
     return getattr(args, name, None) is None or isinstance(getattr(args, name), bool)
 
 
+def _bound_problem(args: argparse.Namespace, name: str) -> str | None:
+    """The message for option ``name`` of ``args`` when it lies outside :data:`BOUNDS`; None when it is
+    within, not given or not an option of the script."""
+    if _missing(args, name):
+        return None
+    value, bound = getattr(args, name), BOUNDS[name]
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"--{name} must be a finite number, got {value}"
+    if not bound.contains(value):
+        return f"--{name} must be {bound.describe()}, got {_number(value) or value}"
+    return None
+
+
 def bound_problems(args: argparse.Namespace) -> list[str]:
     """One message per option of ``args`` outside its range (options the script lacks are skipped)."""
     from library.config.arguments import parse_face_crop_option, parse_resolution_option
 
-    problems = []
-    for name, bound in BOUNDS.items():
-        if _missing(args, name):
-            continue
-        value = getattr(args, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"--{name} must be a finite number, got {value}")
-        elif not bound.contains(value):
-            problems.append(f"--{name} must be {bound.describe()}, got {_number(value) or value}")
+    problems = [problem for problem in (_bound_problem(args, name) for name in BOUNDS) if problem]
     for name in _FINITE_ONLY:
         value = getattr(args, name, None)
         if isinstance(value, float) and not math.isfinite(value):
@@ -192,16 +202,15 @@ def bound_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def network_arg_problems(args: argparse.Namespace, found: list[str] = ()) -> list[str]:
+def network_arg_problems(args: argparse.Namespace) -> list[str]:
     """``--network_args`` checked by the network module's ``check_network_args`` (if it has one), with
     ``--network_dim`` / ``--network_alpha`` / ``--network_dropout``; a module that cannot be imported is
-    left to the script's own import, which names it. Nothing more is said when ``found`` (the problems
-    reported so far) already names one of those three options."""
+    left to the script's own import, which names it. Nothing more is said when one of those three is
+    outside its range (:func:`bound_problems` names it already)."""
     import importlib
 
     name = getattr(args, "network_module", None)
-    own = ("--network_dim ", "--network_alpha ", "--network_dropout ")
-    if not name or any(p.startswith(own) for p in found):
+    if not name or any(_bound_problem(args, option) for option in ("network_dim", "network_alpha", "network_dropout")):
         return []
     try:
         module = importlib.import_module(name)

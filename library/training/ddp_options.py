@@ -24,6 +24,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+from library.option_groups import DistributedOptions
+
 if TYPE_CHECKING:  # torch is imported where it is used, so that parsing options stays light
     import torch
 
@@ -53,11 +55,12 @@ class DdpSettings:
     static_graph: bool = False
 
 
-def ddp_settings(args: argparse.Namespace) -> DdpSettings:
-    """The :class:`DdpSettings` of the command line."""
-    return DdpSettings(timeout_minutes=getattr(args, "ddp_timeout", None),
-                       gradient_as_bucket_view=bool(getattr(args, "ddp_gradient_as_bucket_view", False)),
-                       static_graph=bool(getattr(args, "ddp_static_graph", False)))
+def ddp_settings(distributed: DistributedOptions) -> DdpSettings:
+    """The :class:`DdpSettings` of the command line (reads --ddp_timeout, --ddp_gradient_as_bucket_view,
+    --ddp_static_graph)."""
+    return DdpSettings(timeout_minutes=distributed.ddp_timeout,
+                       gradient_as_bucket_view=distributed.ddp_gradient_as_bucket_view,
+                       static_graph=distributed.ddp_static_graph)
 
 
 def process_group_kwargs(settings: DdpSettings) -> list[Any]:

@@ -2,7 +2,8 @@
 
 They are accepted with kohya's names, types, defaults and choices, so kohya command lines and
 ``--config_file`` files parse in every training script. DeepSpeed itself is not available yet (issue 16):
-``--deepspeed`` stops the run before anything loads, with one line and exit code 2. Without
+``--deepspeed`` stops the run before anything loads, with one line and exit code 2 that points to FSDP2
+(an accelerate config file, docs/distributed.md, which also records what was found about DeepSpeed). Without
 ``--deepspeed`` the other options change nothing, as in kohya (they only configure its DeepSpeed plugin).
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-DEEPSPEED_UNAVAILABLE = "--deepspeed: DeepSpeed is not available yet (issue 16); train without --deepspeed"
+DEEPSPEED_UNAVAILABLE = ("--deepspeed: DeepSpeed is not available yet (issue 16); to shard training use FSDP2 "
+                         "through an accelerate config file (docs/distributed.md), or train without --deepspeed")
 
 _ONLY_WITH = "only read with --deepspeed, which is not available yet (issue 16)"
 
@@ -42,4 +44,4 @@ def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def deepspeed_problems(args: argparse.Namespace) -> list[str]:
     """The one-line refusal of ``--deepspeed`` (empty when it is not given)."""
-    return [DEEPSPEED_UNAVAILABLE] if getattr(args, "deepspeed", False) else []
+    return [DEEPSPEED_UNAVAILABLE] if args.deepspeed else []

@@ -23,6 +23,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Iterator
 
 from library.errors import UserError
+from library.option_groups import EmaOptions
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that building the option parser stays quick
     import torch
@@ -48,12 +49,12 @@ def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ema_problems(args: argparse.Namespace) -> list[str]:
-    """Range problems of the EMA options (for the up-front option check)."""
+    """Range problems of --ema_decay and --ema_update_every (for the up-front option check)."""
     problems = []
-    decay = getattr(args, "ema_decay", DEFAULT_DECAY)
+    decay = args.ema_decay
     if decay is not None and not 0.0 < decay < 1.0:
         problems.append(f"--ema_decay must be between 0 and 1 (exclusive), got {decay:g}")
-    every = getattr(args, "ema_update_every", 1)
+    every = args.ema_update_every
     if every is not None and every < 1:
         problems.append(f"--ema_update_every must be at least 1, got {every}")
     return problems
@@ -183,20 +184,20 @@ class ExponentialMovingAverage:
         return self.applied() if self.save_files else contextlib.nullcontext()
 
 
-def make_ema(args: argparse.Namespace, method: Any, accelerator: Any) -> ExponentialMovingAverage | None:
-    """The run's EMA for ``--ema`` (main process only), else None."""
-    if not getattr(args, "ema", False) and not getattr(args, "save_ema", False):
+def make_ema(ema_options: EmaOptions, method: Any, accelerator: Any) -> ExponentialMovingAverage | None:
+    """The run's EMA for ``--ema`` / ``--save_ema`` (main process only), else None; reads --ema_decay,
+    --ema_update_every, --ema_device."""
+    if not ema_options.enabled or not accelerator.is_main_process:
         return None
-    if not accelerator.is_main_process:
-        return None
-    device = "cpu" if args.ema_device == "cpu" else None
-    ema = ExponentialMovingAverage(method, decay=args.ema_decay, update_every=args.ema_update_every, device=device)
-    ema.save_files = bool(args.save_ema)
+    device = "cpu" if ema_options.ema_device == "cpu" else None
+    ema = ExponentialMovingAverage(method, decay=ema_options.ema_decay, update_every=ema_options.ema_update_every,
+                                   device=device)
+    ema.save_files = ema_options.save_ema
     size = sum(s.numel() for s in ema.shadow)
     logger.info("EMA of %d trained tensor(s) (%s values) on %s, decay %g, every %d step(s)%s", len(ema.shadow),
-                f"{size:,}", "the CPU" if device == "cpu" else "the training device", args.ema_decay,
-                args.ema_update_every, "; saved files hold the EMA" if args.save_ema else "")
-    if not args.save_ema:
+                f"{size:,}", "the CPU" if device == "cpu" else "the training device", ema_options.ema_decay,
+                ema_options.ema_update_every, "; saved files hold the EMA" if ema_options.save_ema else "")
+    if not ema_options.save_ema:
         logger.warning("--ema without --save_ema: saved files hold the raw weights; the EMA is kept only in the "
                        "training state (--save_state)")
     return ema

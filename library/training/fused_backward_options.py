@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
+from library.option_groups import OptimizerOptions
 
 
 def add_fused_backward_arguments(parser: Any) -> None:
@@ -17,26 +18,27 @@ def add_fused_backward_arguments(parser: Any) -> None:
              "each parameter's gradient on its own)")
 
 
-def _optimizer_name(args: argparse.Namespace) -> str:
-    if getattr(args, "use_8bit_adam", False):
+def _optimizer_name(optimizer: OptimizerOptions) -> str:
+    if optimizer.use_8bit_adam:
         return "AdamW8bit"
-    if getattr(args, "use_lion_optimizer", False):
+    if optimizer.use_lion_optimizer:
         return "Lion"
-    return getattr(args, "optimizer_type", "") or "AdamW"
+    return optimizer.optimizer_type or "AdamW"
 
 
 def fused_backward_problems(args: argparse.Namespace) -> list[str]:
-    """What ``--fused_backward_pass`` cannot be combined with (empty without it)."""
-    if not getattr(args, "fused_backward_pass", False):
+    """What ``--fused_backward_pass`` cannot be combined with (empty without it): the optimizer,
+    --gradient_accumulation_steps and --mixed_precision."""
+    if not args.fused_backward_pass:
         return []
     problems = []
-    name = _optimizer_name(args)
+    name = _optimizer_name(OptimizerOptions.from_args(args))
     if name.lower() != "adafactor":
         problems.append(f"--fused_backward_pass needs --optimizer_type AdaFactor, got {name}")
-    if getattr(args, "gradient_accumulation_steps", 1) > 1:
+    if args.gradient_accumulation_steps > 1:
         problems.append("--fused_backward_pass cannot be combined with --gradient_accumulation_steps "
                         f"{args.gradient_accumulation_steps}: give 1")
-    if getattr(args, "mixed_precision", "no") == "fp16":
+    if args.mixed_precision == "fp16":
         problems.append("--fused_backward_pass cannot be combined with --mixed_precision fp16 (its loss scaler needs "
                         "the whole gradient set at once): use bf16 or no")
     return problems

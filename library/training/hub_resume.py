@@ -8,13 +8,13 @@ one. Downloaded once per process; the Hub must be reachable (else one error line
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from library.errors import UserError
+from library.option_groups import HubOptions, SaveOptions
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +82,11 @@ def download_state(source: ResumeSource, *, token: str | None = None, endpoint: 
     return root / prefix
 
 
-def resume_folder(args: argparse.Namespace) -> str | None:
+def resume_folder(save: SaveOptions, hub: HubOptions) -> str | None:
     """The local state folder ``--resume`` names: the option itself, or with ``--resume_from_huggingface``
-    the downloaded folder (fetched on the first call of the process)."""
-    resume = getattr(args, "resume", None)
-    if not resume or not getattr(args, "resume_from_huggingface", False):
+    the downloaded folder (fetched on the first call of the process, with ``--huggingface_token``)."""
+    resume = save.resume
+    if not resume or not hub.resume_from_huggingface:
         return resume
     endpoint = os.environ.get("HF_ENDPOINT") or None
     key = (resume, endpoint)
@@ -95,6 +95,5 @@ def resume_folder(args: argparse.Namespace) -> str | None:
             source = parse_resume_spec(resume)
         except ValueError as exc:
             raise UserError(f"--resume {resume} (--resume_from_huggingface): {exc}") from None
-        _DOWNLOADED[key] = str(download_state(source, token=getattr(args, "huggingface_token", None),
-                                              endpoint=endpoint))
+        _DOWNLOADED[key] = str(download_state(source, token=hub.huggingface_token, endpoint=endpoint))
     return _DOWNLOADED[key]

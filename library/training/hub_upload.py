@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from library.option_groups import HubOptions
+
 logger = logging.getLogger(__name__)
 
 #: repository types huggingface_hub can upload to
@@ -57,8 +59,7 @@ def huggingface_problems(args: argparse.Namespace) -> list[str]:
     from library.training.hub_resume import parse_resume_spec
 
     problems = []
-    repo_id = getattr(args, "huggingface_repo_id", None)
-    repo_type = getattr(args, "huggingface_repo_type", None)
+    repo_id, repo_type = args.huggingface_repo_id, args.huggingface_repo_type
     if repo_type is not None and repo_type not in REPO_TYPES:
         problems.append(f"--huggingface_repo_type {repo_type}: expected one of {', '.join(REPO_TYPES)}")
     if repo_id is not None:
@@ -69,10 +70,10 @@ def huggingface_problems(args: argparse.Namespace) -> list[str]:
         except HFValidationError:
             problems.append(f"--huggingface_repo_id {repo_id}: not a Hub repository id (expected <owner>/<name> "
                             "of letters, digits, '-', '_', '.')")
-    if getattr(args, "save_state_to_huggingface", False) and not repo_id:
+    if args.save_state_to_huggingface and not repo_id:
         problems.append("--save_state_to_huggingface needs --huggingface_repo_id (the repository to upload to)")
-    if getattr(args, "resume_from_huggingface", False):
-        if not getattr(args, "resume", None):
+    if args.resume_from_huggingface:
+        if not args.resume:
             problems.append("--resume_from_huggingface needs --resume <owner>/<repo>/<path>[:<revision>[:<type>]]")
         else:
             try:
@@ -234,12 +235,13 @@ class HubUploader:
         logger.info("uploaded %s to Hugging Face %s:%s", path.name, t.repo_id, dest)
 
 
-def make_uploader(args: argparse.Namespace) -> HubUploader | None:
-    """The run's uploader from the ``--huggingface_*`` options (None without ``--huggingface_repo_id``)."""
-    if not getattr(args, "huggingface_repo_id", None):
+def make_uploader(hub: HubOptions) -> HubUploader | None:
+    """The run's uploader from the ``--huggingface_*`` options, ``--save_state_to_huggingface`` and
+    ``--async_upload`` (None without ``--huggingface_repo_id``)."""
+    if not hub.huggingface_repo_id:
         return None
-    target = HubTarget(repo_id=args.huggingface_repo_id, repo_type=args.huggingface_repo_type,
-                       path_in_repo=args.huggingface_path_in_repo, token=args.huggingface_token,
-                       private=args.huggingface_repo_visibility != "public",
+    target = HubTarget(repo_id=hub.huggingface_repo_id, repo_type=hub.huggingface_repo_type,
+                       path_in_repo=hub.huggingface_path_in_repo, token=hub.huggingface_token,
+                       private=hub.huggingface_repo_visibility != "public",
                        endpoint=os.environ.get("HF_ENDPOINT") or None)
-    return HubUploader(target, asynchronous=args.async_upload, states=args.save_state_to_huggingface)
+    return HubUploader(target, asynchronous=hub.async_upload, states=hub.save_state_to_huggingface)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from library.errors import UserError
+from library.option_groups import LoggingOptions
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FULL_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -46,12 +47,10 @@ class ConsoleLogging:
     simple: bool = False
 
 
-def console_logging_of(args: argparse.Namespace) -> ConsoleLogging | None:
-    """The console-logging settings of parsed options (None when the parser has no such options)."""
-    if not hasattr(args, "console_log_level"):
-        return None
-    return ConsoleLogging(level=args.console_log_level or "INFO", file=args.console_log_file,
-                          simple=bool(args.console_log_simple))
+def console_logging_of(logging_options: LoggingOptions) -> ConsoleLogging:
+    """The console-logging settings of ``--console_log_level`` / ``--console_log_file`` / ``--console_log_simple``."""
+    return ConsoleLogging(level=logging_options.console_log_level or "INFO", file=logging_options.console_log_file,
+                          simple=logging_options.console_log_simple)
 
 
 class TqdmStreamHandler(logging.Handler):

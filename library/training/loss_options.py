@@ -15,9 +15,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from library.errors import UserError
+from library.option_groups import LossOptions
 
 if TYPE_CHECKING:  # torch and diffusers load only when training runs (parsers stay fast)
     import torch
+
+    from library.training.trainer import StepSettings
 
 logger = logging.getLogger(__name__)
 
@@ -58,55 +61,52 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
       help="folder of mask images (same stem as each training image) for the training subsets with --masked_loss")
 
 
-def _given(args: argparse.Namespace, name: str) -> bool:
-    return getattr(args, name, None) is not None
-
-
-def check_loss_arguments(args: argparse.Namespace) -> None:
-    """Refuse impossible combinations (all problems in one UserError); warn about ineffective ones."""
+def validate_loss_arguments(args: argparse.Namespace) -> None:
+    """Refuse impossible combinations (all problems in one UserError); warn about ineffective ones. Reads
+    --loss_type, --huber_c, --huber_schedule, --huber_scale, --ip_noise_gamma(_random_strength),
+    --zero_terminal_snr, --debiased_estimation_loss and --v_parameterization (every training script has them)."""
     problems = []
-    loss_type = getattr(args, "loss_type", "l2")
-    uses_c = loss_type in ("huber", "smooth_l1")
-    if _given(args, "huber_c") and args.huber_c <= 0:
+    uses_c = args.loss_type in ("huber", "smooth_l1")
+    if args.huber_c is not None and args.huber_c <= 0:
         problems.append(f"--huber_c must be > 0, got {args.huber_c:g}")
-    if _given(args, "huber_scale") and args.huber_scale <= 0:
+    if args.huber_scale is not None and args.huber_scale <= 0:
         problems.append(f"--huber_scale must be > 0, got {args.huber_scale:g}")
-    if _given(args, "ip_noise_gamma") and args.ip_noise_gamma < 0:
+    if args.ip_noise_gamma is not None and args.ip_noise_gamma < 0:
         problems.append(f"--ip_noise_gamma must be >= 0, got {args.ip_noise_gamma:g}")
-    if getattr(args, "ip_noise_gamma_random_strength", False) and not getattr(args, "ip_noise_gamma", None):
+    if args.ip_noise_gamma_random_strength and not args.ip_noise_gamma:
         problems.append("--ip_noise_gamma_random_strength needs --ip_noise_gamma (the largest strength)")
-    v_param = bool(getattr(args, "v_parameterization", False))
-    if getattr(args, "zero_terminal_snr", False) and getattr(args, "debiased_estimation_loss", False) and not v_param:
+    if args.zero_terminal_snr and args.debiased_estimation_loss and not args.v_parameterization:
         problems.append("--debiased_estimation_loss with --zero_terminal_snr needs --v_parameterization "
                         "(the epsilon weight 1/sqrt(SNR) is infinite at the last timestep, whose SNR is 0)")
     if problems:
         raise UserError("; ".join(problems))
     if not uses_c:
-        given = [f"--{n}" for n in ("huber_c", "huber_schedule", "huber_scale") if _given(args, n)]
+        given = [f"--{n}" for n in ("huber_c", "huber_schedule", "huber_scale") if vars(args)[n] is not None]
         if given:
             logger.warning("%s only affect --loss_type huber / smooth_l1 (this run uses %s)", ", ".join(given),
-                           loss_type)
-    if getattr(args, "zero_terminal_snr", False) and not v_param:
+                           args.loss_type)
+    if args.zero_terminal_snr and not args.v_parameterization:
         logger.warning("--zero_terminal_snr without --v_parameterization: an epsilon-prediction model cannot "
                        "learn anything at the last (pure-noise) timestep; v-prediction is recommended")
 
 
-def step_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~library.training.trainer.StepSettings` fields of these options."""
-    huber_c = args.huber_c if _given(args, "huber_c") else DEFAULT_HUBER_C
-    return dict(loss_type=getattr(args, "loss_type", "l2"), huber_c=float(huber_c),
-                huber_schedule=getattr(args, "huber_schedule", None) or DEFAULT_HUBER_SCHEDULE,
-                huber_scale=float(args.huber_scale if _given(args, "huber_scale") else DEFAULT_HUBER_SCALE),
-                zero_terminal_snr=bool(getattr(args, "zero_terminal_snr", False)),
-                debiased_estimation=bool(getattr(args, "debiased_estimation_loss", False)),
-                ip_noise_gamma=getattr(args, "ip_noise_gamma", None) or None,
-                ip_noise_gamma_random_strength=bool(getattr(args, "ip_noise_gamma_random_strength", False)))
+def step_fields(loss: LossOptions) -> dict[str, Any]:
+    """The :class:`~library.training.trainer.StepSettings` fields of the loss options (reads --loss_type,
+    --huber_c, --huber_schedule, --huber_scale, --zero_terminal_snr, --debiased_estimation_loss,
+    --ip_noise_gamma, --ip_noise_gamma_random_strength; an unset Huber value takes its documented default)."""
+    huber_c = loss.huber_c if loss.huber_c is not None else DEFAULT_HUBER_C
+    huber_scale = loss.huber_scale if loss.huber_scale is not None else DEFAULT_HUBER_SCALE
+    return dict(loss_type=loss.loss_type, huber_c=float(huber_c),
+                huber_schedule=loss.huber_schedule or DEFAULT_HUBER_SCHEDULE, huber_scale=float(huber_scale),
+                zero_terminal_snr=loss.zero_terminal_snr, debiased_estimation=loss.debiased_estimation_loss,
+                ip_noise_gamma=loss.ip_noise_gamma or None,
+                ip_noise_gamma_random_strength=loss.ip_noise_gamma_random_strength)
 
 
-def input_noise(noise: torch.Tensor, generator: torch.Generator, settings: Any) -> torch.Tensor:
+def input_noise(noise: torch.Tensor, generator: torch.Generator, settings: StepSettings) -> torch.Tensor:
     """The noise that builds x_t: ``noise`` itself, or with ``--ip_noise_gamma`` ε + γ·ε' (drawn after the
     timesteps; the target keeps the unperturbed ε). Draws nothing when the option is off."""
-    gamma = getattr(settings, "ip_noise_gamma", None)
+    gamma = settings.ip_noise_gamma
     if not gamma:
         return noise
     from library.training import diffusion
@@ -114,13 +114,13 @@ def input_noise(noise: torch.Tensor, generator: torch.Generator, settings: Any) 
     return diffusion.perturb_noise(noise, generator, gamma, settings.ip_noise_gamma_random_strength)
 
 
-def loss_kwargs(settings: Any) -> dict[str, Any]:
+def loss_kwargs(settings: StepSettings) -> dict[str, Any]:
     """Keyword arguments of :func:`library.training.diffusion.diffusion_loss` for these options."""
     return dict(loss_type=settings.loss_type, huber_c=settings.huber_c, huber_schedule=settings.huber_schedule,
                 huber_scale=settings.huber_scale, debiased_estimation=settings.debiased_estimation,
                 # --v_pred_like_loss / --scale_v_pred_loss_like_noise_pred (library/training/timestep_loss_options.py)
-                v_pred_like_loss=getattr(settings, "v_pred_like_loss", None),
-                scale_v_pred_loss_like_noise_pred=bool(getattr(settings, "scale_v_pred_loss_like_noise_pred", False)))
+                v_pred_like_loss=settings.v_pred_like_loss,
+                scale_v_pred_loss_like_noise_pred=settings.scale_v_pred_loss_like_noise_pred)
 
 
 def batch_mask(batch: dict[str, Any], device: Any) -> torch.Tensor | None:
@@ -129,13 +129,13 @@ def batch_mask(batch: dict[str, Any], device: Any) -> torch.Tensor | None:
     return None if masks is None else masks.to(device)
 
 
-def loss_metadata(args: argparse.Namespace) -> dict[str, str]:
-    """The ``ss_*`` keys upstream records for these options (LoRA metadata)."""
-    fields = step_fields(args)
+def loss_metadata(loss: LossOptions) -> dict[str, str]:
+    """The ``ss_*`` keys upstream records for the loss options (LoRA metadata; adds --masked_loss)."""
+    fields = step_fields(loss)
     return {"ss_loss_type": str(fields["loss_type"]), "ss_huber_c": str(fields["huber_c"]),
             "ss_huber_schedule": str(fields["huber_schedule"]), "ss_huber_scale": str(fields["huber_scale"]),
             "ss_zero_terminal_snr": str(fields["zero_terminal_snr"]),
             "ss_debiased_estimation": str(fields["debiased_estimation"]),
             "ss_ip_noise_gamma": str(fields["ip_noise_gamma"]),
             "ss_ip_noise_gamma_random_strength": str(fields["ip_noise_gamma_random_strength"]),
-            "ss_masked_loss": str(bool(getattr(args, "masked_loss", False)))}
+            "ss_masked_loss": str(loss.masked_loss)}

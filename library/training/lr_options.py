@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 from typing import Any
+from library.option_groups import OptimizerOptions
 
 logger = logging.getLogger(__name__)
 
@@ -76,29 +77,30 @@ def lr_schedule_problems(args: argparse.Namespace) -> list[str]:
     """Range problems of the ratio forms (the counts' ranges are in library/training/bounds.py); warns about
     options the chosen ``--lr_scheduler`` does not read."""
     problems = []
+    given = vars(args)  # every training script has these options
     for name in ("lr_warmup_steps", "lr_decay_steps"):
-        value = getattr(args, name, None)
+        value = given[name]
         if _is_ratio(value) and value > 1.0:  # a negative value is named by the range check (bounds.py)
             problems.append(f"--{name} as a ratio must be at most 1 (100%), got {value:g}")
-    warmup, decay = getattr(args, "lr_warmup_steps", 0), getattr(args, "lr_decay_steps", 0)
-    if (_is_ratio(warmup) and _is_ratio(decay) and getattr(args, "lr_scheduler", "") == "warmup_stable_decay"
+    warmup, decay = args.lr_warmup_steps, args.lr_decay_steps
+    if (_is_ratio(warmup) and _is_ratio(decay) and args.lr_scheduler == "warmup_stable_decay"
             and warmup + decay > 1.0):
         problems.append(f"--lr_warmup_steps ({warmup:g}) and --lr_decay_steps ({decay:g}) together exceed the run")
-    scheduler = getattr(args, "lr_scheduler", "")
-    if not getattr(args, "lr_scheduler_type", ""):
+    scheduler = args.lr_scheduler
+    if not args.lr_scheduler_type:
         defaults = {"lr_decay_steps": 0, "lr_scheduler_timescale": None, "lr_scheduler_min_lr_ratio": None}
         ignored = [f"--{name}" for name, users in USED_BY.items()
-                   if getattr(args, name, defaults[name]) not in (defaults[name], 0.0) and scheduler not in users]
+                   if given[name] not in (defaults[name], 0.0) and scheduler not in users]
         if ignored:
             logger.warning("%s: not used by --lr_scheduler %s (ignored)", ", ".join(ignored), scheduler)
     return problems
 
 
-def schedule_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of :func:`library.training.lr.build_lr_scheduler` / ``lr_at_steps`` from ``args``
+def schedule_options(optimizer: OptimizerOptions) -> dict[str, Any]:
+    """Keyword arguments of :func:`library.training.lr.build_lr_scheduler` / ``lr_at_steps`` from the optimizer group
     (everything but the scheduler name, the optimizer and the run length)."""
-    return dict(num_warmup_steps=args.lr_warmup_steps, num_cycles=args.lr_scheduler_num_cycles,
-                power=args.lr_scheduler_power, scheduler_type=args.lr_scheduler_type,
-                scheduler_args=args.lr_scheduler_args, num_decay_steps=getattr(args, "lr_decay_steps", 0),
-                timescale=getattr(args, "lr_scheduler_timescale", None),
-                min_lr_ratio=getattr(args, "lr_scheduler_min_lr_ratio", None))
+    return dict(num_warmup_steps=optimizer.lr_warmup_steps, num_cycles=optimizer.lr_scheduler_num_cycles,
+                power=optimizer.lr_scheduler_power, scheduler_type=optimizer.lr_scheduler_type,
+                scheduler_args=optimizer.lr_scheduler_args, num_decay_steps=optimizer.lr_decay_steps,
+                timescale=optimizer.lr_scheduler_timescale,
+                min_lr_ratio=optimizer.lr_scheduler_min_lr_ratio)

@@ -10,7 +10,6 @@ the temporaries a killed run left for these names (:mod:`library.fileio`).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 from library.errors import UserError
 from library.fileio import describe_os_error, remove_leftovers
+from library.option_groups import Options
 from library.output_safety import OutputLayout, check_target
 
 #: options whose values are files or folders the run reads (never replaced by a save)
@@ -27,18 +27,20 @@ INPUT_OPTIONS = ("pretrained_model_name_or_path", "vae", "network_weights", "wei
                  "tokenizer_cache_dir", "resume", "base_weights")
 
 
-def run_inputs(args: argparse.Namespace, blueprint: Any = None) -> list[tuple[str, str]]:
-    """``(option, path)`` of everything the run reads: path options and the dataset's folders and files."""
+def run_inputs(opts: Options, blueprint: Any = None) -> list[tuple[str, str]]:
+    """``(option, path)`` of everything the run reads: the path options of :data:`INPUT_OPTIONS` (looked up by
+    name, :meth:`Options.option`) and the folders and files of the dataset ``blueprint``
+    (a :class:`library.config.blueprint.DatasetBlueprint`, or None)."""
     found: list[tuple[str, str]] = []
     for name in INPUT_OPTIONS:
-        value = getattr(args, name, None)
+        value = opts.option(name)
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(item, (str, os.PathLike)) and str(item):
                 found.append((f"--{name}", os.fspath(item)))
-    for dataset in getattr(blueprint, "datasets", ()) or ():
+    for dataset in blueprint.datasets if blueprint is not None else ():
         for subset in dataset.subsets:
             for key in ("image_dir", "metadata_file", "conditioning_data_dir"):
-                value = getattr(subset, key, None)
+                value = getattr(subset, key)
                 if value:
                     found.append((f"the dataset's {key}", value))
     return found
@@ -72,15 +74,16 @@ def check_output_dir(output_dir: str | os.PathLike | None) -> Path:
     return folder
 
 
-def check_outputs(args: argparse.Namespace, layout: OutputLayout, blueprint: Any, plan: Any, *,
+def check_outputs(opts: Options, layout: OutputLayout, blueprint: Any, plan: Any, *, output_name: str | None,
                   sampling: bool = False, main_process: bool = True) -> None:
-    """The pre-flight check of every save this run will make, named by the method's ``layout``."""
+    """The pre-flight check of every save this run will make, named by the method's ``layout`` with the stem
+    ``output_name`` (``--output_name``, or the method's default)."""
     from library.training.save_plan import plan_outputs
 
-    folder = check_output_dir(args.output_dir)
-    outputs = plan_outputs(args, plan, layout.file_name, sample_prompts=0)
-    inputs = run_inputs(args, blueprint)
-    resume = getattr(args, "resume", None)
+    folder = check_output_dir(opts.save.output_dir)
+    outputs = plan_outputs(opts, plan, layout.file_name, output_name=output_name, sample_prompts=0)
+    inputs = run_inputs(opts, blueprint)
+    resume = opts.save.resume
     names = [save.name.rstrip("/") for save in outputs.saves]
     if main_process:
         remove_leftovers(folder, names)

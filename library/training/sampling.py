@@ -13,7 +13,6 @@ NumPy RNG states and the VAE's device are put back afterwards, and the latent no
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import inspect
@@ -31,6 +30,7 @@ import torch
 from library.data.tokens import encode_weighted_captions
 from library.errors import UserError
 from library.fileio import atomic_path
+from library.option_groups import SampleOptions
 from library.training.prompts import DEFAULT_SAMPLER, SAMPLER_NAMES, SamplePrompt, read_prompt_file
 
 logger = logging.getLogger(__name__)
@@ -119,14 +119,16 @@ class SampleSettings:
         return not self.every_n_epochs and bool(self.every_n_steps) and step % self.every_n_steps == 0
 
 
-def sample_settings(args: argparse.Namespace) -> SampleSettings | None:
-    """Validate the ``--sample_*`` options and the prompt file up front; None when no samples are asked for.
+def sample_settings(sample: SampleOptions) -> SampleSettings | None:
+    """Validate the ``--sample_*`` options (``--sample_every_n_steps``, ``--sample_every_n_epochs``,
+    ``--sample_at_first``, ``--sample_prompts``, ``--sample_sampler``) and the prompt file up front; None when no
+    samples are asked for.
 
     Problems that the reference only meets at the first sampling point (no prompt file: TypeError; a
     missing file: a message) are UserErrors before any model is loaded here.
     """
-    steps, epochs = getattr(args, "sample_every_n_steps", None), getattr(args, "sample_every_n_epochs", None)
-    at_first, prompts = getattr(args, "sample_at_first", False), getattr(args, "sample_prompts", None)
+    steps, epochs = sample.sample_every_n_steps, sample.sample_every_n_epochs
+    at_first, prompts = sample.sample_at_first, sample.sample_prompts
     for option, value in (("--sample_every_n_steps", steps), ("--sample_every_n_epochs", epochs)):
         if value is not None and value < 1:
             raise UserError(f"{option} {value}: must be at least 1")
@@ -145,7 +147,7 @@ def sample_settings(args: argparse.Namespace) -> SampleSettings | None:
     if not read_prompt_file(prompts):
         logger.warning("--sample_prompts %s holds no prompts: no samples will be made", prompts)
     return SampleSettings(prompts_file=Path(prompts), every_n_steps=steps, every_n_epochs=epochs,
-                          sampler=getattr(args, "sample_sampler", None) or DEFAULT_SAMPLER, at_first=bool(at_first))
+                          sampler=sample.sample_sampler or DEFAULT_SAMPLER, at_first=at_first)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,10 +199,13 @@ def _pipeline(components: SampleComponents, scheduler: Any) -> Any:
 
 @torch.no_grad()
 def generate_images(components: SampleComponents, prompt: SamplePrompt, *, sampler: str = DEFAULT_SAMPLER,
-                    generators: Sequence[torch.Generator], output_type: str = "np") -> list[np.ndarray]:
+                    generators: Sequence[torch.Generator], output_type: str = "np",
+                    embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[np.ndarray]:
     """``len(generators)`` images of ``prompt``, denoised as one batch, as float32 HWC in [0, 1]
     (``output_type="latent"``: the final latents, CHW, before decoding). Image i's initial latent and
-    sampler noise come from ``generators[i]`` alone (a CPU generator gives the same image on any device)."""
+    sampler noise come from ``generators[i]`` alone (a CPU generator gives the same image on any device).
+    ``embeds``: the prompt's :func:`encode_prompt_pair` result when already encoded (gen_img_diffusers.py
+    encodes each prompt once for all its batches); not with a ``layer_encoder`` (XTI)."""
     steps = prompt.steps
     if SAMPLER_TABLE.get(sampler, ("",))[0] == "PNDMScheduler" and steps < PNDM_MIN_STEPS:
         logger.warning("sample %d: pndm needs at least %d steps; using %d", prompt.line_index, PNDM_MIN_STEPS,
@@ -215,7 +220,7 @@ def generate_images(components: SampleComponents, prompt: SamplePrompt, *, sampl
         routed = routed.repeat_interleave(count, dim=1)
         extra["cross_attention_kwargs"] = {"xti_states": routed.to(components.unet.dtype)}
     else:
-        positive, negative = encode_prompt_pair(components, prompt.prompt, prompt.negative_prompt)
+        positive, negative = embeds or encode_prompt_pair(components, prompt.prompt, prompt.negative_prompt)
     pipe = _pipeline(components, build_sample_scheduler(sampler, components.v_parameterization))
     device = next(components.unet.parameters()).device
     result = pipe(prompt_embeds=positive.to(device), negative_prompt_embeds=negative.to(device),
@@ -399,19 +404,21 @@ class Sampler:
         return path
 
 
-def make_sampler(settings: SampleSettings | None, args: argparse.Namespace, *, unet: Any, vae: Any,
-                 text_encoder: Any, tokenizer: Any, v_parameterization: bool, seed: int,
-                 extra_modules: Sequence[torch.nn.Module] = (),
+def make_sampler(settings: SampleSettings | None, *, output_dir: str | Path, clip_skip: int | None, unet: Any,
+                 vae: Any, text_encoder: Any, tokenizer: Any, v_parameterization: bool, seed: int,
+                 output_name: str | None, extra_modules: Sequence[torch.nn.Module] = (),
                  prompt_transform: Callable[[str], str] | None = None,
                  layer_encoder: Callable[[list[str]], torch.Tensor] | None = None) -> Sampler | None:
     """The :class:`Sampler` an entry script hands to the Trainer (None without samples): the live model
-    parts, ``--output_dir`` / ``--output_name`` / ``--clip_skip`` and the run seed."""
+    parts, ``output_dir`` (``--output_dir``) and ``clip_skip`` (``--clip_skip``), the run seed and
+    ``output_name``, the stem of the run's saves (``--output_name``, or the method's default), which begins the
+    image names."""
     if settings is None:
         return None
     parts = SampleComponents(unet, vae, text_encoder, tokenizer, v_parameterization,
-                             clip_skip=getattr(args, "clip_skip", None), layer_encoder=layer_encoder)
-    return Sampler(settings=settings, components=parts, output_dir=Path(args.output_dir), run_seed=seed,
-                   output_name=getattr(args, "output_name", None), extra_modules=list(extra_modules),
+                             clip_skip=clip_skip, layer_encoder=layer_encoder)
+    return Sampler(settings=settings, components=parts, output_dir=Path(output_dir), run_seed=seed,
+                   output_name=output_name, extra_modules=list(extra_modules),
                    prompt_transform=prompt_transform)
 
 

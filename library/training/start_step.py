@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from library.option_groups import TrainingOptions
+
 
 def add_start_step_arguments(parser: argparse.ArgumentParser) -> None:
     """``--initial_epoch``, ``--initial_step``, ``--skip_until_initial_step`` (kohya's names and defaults)."""
@@ -62,10 +64,10 @@ def start_point(step: int, *, steps_per_epoch: int, gradient_accumulation_steps:
                       position=done * gradient_accumulation_steps if skip else 0)
 
 
-def start_step_of_args(args: argparse.Namespace, steps_per_epoch: int) -> int | None:
-    """Glue: the initial step of parsed options (None without them, or for scripts that lack them)."""
-    return initial_step_of(getattr(args, "initial_step", None), getattr(args, "initial_epoch", None),
-                           steps_per_epoch)
+def initial_step_from(training: TrainingOptions, steps_per_epoch: int) -> int | None:
+    """The initial step of --initial_step / --initial_epoch (None without them; scripts that lack them have
+    the fields' default None)."""
+    return initial_step_of(training.initial_step, training.initial_epoch, steps_per_epoch)
 
 
 def check_start_step(step: int | None, max_train_steps: int) -> str | None:

@@ -22,10 +22,12 @@ import hashlib
 import logging
 import random
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from library.errors import UserError
+from library.option_groups import DataOptions, DreamBoothOptions, TextEncoderCacheOptions
 
 logger = logging.getLogger(__name__)
 
@@ -52,38 +54,43 @@ def add_te_cache_arguments(parser: argparse.ArgumentParser) -> None:
            "each caption's output is then computed once, when first needed, and reused)")
 
 
-def cache_requested(args: argparse.Namespace) -> bool:
-    """True with ``--cache_text_encoder_outputs`` or ``--cache_text_encoder_outputs_to_disk``."""
-    return bool(getattr(args, "cache_text_encoder_outputs", False)
-                or getattr(args, "cache_text_encoder_outputs_to_disk", False))
+@dataclass(frozen=True)
+class TextEncoderUse:
+    """What a method does with the text encoder, declared by its module from its own options before anything
+    loads (:attr:`library.methods.base.MethodStart.text_encoder_use`)."""
 
+    #: how long it trains: None for the whole run, 0 never (frozen), N for the first N optimizer steps
+    steps: int | None
+    #: why it trains and what would freeze it (the refusal of the cache names it), e.g. "LoRA trains
+    #: text-encoder modules unless --network_train_unet_only is given"
+    why: str
 
-def text_encoder_training(args: argparse.Namespace) -> str | None:
-    """Why the text encoder trains in this run (what to change), or None when it stays frozen."""
-    if hasattr(args, "token_string"):
-        return "Textual Inversion trains embeddings inside the text encoder"
-    if hasattr(args, "network_train_unet_only"):
-        return None if args.network_train_unet_only else \
-            "LoRA trains text-encoder modules unless --network_train_unet_only is given"
-    if hasattr(args, "train_text_encoder"):
-        return "--train_text_encoder trains it" if args.train_text_encoder else None
-    if hasattr(args, "stop_text_encoder_training"):
-        stop = args.stop_text_encoder_training
-        return None if stop is not None and stop <= 0 else \
-            "DreamBooth trains it unless --stop_text_encoder_training is 0 or negative"
-    return None
+    @property
+    def trains(self) -> bool:
+        """Whether it trains at all in this run."""
+        return self.steps != 0
+
+    @property
+    def stops_later(self) -> bool:
+        """Whether it trains at first and is frozen from step :attr:`steps` on (DreamBooth's
+        ``--stop_text_encoder_training N``, N > 0)."""
+        return self.steps is not None and self.steps > 0
+
 
 
 _CAPTION_OPTIONS = (("shuffle_caption", "shuffle_caption"), ("caption_dropout_rate", "caption_dropout_rate"),
                     ("caption_dropout_every_n_epochs", "caption_dropout_every_n_epochs"),
-                    ("caption_tag_dropout_rate", "caption_tag_dropout_rate"), ("token_warmup_step", "token_warmup_step"),
+                    ("caption_tag_dropout_rate", "caption_tag_dropout_rate"),
+                    ("token_warmup_step", "token_warmup_step"),
                     ("enable_wildcard", "enable_wildcard"))
 
 
-def caption_conflicts(args: argparse.Namespace, group: Any) -> list[str]:
-    """The options that make captions change between steps (each named with where it is set)."""
+def caption_conflicts(group: Any, data: DataOptions, dreambooth: DreamBoothOptions) -> list[str]:
+    """What makes captions change between steps (each named with where it is set): the caption options of
+    every subset of ``group`` and its validation group, Textual Inversion's replacements, --weighted_captions
+    with --max_token_length 150/225 and --no_token_padding (DreamBooth's; False in the other scripts)."""
     found = []
-    groups = [group] + ([group.validation] if getattr(group, "validation", None) is not None else [])
+    groups = [group] + ([group.validation] if group.validation is not None else [])
     seen = set()
     for g in groups:
         for i, ds in enumerate(g.datasets):
@@ -92,46 +99,41 @@ def caption_conflicts(args: argparse.Namespace, group: Any) -> list[str]:
                     if getattr(subset, field) and (field, id(subset)) not in seen:
                         seen.add((field, id(subset)))
                         found.append(f"{field} (--{option} or the dataset config; datasets[{i}].subsets[{j}])")
-    if getattr(group, "replacements", None):
+    if group.replacements:
         found.append("caption templates / token replacements (Textual Inversion)")
-    if getattr(args, "weighted_captions", False) and getattr(args, "max_token_length", None) not in (None, 75):
+    if data.weighted_captions and data.max_token_length not in (None, 75):
         found.append("--weighted_captions with --max_token_length 150/225 (the chunk count depends on the batch)")
-    if getattr(args, "no_token_padding", False):
+    if dreambooth.no_token_padding:
         found.append("--no_token_padding (the padding depends on the batch)")
     return found
 
 
-def text_encoder_stops_later(args: argparse.Namespace) -> bool:
-    """True for DreamBooth with ``--stop_text_encoder_training N`` (N > 0): frozen from step N on."""
-    stop = getattr(args, "stop_text_encoder_training", None)
-    return stop is not None and stop > 0
-
-
-def automatic_reuse(args: argparse.Namespace, group: Any) -> bool:
+def automatic_reuse(te_cache: TextEncoderCacheOptions, use: TextEncoderUse, conflicts: Sequence[str]) -> bool:
     """True when outputs are reused without being asked: neither cache option nor
-    ``--no_cache_text_encoder_outputs`` given, fixed captions, and a text encoder that is frozen (or, with
-    :func:`text_encoder_stops_later`, frozen once it stops: reuse starts then)."""
-    if cache_requested(args) or getattr(args, "no_cache_text_encoder_outputs", False):
+    ``--no_cache_text_encoder_outputs`` given, fixed captions (no ``conflicts``, :func:`caption_conflicts`), and
+    a text encoder that is frozen (or, :attr:`TextEncoderUse.stops_later`, frozen once it stops: reuse starts
+    then)."""
+    if te_cache.requested or te_cache.no_cache_text_encoder_outputs:
         return False
-    frozen = text_encoder_training(args) is None or text_encoder_stops_later(args)
-    return frozen and not caption_conflicts(args, group)
+    frozen = not use.trains or use.stops_later
+    return frozen and not conflicts
 
 
-def check_text_encoder_cache(args: argparse.Namespace, group: Any) -> None:
-    """Refuse ``--cache_text_encoder_outputs[_to_disk]`` where it would change training (one UserError)."""
-    if not cache_requested(args):
+def check_text_encoder_cache(te_cache: TextEncoderCacheOptions, use: TextEncoderUse, conflicts: Sequence[str]) -> None:
+    """Refuse ``--cache_text_encoder_outputs[_to_disk]`` where it would change training (one UserError): with
+    ``--no_cache_text_encoder_outputs``, a text encoder that trains (``use``), captions that change
+    (``conflicts``, :func:`caption_conflicts`) or a ``--text_encoder_batch_size`` below 1."""
+    if not te_cache.requested:
         return
-    if getattr(args, "no_cache_text_encoder_outputs", False):
+    if te_cache.no_cache_text_encoder_outputs:
         raise UserError("--no_cache_text_encoder_outputs cannot be combined with --cache_text_encoder_outputs"
                         "[_to_disk]; give one of them")
     problems = []
-    why = text_encoder_training(args)
-    if why is not None:
-        problems.append(f"it needs a frozen text encoder, but {why}")
-    conflicts = caption_conflicts(args, group)
+    if use.trains:
+        problems.append(f"it needs a frozen text encoder, but {use.why}")
     if conflicts:
         problems.append(f"it needs fixed captions, but these change them: {', '.join(conflicts)}")
-    size = getattr(args, "text_encoder_batch_size", None)
+    size = te_cache.text_encoder_batch_size
     if size is not None and size < 1:
         problems.append(f"--text_encoder_batch_size must be at least 1, got {size}")
     if problems:
@@ -297,7 +299,7 @@ class TextEncoderCache:
 def _entries(group: Any) -> list[tuple[str, str | None]]:
     """(fixed caption, image path or None) of every image of the group and its validation group."""
     out = []
-    groups = [group] + ([group.validation] if getattr(group, "validation", None) is not None else [])
+    groups = [group] + ([group.validation] if group.validation is not None else [])
     for g in groups:
         for ds in g.datasets:
             for entry in ds.entries:
@@ -332,27 +334,28 @@ def fill_cache(cache: TextEncoderCache, model: Any, *, to_disk: bool, write: boo
     return counts
 
 
-def build_text_encoder_cache(args: argparse.Namespace, *, accelerator: Any, model: Any, group: Any, method: Any,
+def build_text_encoder_cache(te_cache: TextEncoderCacheOptions, use: TextEncoderUse, conflicts: Sequence[str], *,
+                             train_batch_size: int, accelerator: Any, model: Any, group: Any, method: Any,
                              keep_text_encoder: bool) -> TextEncoderCache | None:
     """The run's cache, filled before the first step with ``--cache_text_encoder_outputs``; the empty
-    automatic one (:func:`automatic_reuse`), filled as batches need it; else None.
+    automatic one (:func:`automatic_reuse` of ``use`` and ``conflicts``), filled as batches need it; else None.
+    Captions are encoded ``--text_encoder_batch_size`` (default ``train_batch_size``) at a time.
 
     On disk the main process writes the files first and the others then read them. Afterwards the text
     encoder moves to the CPU unless ``keep_text_encoder`` (sample images need it on the device).
     """
-    if automatic_reuse(args, group) and (text_encoder_stops_later(args) or not _method_trains_text_encoder(method)):
-        when = (f" once the text encoder stops training (step {args.stop_text_encoder_training})"
-                if text_encoder_stops_later(args) else "")
+    batch_size = te_cache.text_encoder_batch_size or train_batch_size
+    if automatic_reuse(te_cache, use, conflicts) and (use.stops_later or not _method_trains_text_encoder(method)):
+        when = f" once the text encoder stops training (step {use.steps})" if use.stops_later else ""
         logger.info("text-encoder outputs are reused per caption%s (frozen text encoder, fixed captions); "
                     "--no_cache_text_encoder_outputs turns this off", when)
-        return TextEncoderCache(method, group, args.text_encoder_batch_size or args.train_batch_size,
-                                budget_bytes=AUTO_BUDGET_BYTES)
-    if not cache_requested(args):
+        return TextEncoderCache(method, group, batch_size, budget_bytes=AUTO_BUDGET_BYTES)
+    if not te_cache.requested:
         return None
     if _method_trains_text_encoder(method):
         raise UserError(f"--cache_text_encoder_outputs: the {method.name} method trains the text encoder")
-    to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
-    cache = TextEncoderCache(method, group, args.text_encoder_batch_size or args.train_batch_size)
+    to_disk = te_cache.cache_text_encoder_outputs_to_disk
+    cache = TextEncoderCache(method, group, batch_size)
     if not to_disk or accelerator.is_main_process:
         counts = fill_cache(cache, model, to_disk=to_disk, write=to_disk)
         logger.info("text-encoder cache: %d distinct caption(s), %d encoded%s", counts["captions"], counts["encoded"],

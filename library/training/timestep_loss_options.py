@@ -12,13 +12,11 @@ this module registers the options, checks their combinations and turns them into
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from library.option_groups import LossOptions
 
 NUM_TRAIN_TIMESTEPS = 1000  # the same as library.training.diffusion.NUM_TRAIN_TIMESTEPS (kept import-free)
 NUM_VALIDATION_TIMESTEPS = 4  # kohya: linspace(min, max, 4 + 2)[1:-1] inside a restricted range
-TIMESTEP_LOG = "timesteps-rank{rank}.jsonl"  # test hook file in SDTRAIN_DEBUG_DIR
 
 
 def add_timestep_loss_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,28 +46,30 @@ def timestep_range(min_timestep: int | None, max_timestep: int | None) -> tuple[
 
 
 def timestep_loss_problems(args: argparse.Namespace) -> list[str]:
-    """Combination problems of these options (their numeric ranges are in library/training/bounds.py)."""
+    """Combination problems of these options (their numeric ranges are in library/training/bounds.py); reads
+    --min_timestep, --max_timestep, --noise_offset(_random_strength), --v_pred_like_loss,
+    --scale_v_pred_loss_like_noise_pred and --v_parameterization (every training script has them)."""
     problems = []
-    low, high = getattr(args, "min_timestep", None), getattr(args, "max_timestep", None)
+    low, high = args.min_timestep, args.max_timestep
     if low is not None and high is not None and low > high:
         problems.append(f"--min_timestep ({low}) must be at most --max_timestep ({high})")
-    if getattr(args, "noise_offset_random_strength", False) and not getattr(args, "noise_offset", None):
+    if args.noise_offset_random_strength and not args.noise_offset:
         problems.append("--noise_offset_random_strength needs --noise_offset (the largest strength)")
-    v_param = bool(getattr(args, "v_parameterization", False))
-    if getattr(args, "v_pred_like_loss", None) and v_param:
+    v_param = args.v_parameterization
+    if args.v_pred_like_loss and v_param:
         problems.append("--v_pred_like_loss cannot be used with --v_parameterization")
-    if getattr(args, "scale_v_pred_loss_like_noise_pred", False) and not v_param:
+    if args.scale_v_pred_loss_like_noise_pred and not v_param:
         problems.append("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
     return problems
 
 
-def timestep_loss_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~library.training.trainer.StepSettings` fields of these options."""
-    low, high = timestep_range(getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
-    return dict(min_timestep=low, max_timestep=high,
-                noise_offset_random_strength=bool(getattr(args, "noise_offset_random_strength", False)),
-                v_pred_like_loss=getattr(args, "v_pred_like_loss", None) or None,
-                scale_v_pred_loss_like_noise_pred=bool(getattr(args, "scale_v_pred_loss_like_noise_pred", False)))
+def timestep_loss_fields(loss: LossOptions) -> dict[str, Any]:
+    """The :class:`~library.training.trainer.StepSettings` fields of these options (reads --min_timestep,
+    --max_timestep, --noise_offset_random_strength, --v_pred_like_loss, --scale_v_pred_loss_like_noise_pred)."""
+    low, high = timestep_range(loss.min_timestep, loss.max_timestep)
+    return dict(min_timestep=low, max_timestep=high, noise_offset_random_strength=loss.noise_offset_random_strength,
+                v_pred_like_loss=loss.v_pred_like_loss or None,
+                scale_v_pred_loss_like_noise_pred=loss.scale_v_pred_loss_like_noise_pred)
 
 
 def validation_timesteps(min_timestep: int | None, max_timestep: int | None) -> tuple[int, ...] | None:
@@ -81,13 +81,3 @@ def validation_timesteps(min_timestep: int | None, max_timestep: int | None) -> 
     low, high = timestep_range(min_timestep, max_timestep)
     parts = NUM_VALIDATION_TIMESTEPS + 1
     return tuple(int(low + (high - low) * i / parts) for i in range(1, parts))
-
-
-def record_timesteps(debug_dir: str | None, rank: int, timesteps: Sequence[int]) -> None:
-    """Test hook: with ``SDTRAIN_DEBUG_DIR`` set, append one step's timesteps as a JSON line to
-    ``timesteps-rank<r>.jsonl`` there. Does nothing without the folder."""
-    if not debug_dir:
-        return
-    path = Path(debug_dir) / TIMESTEP_LOG.format(rank=rank)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps([int(t) for t in timesteps]) + "\n")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from library.errors import UserError
+from library.option_groups import LoggingOptions
 
 #: options never sent to a tracker: secrets, then local paths (kohya's lists, plus our other secrets)
 SECRET_OPTIONS = ("wandb_api_key", "huggingface_token")
@@ -84,7 +85,7 @@ def _summary_writer_arguments() -> set[str]:
 
 def tracker_problems(args: argparse.Namespace) -> list[str]:
     """``--log_tracker_config`` must be readable TOML of tracker tables (checked before anything loads)."""
-    path = getattr(args, "log_tracker_config", None)
+    path = args.log_tracker_config
     if not path:
         return []
     try:
@@ -114,8 +115,10 @@ def sanitized_config(options: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def tracker_start(args: argparse.Namespace) -> TrackerStart:
-    """The :class:`TrackerStart` of parsed options (glue: reads ``args``)."""
-    kwargs = tracker_init_kwargs(getattr(args, "wandb_run_name", None), getattr(args, "log_tracker_config", None))
-    config = sanitized_config(vars(args)) if getattr(args, "log_config", False) else None
+def tracker_start(logging_options: LoggingOptions, command_line: dict[str, Any]) -> TrackerStart:
+    """The :class:`TrackerStart` of the run: reads --wandb_run_name, --log_tracker_config and --log_config, which
+    records ``command_line`` (every option of the script by name, :meth:`library.option_groups.Options.command_line`)
+    sanitized."""
+    kwargs = tracker_init_kwargs(logging_options.wandb_run_name, logging_options.log_tracker_config)
+    config = sanitized_config(command_line) if logging_options.log_config else None
     return TrackerStart(init_kwargs=kwargs, config=config)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -29,14 +28,15 @@ from library.training.checkpoint import (TrainProgress, epoch_name, epoch_to_rem
                                          restore_rng_states, save_state, step_name, step_to_remove)
 from library.training.guard import TrainingGuard, total_grad_norm
 from library.training.plan import RunPlan
+from library.training.sharding import STATE_KEY, check_state as check_sharded_state
 from library.training.start_step import StartPoint
-from library.training.timestep_loss_options import record_timesteps
 from library.training.tracking import LossAverage, Tracker
 
 if TYPE_CHECKING:  # annotations only: these modules import the trainer's neighbours
     from library.training.ema import ExponentialMovingAverage
     from library.training.sampling import Sampler
     from library.training.te_cache import TextEncoderCache
+    from library.training.training_record import TrainingRecord
     from library.training.validation import Validator
 
 logger = logging.getLogger(__name__)
@@ -124,11 +124,13 @@ class Trainer:
                  lr_scheduler: Any, plan: RunPlan, step: StepSettings, save: SaveSettings, seed: int,
                  num_workers: int = 0, persistent_workers: bool = False, logging_enabled: bool = False,
                  sampler: Sampler | None = None, ema: ExponentialMovingAverage | None = None,
-                 validator: Validator | None = None, text_encoder_cache: TextEncoderCache | None = None):
+                 validator: Validator | None = None, text_encoder_cache: TextEncoderCache | None = None,
+                 record: TrainingRecord | None = None):
         """Wire the pieces together; nothing runs until :meth:`run`. ``sampler`` makes sample images at its
         due points, ``ema`` keeps the moving average of the trained weights (``--ema``), ``validator``
         computes the validation loss of held-out images, ``text_encoder_cache`` gives the text conditioning
-        instead of the method (``--cache_text_encoder_outputs`` or automatic reuse)."""
+        instead of the method (``--cache_text_encoder_outputs`` or automatic reuse), ``record`` writes what
+        this process trained on and its final weights (``--record_training_dir``)."""
         self.accelerator, self.model, self.group, self.method = accelerator, model, group, method
         self.optimizer, self.lr_scheduler, self.plan = optimizer, lr_scheduler, plan
         self.step_settings, self.save_settings = step, save
@@ -146,9 +148,7 @@ class Trainer:
         self.last_state: Path | None = None  # the newest state folder written (named when a save fails)
         self.params = method.trainable_parameters()
         self._allow_fp16_unscale()
-        # test hook: with SDTRAIN_DEBUG_DIR set, every process records the images it trained on and its weights
-        self.debug_dir = os.environ.get("SDTRAIN_DEBUG_DIR")
-        self.seen_keys: dict[int, list[str]] = {}
+        self.record = record  # --record_training_dir (training_record.py)
         self.guard = TrainingGuard(method, model, accelerator)  # non-finite loss / gradient stops (guard.py)
         self.ema, self.validator = ema, validator
         self.uploader = None  # library.training.hub_upload.HubUploader: --huggingface_repo_id (set by session.train)
@@ -168,9 +168,13 @@ class Trainer:
     def resume(self, folder: str) -> None:
         """Restore weights, optimizer, scheduler, RNGs and the exact position from a state folder."""
         payload = load_state(folder)
+        check_sharded_state(payload, folder, self.sharding)  # FSDP states resume under FSDP only (sharding.py)
         self.last_state = Path(folder)
-        self.method.load_trainable_state_dict(payload["trainable"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.sharding is not None:
+            self.sharding.load(payload, self.optimizer)
+        else:
+            self.method.load_trainable_state_dict(payload["trainable"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.lr_scheduler.load_state_dict(payload["scheduler"])
         rng = payload["rng"]
         per_rank = payload["extra"].get("noise_per_rank")
@@ -250,8 +254,8 @@ class Trainer:
                                        noise_offset_random_strength=s.noise_offset_random_strength)
         timesteps = diffusion.sample_timesteps(latents.shape[0], self.generator, s.min_timestep,
                                                s.max_timestep).to(self.device)
-        if self.debug_dir:  # test hook: the timesteps every step drew
-            record_timesteps(self.debug_dir, self.accelerator.process_index, timesteps.tolist())
+        if self.record is not None:
+            self.record.timesteps(timesteps.tolist())
         pred, target = self.prediction_and_target(latents, noise, timesteps, cond,
                                                   input_noise=loss_options.input_noise(noise, self.generator, s))
         return diffusion.diffusion_loss(pred.float(), target.float(),
@@ -262,12 +266,15 @@ class Trainer:
 
     fused_backward: Any = None  # --fused_backward_pass hooks (fused_backward.py), set by session.attach_step_options
     grad_buckets: Any = None  # --ddp_gradient_as_bucket_view buckets (ddp_options.py), set there too
+    sharding: Any = None  # FSDP2 (library/training/sharding.py Sharding), set by sharding.attach_sharding
 
     def _sync_and_step(self) -> None:
         if self.fused_backward is not None:  # each parameter was already stepped during backward
             return self.fused_backward.end_step(self)
         world = self.accelerator.num_processes
-        if world > 1 and self.grad_buckets is not None:  # the gradients are views of the buckets: reduce in place
+        if self.sharding is not None:
+            pass  # FSDP reduce-scattered (averaged) every gradient during backward
+        elif world > 1 and self.grad_buckets is not None:  # the gradients are views of the buckets: reduce in place
             self.grad_buckets.all_reduce_mean(world)
         elif world > 1:
             # every process reduces the same list, even one whose batch had no usable image
@@ -279,12 +286,14 @@ class Trainer:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         clip = self.step_settings.max_grad_norm
-        norm = total_grad_norm(self.params) if clip or scaler is None else None
+        norm_of = total_grad_norm if self.sharding is None else self.sharding.grad_norm  # over all shards
+        norm = norm_of(self.params) if clip or scaler is None else None
         # checked before clipping: a non-finite norm would turn every gradient into NaN
         self.guard.check_gradients(self.params, norm, step=self.progress.global_step + 1,
                                    scaler_active=scaler is not None, last_saved=self.last_saved)
         if clip:  # as clip_grad_norm_, with the norm computed once
-            torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm)
+            clip_with = torch.nn.utils.clip_grads_with_norm_ if self.sharding is None else self.sharding.clip
+            clip_with(self.params, clip, norm)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -300,11 +309,13 @@ class Trainer:
     def _save(self, name: str, *, epoch: int, final: bool, remove: str | None, remove_state: str | None,
               with_state: bool) -> None:
         cfg = self.save_settings
+        full = self.sharding.gather_weights() if self.sharding is not None else None  # FSDP: all processes
         if self.accelerator.is_main_process:
             try:
                 if cfg.layout is not None:  # checked before training too; again in case something appeared since
                     check_target(cfg.layout.path(cfg.output_dir, name), cfg.layout.kind)
-                with self.ema.saving() if self.ema is not None else contextlib.nullcontext():
+                with self.ema.saving() if self.ema is not None else \
+                        self.sharding.full_weights(full) if full is not None else contextlib.nullcontext():
                     self.last_saved = self.method.save(cfg.output_dir, name, epoch=epoch,
                                                        step=self.progress.global_step, final=final)
             except UserError as exc:
@@ -333,12 +344,15 @@ class Trainer:
 
         states = gather_object([self.generator.get_state()]) if self.accelerator.num_processes > 1 else \
             [self.generator.get_state()]
+        trainable, optimizer = self.sharding.state_parts(self.optimizer) if self.sharding is not None else (None, None)
         if self.accelerator.is_main_process:
             try:
-                save_state(folder, progress=self.progress, trainable=self.method.trainable_state_dict(),
-                           optimizer=self.optimizer, scheduler=self.lr_scheduler, generator=self.generator,
+                save_state(folder, progress=self.progress,
+                           trainable=trainable if trainable is not None else self.method.trainable_state_dict(),
+                           optimizer=optimizer or self.optimizer, scheduler=self.lr_scheduler, generator=self.generator,
                            scaler=self.accelerator.scaler, extra={
-                               "noise_per_rank": states, "ema": self.ema.state_dict() if self.ema is not None else None,
+                               "noise_per_rank": states, STATE_KEY: self.sharding and self.sharding.describe(),
+                               "ema": self.ema.state_dict() if self.ema is not None else None,
                                "validation": self.validator.state_dict() if self.validator is not None else None})
             except UserError as exc:
                 raise UserError(f"{exc}{self._resume_hint()}") from None
@@ -421,13 +435,15 @@ class Trainer:
                 cut_short = False  # the step budget ran out before the epoch's last batch
                 for index, batch in enumerate(loader):
                     position = start + index
+                    if batch is None and self.sharding is not None:  # FSDP: every process runs every micro-step
+                        batch = self.sharding.stand_in(self.progress.global_step + 1)
                     if batch is not None:
-                        loss = self.loss(batch)
+                        loss = self.loss(batch) if self.sharding is None else self.sharding.forward(self.loss, batch)
                         self.guard.check_loss(loss, step=self.progress.global_step + 1, epoch=epoch,
                                               keys=batch["keys"], last_saved=self.last_saved)
                         acc.backward(loss / ga)
-                        if self.debug_dir and not batch["padding"]:
-                            self.seen_keys.setdefault(epoch, []).extend(batch["keys"])
+                        if self.record is not None and not batch["padding"]:
+                            self.record.trained(epoch, batch["keys"])
                         accumulated += loss.detach().item()
                         batches_done += 1
                     micro += 1
@@ -476,9 +492,8 @@ class Trainer:
             self.method.set_train(False)
             self._save(final_name(cfg.output_name), epoch=plan.num_epochs, final=True, remove=None,
                        remove_state=None, with_state=cfg.save_state or cfg.state_on_train_end)
-            if self.debug_dir:
-                torch.save({"keys": self.seen_keys, "weights": self.method.trainable_state_dict()},
-                           Path(self.debug_dir) / f"rank{acc.process_index}.pt")
+            if self.record is not None:
+                self.record.finish(self._recorded_weights())
             return self.last_saved
         finally:
             tracker.close()
@@ -486,6 +501,16 @@ class Trainer:
                 self.uploader.finish()  # waits for pending --async_upload uploads
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+
+    def _recorded_weights(self) -> dict[str, torch.Tensor]:
+        """The trained weights for ``--record_training_dir`` (with FSDP: gathered, on the main process)."""
+        if self.sharding is None:
+            return self.method.trainable_state_dict()
+        full = self.sharding.gather_weights()
+        if not self.accelerator.is_main_process:
+            return {}
+        with self.sharding.full_weights(full):
+            return {k: v.detach().clone() for k, v in self.method.trainable_state_dict().items()}
 
     def _interrupted(self, tracker: Tracker) -> None:
         step = self.progress.global_step

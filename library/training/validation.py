@@ -29,6 +29,7 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from library.errors import UserError
+from library.option_groups import LossOptions, ValidationOptions
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that building the option parser stays quick
     import torch
@@ -63,16 +64,17 @@ def add_max_validation_steps_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def validation_problems(args: argparse.Namespace) -> list[str]:
-    """Range problems of the validation options (for the up-front option check)."""
+    """Range problems of --validation_split, --validation_seed, --validate_every_n_steps and
+    --validate_every_n_epochs (for the up-front option check; every training script has them)."""
     problems = []
-    split = getattr(args, "validation_split", None)
+    split = args.validation_split
     if split is not None and not 0.0 <= split < 1.0:
         problems.append(f"--validation_split must be at least 0 and below 1, got {split:g}")
-    seed = getattr(args, "validation_seed", None)
+    seed = args.validation_seed
     if seed is not None and seed < 0:
         problems.append(f"--validation_seed must be at least 0, got {seed}")
     for name in ("validate_every_n_steps", "validate_every_n_epochs"):
-        value = getattr(args, name, None)
+        value = vars(args)[name]
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1, got {value}")
     return problems
@@ -111,10 +113,11 @@ def validation_blueprint(blueprint: Any) -> Any:
     return dataclasses.replace(blueprint, subsets=subsets, is_validation=True)
 
 
-def split_validation(group: Any, args: argparse.Namespace, seed: int) -> Any:
+def split_validation(group: Any, validation_options: ValidationOptions, seed: int) -> Any:
     """Split the validation images off ``group``: returns the training group, whose ``validation``
     attribute holds a :class:`~library.data.dataset.DatasetGroup` of the held-out images (each once, no
-    repeats) or None. Refuses ``--validate_every_n_*`` without a validation set."""
+    repeats) or None. Refuses ``--validate_every_n_steps`` / ``--validate_every_n_epochs`` (``validation_options``)
+    without a validation set."""
     from library.data.dataset import BucketedDataset, DatasetGroup
 
     train, held = [], []
@@ -137,7 +140,7 @@ def split_validation(group: Any, args: argparse.Namespace, seed: int) -> Any:
     if held and not train:
         raise UserError("every dataset is marked is_validation = true; at least one dataset must train")
     if not held:
-        if getattr(args, "validate_every_n_steps", None) or getattr(args, "validate_every_n_epochs", None):
+        if validation_options.validate_every_n_steps or validation_options.validate_every_n_epochs:
             raise UserError("--validate_every_n_steps / --validate_every_n_epochs need a validation set: give "
                             "--validation_split (e.g. 0.1) or mark a dataset 'is_validation = true' in the "
                             "dataset config")
@@ -281,19 +284,20 @@ class Validator:
         return total, latents.shape[0] * len(self.settings.timesteps)
 
 
-def make_validator(args: argparse.Namespace, group: Any, seed: int) -> Validator | None:
-    """The run's :class:`Validator` (None without held-out images); every epoch by default."""
-    held = getattr(group, "validation", None)
+def make_validator(validation: ValidationOptions, loss: LossOptions, group: Any, seed: int) -> Validator | None:
+    """The run's :class:`Validator` (None without held-out images in ``group.validation``): reads
+    --validate_every_n_steps / --validate_every_n_epochs (neither: every epoch), --max_validation_steps and the
+    timestep range --min_timestep / --max_timestep."""
+    held = group.validation
     if held is None:
         return None
-    steps, epochs = getattr(args, "validate_every_n_steps", None), getattr(args, "validate_every_n_epochs", None)
-    if not steps and not epochs:
-        epochs = 1
+    steps = validation.validate_every_n_steps
+    epochs = validation.validate_every_n_epochs if steps or validation.validate_every_n_epochs else 1
     from library.training.timestep_loss_options import validation_timesteps
 
     # inside a --min_timestep / --max_timestep range: kohya's 4 evenly spaced timesteps of that range
-    timesteps = validation_timesteps(getattr(args, "min_timestep", None), getattr(args, "max_timestep", None))
+    timesteps = validation_timesteps(loss.min_timestep, loss.max_timestep)
     settings = ValidationSettings(every_n_steps=steps, every_n_epochs=epochs,
                                   timesteps=timesteps or VALIDATION_TIMESTEPS,
-                                  max_batches=getattr(args, "max_validation_steps", None))
+                                  max_batches=validation.max_validation_steps)
     return Validator(held, settings, seed)

@@ -1,0 +1,157 @@
+"""Data-parallel scaling: throughput of 1, 2, 4 ... processes for LoRA and full fine-tuning.
+
+    python bench/scaling.py [--processes 1,2] [--method lora,ft] [--preset tiny-sd1] [--resolution 64]
+                            [--batch_size 1] [--steps 12] [--threads 1] [--device cpu|gpu]
+
+For every (method, process count) a fresh ``accelerate launch --num_processes N`` runs the real entry script
+(``lora``: train_network.py, UNet-only LoRA dim 4; ``ft``: fine_tune.py, the whole UNet; both AdamW, cached
+latents, batch ``--batch_size`` per process, the commands of bench/train_step.py) on a random-weight model
+of ``--preset`` built by tools/make_tiny_model.py. Every process times its optimizer steps (the first
+``--warmup`` steps are left out) and records its peak RSS; the table shows, per run: steps/s (optimizer
+steps of the run, from the slowest process), images/s (steps/s x batch x processes), the peak RSS of each
+process, and the scaling efficiency: images/s divided by (processes x the one-process images/s).
+
+On the CPU (``--device cpu``, the default; gloo) each process gets ``--threads`` torch threads, so N
+processes need N x threads free cores to scale; on a machine with fewer cores the efficiency measures the
+contention, not the trainer. ``--device gpu`` launches one process per GPU (nccl); peak GPU memory is not
+recorded here (bench/gpu/ does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.train_step import SCRIPTS, make_images, model_file, train_argv  # noqa: E402
+
+METHODS = {"lora": "LoRA (UNet only, dim 4)", "ft": "full fine-tuning (UNet)"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child(method: str, record: Path, argv: list[str]) -> int:
+    """Inside one launched process: run the entry script's main() with its optimizer steps timed, then
+    write ``record/rank<r>.json`` (step end times, peak RSS in bytes)."""
+    import importlib
+
+    from library.training import tracking
+
+    stamps: list[float] = []
+    original = tracking.Tracker.step
+
+    def timed(self, *a, **k):
+        stamps.append(time.perf_counter())
+        return original(self, *a, **k)
+
+    tracking.Tracker.step = timed
+    start = time.perf_counter()
+    try:
+        code = importlib.import_module(SCRIPTS[method]).main(argv)
+    finally:
+        tracking.Tracker.step = original
+    rank = int(os.environ.get("RANK", "0") or 0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    (record / f"rank{rank}.json").write_text(json.dumps({"stamps": [s - start for s in stamps], "peak_rss": peak}))
+    return code
+
+
+def run_one(method: str, processes: int, args: argparse.Namespace, model: Path, data: Path, work: Path) -> dict:
+    """Launch one run; returns its figures (see the module docstring)."""
+    record = Path(tempfile.mkdtemp(prefix=f"{method}{processes}-", dir=work))
+    out = record / "out"
+    argv = train_argv(method, model, data, out, args.resolution, args.steps)
+    argv[argv.index("--train_batch_size") + 1] = str(args.batch_size)
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    if processes > 1:
+        launch.append("--multi_gpu")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1",
+               SDTRAIN_CACHE_DIR=str(record / "cache"))
+    if args.device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [*launch, str(Path(__file__).resolve()), "--child", method, str(record), "--", *argv]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{method} with {processes} process(es) failed:\n{result.stderr[-3000:]}")
+    ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in range(processes)]
+    seconds = []
+    for rank in ranks:
+        stamps = rank["stamps"][args.warmup - 1:] if args.warmup else [0.0, *rank["stamps"]]
+        if len(stamps) < 2:
+            raise SystemExit(f"--steps {args.steps} leaves no timed step after --warmup {args.warmup}")
+        seconds.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    step_s = max(seconds)  # the processes wait for each other at every all-reduce: the slowest sets the pace
+    return {"method": method, "processes": processes, "steps_per_s": 1.0 / step_s,
+            "images_per_s": args.batch_size * processes / step_s,
+            "peak_rss_gib": [r["peak_rss"] / 2**30 for r in ranks]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options, run every (method, processes) pair, print the table."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:  # inside accelerate launch: --child METHOD RECORD -- <script argv>
+        return child(argv[1], Path(argv[2]), argv[4:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--processes", default="1,2", help="comma-separated process counts (default 1,2)")
+    parser.add_argument("--method", default="lora,ft", help="comma-separated: lora, ft (default both)")
+    parser.add_argument("--preset", default="tiny-sd1", help="tools/make_tiny_model.py preset (default tiny-sd1)")
+    parser.add_argument("--resolution", type=int, default=64, help="training resolution (default 64)")
+    parser.add_argument("--batch_size", type=int, default=1, help="batch per process (default 1)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process on the CPU (default 1)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where the processes train")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
+    args = parser.parse_args(argv)
+    counts = [int(p) for p in args.processes.split(",")]
+    methods = args.method.split(",")
+    if bad := [m for m in methods if m not in METHODS]:
+        parser.error(f"--method {','.join(bad)}: choose from {', '.join(METHODS)}")
+    if args.steps <= args.warmup + 1:
+        parser.error("--steps must exceed --warmup by at least 2")
+    work = Path(tempfile.mkdtemp(prefix="sdtrain-scaling-"))
+    model = model_file(args.preset, work)
+    images = max(counts) * args.batch_size * 4
+    data = make_images(work / "data", args.resolution, count=images)
+    print(f"preset {args.preset}, resolution {args.resolution}, batch {args.batch_size} per process, {args.steps} "
+          f"steps ({args.warmup} warm-up), {args.threads} thread(s) per process, device {args.device}, "
+          f"{os.cpu_count()} CPU(s)")
+    print(f"{'method':<28} {'procs':>5} {'steps/s':>8} {'images/s':>9} {'efficiency':>10}  peak RSS per process (GiB)")
+    for method in methods:
+        base = None
+        for count in counts:
+            r = run_one(method, count, args, model, data, work)
+            if count == 1:
+                base = r["images_per_s"]
+            eff = f"{r['images_per_s'] / (count * base):.0%}" if base else "n/a"
+            rss = ", ".join(f"{g:.2f}" for g in r["peak_rss_gib"])
+            print(f"{METHODS[method]:<28} {count:>5} {r['steps_per_s']:>8.2f} {r['images_per_s']:>9.2f} "
+                  f"{eff:>10}  {rss}", flush=True)
+    if args.keep:
+        print(f"work folder: {work}")
+    else:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
