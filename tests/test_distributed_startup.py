@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 from library.data.group_latents import owner_ranks
 from library.data.latents import LatentRequest
 from tests.models_util import make_model_files
-from tests.test_train_processes import ACCELERATE, REPO, _free_port
-from tests.train_util import make_dataset
+from tests.test_train_processes import ACCELERATE, REPO
+from tests.train_util import free_port, make_dataset
 
 
 def test_owner_ranks_deal_out_files_and_keep_shared_files_together():
@@ -72,7 +72,7 @@ def _worker(rank: int, port: int, timeout_s: float, out: str) -> None:
 
 
 def test_helpers_in_a_two_process_group(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), 4.0, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), 4.0, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     assert r0["value"] == r1["value"] == {"sizes": [1, 2]}
     assert r0["calls"] == [0] and r1["calls"] == []  # the work ran on the main process only
@@ -111,7 +111,7 @@ def _train(inputs, run: Path, processes: int, *extra: str, seed: bool = True) ->
         cmd = [sys.executable, *script]
     else:
         cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *script]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SDTRAIN_CACHE_DIR=str(run / "cache"),
                SDTRAIN_DEBUG_DIR=str(debug), ACCELERATE_USE_CPU="1")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

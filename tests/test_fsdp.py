@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.models_util import make_model_files
-from tests.train_util import make_dataset, run_script
+from tests.train_util import make_dataset, run_script, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -41,12 +40,6 @@ use_cpu: false
 ATOL = 1e-6  # float32 round-off of a different reduction order
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
@@ -61,7 +54,7 @@ def _launch(script: str, setup, out: Path, *extra: str, fsdp: bool, steps: int =
     model, data, config = setup
     how = ["--config_file", str(config)] if fsdp else ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                                         "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd = [str(ACCELERATE), "launch", *how, "--main_process_port", str(_free_port()), str(REPO / script),
+    cmd = [str(ACCELERATE), "launch", *how, "--main_process_port", str(free_port()), str(REPO / script),
            "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution", "64",
            "--output_dir", str(out), "--max_train_steps", str(steps), "--seed", "1", "--max_data_loader_n_workers",
            "0", "--train_batch_size", "2", *extra]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from library.training import session
 from library.training.ddp_options import DdpSettings, GradientBuckets, process_group_kwargs
 from library.training.fused_backward import FusedBackward
 from library.training.precision_options import keep_vae_in_float32
-from tests.train_util import make_dataset, run_script
+from tests.train_util import make_dataset, run_script, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -276,15 +275,9 @@ def test_gradient_buckets_are_the_gradients():
     assert all(float(f.abs().sum()) == 0 for f, _ in buckets.buckets)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: list, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
     environ = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1",
                    SDTRAIN_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO), **env)
     return subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=600)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.models_util import make_model_files
-from tests.train_util import make_dataset, read_record, record_args
+from tests.train_util import make_dataset, read_record, record_args, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def test_two_process_ddp_on_cpu(setup, tmp_path):
     record = tmp_path / "ranks"
     record.mkdir()  # an existing empty folder is fine
     cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "train_network.py"), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
            "--resolution", "64", "--output_dir", str(tmp_path / "out"), "--network_module", "networks.lora",
            "--max_train_epochs", "2", "--learning_rate", "1e-3", "--seed", "1", "--max_data_loader_n_workers", "0",

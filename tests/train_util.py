@@ -81,3 +81,12 @@ batch_size = 2
   num_repeats = 2
 """, encoding="utf-8")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for accelerate's --main_process_port in multi-process tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
