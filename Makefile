@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup setup-deepspeed test test-fast demo clean
 
 $(VENV)/.installed: setup.py requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,15 @@ $(VENV)/.installed: setup.py requirements.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Optional: DeepSpeed ZeRO for --deepspeed (docs/distributed.md#deepspeed). An sdist, built without its C++/CUDA
+# ops (they compile on first use) and against the installed torch.
+$(VENV)/.deepspeed-installed: $(VENV)/.installed requirements-deepspeed.txt
+	$(PY) -m pip install wheel setuptools hjson msgpack ninja py-cpuinfo
+	DS_BUILD_OPS=0 $(PY) -m pip install --no-build-isolation -r requirements-deepspeed.txt
+	touch $@
+
+setup-deepspeed: $(VENV)/.deepspeed-installed
 
 # The full suite, slow end-to-end tests included (what CI runs).
 test: setup

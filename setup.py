@@ -33,6 +33,6 @@ setup(
         "upload": ["huggingface_hub"],
         "lycoris": ["lycoris-lora"],  # --network_module lycoris.kohya (pure Python, with einops)
         "test": ["pytest>=7", "pytest-xdist>=3", "psutil>=5", "peft", "wandb", "lion-pytorch", "prodigyopt", "dadaptation",
-                 "onnx", "onnxruntime", "lycoris-lora"],
+                 "onnx", "onnxruntime", "lycoris-lora", "grimp"],
     },
 )

@@ -44,9 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(started, int):  # --debug_dataset, --dry_run
         return started
     opts, run = started.opts, started.run
-    full_half = opts.training.full_fp16 or opts.training.full_bf16
     network = method.prepare_network(run.model, opts.network, opts.model, device=run.accelerator.device,
-                                     weight_dtype=run.weight_dtype, vae_dtype=run.vae_dtype, full_half=full_half)
+                                     weight_dtype=run.weight_dtype, vae_dtype=run.vae_dtype,
+                                     full_half=opts.training.full_half)
     train_unet, train_te = method.trained_parts(opts.network)
     trained = method.NetworkMethod(
         model=run.model, network=network, train_unet=train_unet, train_text_encoder=train_te,

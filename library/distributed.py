@@ -9,8 +9,9 @@ one process (or no process group) every helper simply runs the work here.
   every process, so nobody is left waiting for a result that never comes.
 * :func:`gather_lists`: every process contributes a list; every process gets all of them, in rounds of
   bounded size (used to share latents that each process encoded for its own share of the images).
-* :func:`debug_record`: a test hook; with ``SDTRAIN_DEBUG_DIR`` set, appends a JSON line to
-  ``<dir>/<name>-rank<rank>.jsonl`` (which process read or wrote what).
+* :func:`record_start_up`: part of ``--record_training_dir DIR`` (library/training/training_record.py): once
+  :func:`record_start_up_into` named DIR for this run, appends a JSON line to
+  ``DIR/startup-<name>-rank<rank>.jsonl`` (which process read or wrote what during start-up).
 """
 
 from __future__ import annotations
@@ -111,12 +112,28 @@ def gather_lists(local: list[T], what: str) -> list[list[T]]:
         start += GATHER_ROUND
 
 
-def debug_record(name: str, payload: Any) -> None:
-    """Test hook: with ``SDTRAIN_DEBUG_DIR`` set, append ``payload`` as a JSON line to
-    ``<SDTRAIN_DEBUG_DIR>/<name>-rank<rank>.jsonl``; does nothing otherwise."""
-    folder = os.environ.get("SDTRAIN_DEBUG_DIR")
+_START_UP_RECORD: list[str | None] = [None]  # the --record_training_dir of the run this process is starting
+
+
+def record_start_up_into(folder: str | None) -> None:
+    """Name the ``--record_training_dir`` folder of the run now starting (None: record nothing); the start
+    call (library/run_start.py) sets it for every run, so a second run in one process never writes into
+    the first run's folder."""
+    _START_UP_RECORD[0] = folder
+
+
+def recording_start_up() -> bool:
+    """Whether this run records its start-up (``--record_training_dir`` given)."""
+    return bool(_START_UP_RECORD[0])
+
+
+def record_start_up(name: str, payload: Any) -> None:
+    """With a ``--record_training_dir`` named (:func:`record_start_up_into`), append ``payload`` as a JSON
+    line to ``<dir>/startup-<name>-rank<rank>.jsonl``; does nothing otherwise."""
+    folder = _START_UP_RECORD[0]
     if not folder:
         return
+    os.makedirs(folder, exist_ok=True)
     rank, _ = rank_and_world()
-    with open(os.path.join(folder, f"{name}-rank{rank}.jsonl"), "a", encoding="utf-8") as handle:
+    with open(os.path.join(folder, f"startup-{name}-rank{rank}.jsonl"), "a", encoding="utf-8") as handle:
         handle.write(json.dumps(payload) + "\n")

@@ -169,6 +169,12 @@ class TrainingOptions(OptionGroup):
     initial_step: int | None = None
     record_training_dir: str | None = None  # library/training/training_record.py
 
+    @property
+    def full_half(self) -> bool:
+        """Whether the trained weights (and their gradients) are kept in the half dtype: ``--full_fp16`` or
+        ``--full_bf16``."""
+        return self.full_fp16 or self.full_bf16
+
 
 @dataclass(frozen=True)
 class LossOptions(OptionGroup):

@@ -34,7 +34,7 @@ from library.errors import UserError
 logger = logging.getLogger(__name__)
 
 MANIFEST = ".sdtrain-save.json"
-STATE_FILES = frozenset({"state.pt", "state.json"})
+STATE_FILES = frozenset({"state.pt", "state.json", "deepspeed"})  # deepspeed/: --deepspeed engine partitions
 TOKENIZER_FILES = frozenset({"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja"})
 KIND_WORDS = {

@@ -34,6 +34,7 @@ def start_run(args: argparse.Namespace, script: ScriptSupport, method_start: Cal
 
     Returns the exit code where the run ends here (``--debug_dataset``, ``--dry_run``), else the
     :class:`library.training.session.StartedRun`."""
+    from library.distributed import record_start_up_into
     from library.models.save import precision_dtype
     from library.training import session
     from library.training.args import validate_training_args
@@ -41,6 +42,7 @@ def start_run(args: argparse.Namespace, script: ScriptSupport, method_start: Cal
 
     validate_training_args(args)
     opts = Options.from_args(args)
+    record_start_up_into(opts.training.record_training_dir)  # set (or cleared) for every run of this process
     if opts.data.debug_dataset:
         from library.dataset_debug import debug_dataset
 

@@ -2,7 +2,8 @@
 
 The helpers of library/distributed.py run in real 2-process gloo groups (torch.multiprocessing); the
 end-to-end tests launch train_network.py with ``accelerate launch --num_processes 2`` on the CPU and read
-the SDTRAIN_DEBUG_DIR records: who read image headers, who wrote which .npz, a digest of every latent.
+the start-up records of ``--record_training_dir``: who read image headers, who wrote which .npz, a digest of
+every latent.
 """
 
 from __future__ import annotations
@@ -96,16 +97,16 @@ def inputs(tmp_path_factory):
 
 def _train(inputs, run: Path, processes: int, *extra: str, seed: bool = True) -> Path:
     """One short LoRA run (1 step, or ``extra``'s length options) on a fresh copy of the data; returns the
-    debug folder."""
+    record folder (--record_training_dir)."""
     model, data = inputs
     shutil.copytree(data, run / "data")
-    debug = run / "debug"
-    debug.mkdir()
+    debug = run / "record"
     script = [str(REPO / "train_network.py"), "--pretrained_model_name_or_path", str(model),
               "--train_data_dir", str(run / "data"), "--resolution", "64", "--enable_bucket",
               "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
               "--output_dir", str(run / "out"), "--network_module", "networks.lora", "--learning_rate", "1e-3",
-              *(["--seed", "3"] if seed else []), "--max_data_loader_n_workers", "0", "--flip_aug",
+              "--record_training_dir", str(debug), *(["--seed", "3"] if seed else []),
+              "--max_data_loader_n_workers", "0", "--flip_aug",
               *(extra if "--max_train_epochs" in extra else ["--max_train_steps", "1", *extra])]
     if processes == 1:
         cmd = [sys.executable, *script]
@@ -113,7 +114,7 @@ def _train(inputs, run: Path, processes: int, *extra: str, seed: bool = True) ->
         cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *script]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SDTRAIN_CACHE_DIR=str(run / "cache"),
-               SDTRAIN_DEBUG_DIR=str(debug), ACCELERATE_USE_CPU="1")
+               ACCELERATE_USE_CPU="1")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return debug
@@ -124,7 +125,7 @@ def _lines(path: Path) -> list:
 
 
 def _digests(debug: Path, rank: int, root: Path) -> dict[str, str]:
-    (record,) = _lines(debug / f"latents-rank{rank}.jsonl")
+    (record,) = _lines(debug / f"startup-latents-rank{rank}.jsonl")
     return {str(Path(k).relative_to(root)): v for k, v in record.items()}
 
 
@@ -135,9 +136,9 @@ def test_two_processes_scan_once_write_each_npz_once_and_match_one_process(input
     debug1 = _train(inputs, one, 1, "--cache_latents_to_disk")
     debug2 = _train(inputs, two, 2, "--cache_latents_to_disk")
 
-    assert [r["count"] for r in _lines(debug2 / "image_headers-rank0.jsonl")] == [8]  # every header, once
-    assert not (debug2 / "image_headers-rank1.jsonl").exists()  # rank 1 read none
-    writes = {r: [Path(x["path"]).relative_to(two) for x in _lines(debug2 / f"latent_writes-rank{r}.jsonl")]
+    assert [r["count"] for r in _lines(debug2 / "startup-image_headers-rank0.jsonl")] == [8]  # every header, once
+    assert not (debug2 / "startup-image_headers-rank1.jsonl").exists()  # rank 1 read none
+    writes = {r: [Path(x["path"]).relative_to(two) for x in _lines(debug2 / f"startup-latent_writes-rank{r}.jsonl")]
               for r in (0, 1)}
     counts = collections.Counter(writes[0] + writes[1])
     files = sorted(p.relative_to(two) for p in (two / "data").rglob("*.npz"))
@@ -157,7 +158,7 @@ def test_two_processes_share_latents_in_memory(inputs, tmp_path):
     one.mkdir(), two.mkdir()
     debug1 = _train(inputs, one, 1, "--cache_latents_to_disk")
     debug2 = _train(inputs, two, 2, "--cache_latents")
-    assert not list(debug2.glob("latent_writes-*")) and not list((two / "data").rglob("*.npz"))
+    assert not list(debug2.glob("startup-latent_writes-*")) and not list((two / "data").rglob("*.npz"))
     expected = _digests(debug1, 0, one)
     assert _digests(debug2, 0, two) == _digests(debug2, 1, two) == expected
 

@@ -146,7 +146,8 @@ def loop_loss(tiny, seed: int, masks=None, v: bool = False, **fields) -> torch.T
     trainer = Trainer(accelerator=Accelerator(cpu=True), model=SimpleNamespace(unet=model.unet, vae=None),
                       group=None, method=FixedText(model.unet, cond), optimizer=None, lr_scheduler=None, plan=None,
                       step=StepSettings(v_parameterization=v, **fields), save=None, seed=seed)
-    batch = {"latents": latents.clone(), "loss_weights": torch.ones(2), "keys": ["a", "b"], "captions": ["a", "b"]}
+    batch = {"latents": latents.clone(), "loss_weights": torch.ones(2), "keys": ["a", "b"], "captions": ["a", "b"],
+             "noise_seeds": [seed * 1000, seed * 1000 + 1]}  # each sample's generator (dataset.py noise_seed)
     if masks is not None:
         batch["masks"] = masks
     with torch.no_grad():
@@ -158,15 +159,14 @@ def hand_loss(tiny, seed: int, *, loss_type="l2", huber_c=0.1, huber_schedule="s
     """The documented step written out: ε, t, (ε'), x_t, prediction, target, element loss, mask, weights."""
     model, cond, latents = tiny
     sched = diffusion.make_noise_scheduler(v, zero_terminal_snr)
-    g = torch.Generator().manual_seed(seed * 1000)
+    gs = [torch.Generator().manual_seed(seed * 1000 + j) for j in range(2)]  # one per sample, drawn in turn
     x0 = latents * LATENT_SCALE
-    eps = torch.randn(x0.shape, generator=g)
-    t = torch.randint(0, 1000, (2,), generator=g)
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gs])
+    t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gs])
     source = eps
     if gamma:
-        if random_strength:
-            gamma = gamma * float(torch.rand((1,), generator=g))
-        source = eps + gamma * torch.randn(x0.shape, generator=g)
+        strengths = [gamma * float(torch.rand((1,), generator=g)) if random_strength else gamma for g in gs]
+        source = eps + torch.stack([s * torch.randn(x0.shape[1:], generator=g) for s, g in zip(strengths, gs)])
     ab = sched.alphas_cumprod[t].view(2, 1, 1, 1)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * source
     with torch.no_grad():

@@ -1,8 +1,10 @@
 """Precision and memory options of kohya HEAD: --no_half_vae, --fused_backward_pass, the --ddp_* options,
-the DeepSpeed options (accepted; --deepspeed refused until issue 16) and --fp16_master_weights_and_gradients."""
+the DeepSpeed options (parsing and refusals; training with --deepspeed: tests/test_deepspeed.py) and
+--fp16_master_weights_and_gradients."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -359,20 +361,30 @@ def test_deepspeed_options_round_trip_through_a_config_file(tmp_path, capsys):
     assert vars(back) == {**vars(direct), "config_file": str(tmp_path / "run.toml")}
 
 
+DEEPSPEED_INSTALLED = importlib.util.find_spec("deepspeed") is not None
+NOT_INSTALLED = "--deepspeed needs the package 'deepspeed', which is not installed"
+
+
 @pytest.mark.parametrize("script", list(SCRIPTS))
-def test_deepspeed_stops_with_one_line(script, models, data, tmp_path, capsys):
+def test_deepspeed_nvme_offload_stops_with_one_line(script, models, data, tmp_path, capsys):
+    """NVMe offload is refused before anything loads (without the package: the line that says how to install it)."""
     out = tmp_path / "out"
-    assert run_script(SCRIPTS[script][0], script_args(script, models, data, out, "--deepspeed")) == 2
-    assert "--deepspeed: DeepSpeed is not available yet (issue 16)" in one_error_line(capsys)
+    argv = script_args(script, models, data, out, "--deepspeed", "--zero_stage", "3", "--offload_param_device", "nvme")
+    assert run_script(SCRIPTS[script][0], argv) == 2
+    line = one_error_line(capsys)
+    assert ("--deepspeed: --offload_param_device nvme: NVMe offload is not supported" in line if DEEPSPEED_INSTALLED
+            else NOT_INSTALLED in line), line
     assert not out.exists()
 
 
-def test_deepspeed_from_a_config_file_stops_too(models, data, tmp_path, capsys):
+def test_deepspeed_from_a_config_file_is_checked_too(models, data, tmp_path, capsys):
     config = tmp_path / "run.toml"
-    config.write_text("deepspeed = true\nzero_stage = 1\n", encoding="utf-8")
+    config.write_text('deepspeed = true\nzero_stage = 1\noffload_optimizer_device = "cpu"\n', encoding="utf-8")
     argv = script_args("train_network", models, data, tmp_path / "out", "--config_file", config)
     assert run_script(train_network.main, argv) == 2
-    assert "DeepSpeed is not available yet (issue 16)" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert ("--offload_optimizer_device cpu needs --zero_stage 2 or 3 (got 1)" in line if DEEPSPEED_INSTALLED
+            else NOT_INSTALLED in line), line
 
 
 def test_fp16_master_weights_without_deepspeed_changes_nothing(models, data, tmp_path):

@@ -2,14 +2,17 @@
 
 A :class:`DatasetGroup` holds every dataset of a run. ``epoch_batches(epoch)`` lists the batches of an
 epoch (items shuffled inside their bucket, batches shuffled across buckets and datasets) from a
-generator seeded with ``(seed, epoch)`` only, and ``load_batch`` builds one batch with its own
-generator seeded with ``(seed, epoch, position)``. So the same seed gives the same batches whatever the
-number of DataLoader workers, and a run resumed in the middle of an epoch continues with exactly the
-batches it would have seen.
+generator seeded with ``(seed, epoch)`` only, and ``load_batch`` builds every sample of a batch with a
+generator of its own, seeded with the sample's identity in the epoch (:func:`sample_key`: seed, epoch,
+dataset, bucket, place in the bucket's shuffled order). So the same seed gives the same batches whatever
+the number of DataLoader workers, a run resumed in the middle of an epoch continues with exactly the
+batches it would have seen, and a sample's augmentations (and its training noise, seeded from the same
+key) do not depend on the batch size or the number of processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -41,6 +44,19 @@ class BatchSpec:
     dataset: int
     bucket: Size
     items: tuple[int, ...]
+    first: int = 0  # place of items[0] in its bucket's shuffled order of the epoch (the samples' identity)
+
+
+def sample_key(seed: int, epoch: int, spec: BatchSpec, index: int) -> str:
+    """The identity of the ``index``-th sample of ``spec`` in ``epoch``: the same whatever the batch size and
+    the number of processes (the place in the bucket's shuffled order does not depend on either)."""
+    return f"{seed}:{epoch}:{spec.dataset}:{spec.bucket[0]}x{spec.bucket[1]}:{spec.first + index}"
+
+
+def noise_seed(key: str) -> int:
+    """A 63-bit seed for the training noise of the sample ``key`` (:func:`sample_key`)."""
+    digest = hashlib.sha256(f"sdtrain-noise:{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def caption_options(subset: BlueprintSubset) -> CaptionOptions:
@@ -134,7 +150,7 @@ class BucketedDataset:
         for reso, items in self.buckets.items():
             order = list(items)
             rng.shuffle(order)
-            out.extend(BatchSpec(dataset_index, reso, tuple(order[i:i + b])) for i in range(0, len(order), b))
+            out.extend(BatchSpec(dataset_index, reso, tuple(order[i:i + b]), i) for i in range(0, len(order), b))
         return out
 
     def summary_lines(self, index: int) -> list[str]:
@@ -185,10 +201,15 @@ class DatasetGroup:
         return sum(len(ds.entries) for ds in self.datasets)
 
     def epoch_batches(self, epoch: int) -> list[BatchSpec]:
-        """The batches of ``epoch`` (counted from 1) in training order; a pure function of (seed, epoch)."""
+        """The batches of ``epoch`` (counted from 1) in training order; a pure function of (seed, epoch).
+
+        With one bucket of one dataset the batches keep the bucket's shuffled order (shuffling them again
+        adds nothing), so the batches of size N·B are the concatenations of N consecutive batches of size B
+        (docs/distributed.md: a 1-process run equals an N-process run of the same global batch)."""
         rng = random.Random(f"sdtrain-batches:{self.seed}:{epoch}")
         batches = [b for i, ds in enumerate(self.datasets) for b in ds.epoch_batches(i, rng)]
-        rng.shuffle(batches)
+        if len({(b.dataset, b.bucket) for b in batches}) > 1:
+            rng.shuffle(batches)
         return batches
 
     def mark_failed(self, key: str) -> None:
@@ -255,11 +276,12 @@ class DatasetGroup:
 
         Returns None when every image of the batch failed to load (each failure is logged once).
         """
-        rng = random.Random(f"sdtrain-batch:{self.seed}:{epoch}:{position}")
         ds = self.datasets[spec.dataset]
         keys, captions, images, latents, flips, weights, sizes, is_reg = [], [], [], [], [], [], [], []
-        masks, attributes = [], []
-        for index in spec.items:
+        masks, attributes, seeds = [], [], []
+        for place, index in enumerate(spec.items):
+            identity = sample_key(self.seed, epoch, spec, place)
+            rng = random.Random(f"sdtrain-sample:{identity}")  # this sample's augmentations and caption
             entry = ds.entries[index]
             subset = ds.blueprint.subsets[entry.subset_index]
             if entry.key in self._failed:
@@ -282,6 +304,7 @@ class DatasetGroup:
             captions.append(process_caption(entry.caption, options, rng, epoch=epoch, step=step,
                                             replacements=self.replacements))
             keys.append(entry.key)
+            seeds.append(noise_seed(identity))
             attributes.append(dict(subset.custom_attributes or {}))
             flips.append(flipped)
             weights.append(ds.blueprint.prior_loss_weight if entry.is_reg else 1.0)
@@ -295,6 +318,7 @@ class DatasetGroup:
             "keys": keys, "bucket_reso": spec.bucket, "captions": captions, "flipped": flips,
             "original_sizes": sizes, "is_reg": is_reg, "loss_weights": torch.tensor(weights, dtype=torch.float32),
             "custom_attributes": attributes,  # each sample's subset custom_attributes (kohya passes them along)
+            "noise_seeds": seeds,  # each sample's training-noise seed (the trainer's per-sample generators)
             "images": torch.stack(images) if images else None,
             "latents": torch.stack(latents) if latents else None,
         }

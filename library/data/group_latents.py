@@ -9,7 +9,7 @@ from typing import Any
 
 from library.data.cache_names import latent_cache_paths
 from library.data.latents import LatentRequest, cache_latents
-from library.distributed import debug_record, gather_lists, rank_and_world, wait_for_all
+from library.distributed import gather_lists, record_start_up, recording_start_up, rank_and_world, wait_for_all
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +92,10 @@ def owner_ranks(requests: list[LatentRequest], keys: list[tuple[int, int]], worl
 
 
 def _record_latents(group: Any, keys: list[tuple[int, int]], results: list[Any]) -> None:
-    """Test hook (``SDTRAIN_DEBUG_DIR``): a digest of every cached latent of this process, by image key."""
+    """For ``--record_training_dir``: a digest of every cached latent of this process, by image key."""
     import hashlib
-    import os
 
-    if not os.environ.get("SDTRAIN_DEBUG_DIR"):
+    if not recording_start_up():
         return
     digests = {}
     for key, result in zip(keys, results):
@@ -105,7 +104,7 @@ def _record_latents(group: Any, keys: list[tuple[int, int]], results: list[Any])
             if result[1] is not None:
                 digest.update(result[1].tobytes())
             digests[group.datasets[key[0]].entries[key[1]].key] = digest.hexdigest()
-    debug_record("latents", digests)
+    record_start_up("latents", digests)
 
 
 def group_requests(group: Any, to_disk: bool) -> tuple[list[tuple[int, int]], list[LatentRequest]]:

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from library.errors import UserError
-from library.distributed import debug_record
+from library.distributed import record_start_up
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -205,7 +205,7 @@ def read_image_sizes(
     the same pattern as PyTorch's fork-started DataLoader workers. Both dicts keep the input order.
     """
     path_list = [Path(p) for p in paths]
-    debug_record("image_headers", {"count": len(path_list)})  # test hook (SDTRAIN_DEBUG_DIR): who read headers
+    record_start_up("image_headers", {"count": len(path_list)})  # --record_training_dir: who read headers
     if workers is None:
         workers = default_scan_workers()
     context, threshold = _pool_context()

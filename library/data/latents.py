@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from library.data.latent_loading import Loaded, Size, default_latent_workers, image_info, iter_loaded, make_batches
-from library.distributed import debug_record
+from library.distributed import record_start_up
 from library.errors import UserError
 from library.fileio import temp_prefix
 from library.output_safety import classify
@@ -155,7 +155,7 @@ def save_latent_npz(path: str | os.PathLike, latent: np.ndarray, meta: dict[str,
             tmp_name = handle.name
             np.savez(handle, array, **extra)
         os.replace(tmp_name, path)
-        debug_record("latent_writes", {"path": str(path)})  # test hook (SDTRAIN_DEBUG_DIR): who wrote which file
+        record_start_up("latent_writes", {"path": str(path)})  # --record_training_dir: who wrote which file
     except OSError as exc:
         if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)

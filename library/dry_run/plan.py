@@ -39,8 +39,8 @@ class Precision:
 
     @classmethod
     def from_training(cls, training: TrainingOptions) -> "Precision":
-        """Reads ``--mixed_precision``, ``--full_fp16`` and ``--full_bf16``."""
-        return cls(training.mixed_precision, bool(training.full_fp16 or training.full_bf16))
+        """Reads ``--mixed_precision`` and ``TrainingOptions.full_half``."""
+        return cls(training.mixed_precision, training.full_half)
 
     @property
     def weight_dtype(self) -> torch.dtype:

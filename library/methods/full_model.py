@@ -118,7 +118,7 @@ def prepare_method(script: str, opts: Options, run: Any, *, save_dtype: torch.dt
     steps = text_encoder_steps(script, opts.dreambooth, opts.fine_tune)
     prepare_full_model(model, text_encoder_trains=steps != 0, gradient_checkpointing=opts.model.gradient_checkpointing,
                        device=device, weight_dtype=run.weight_dtype,
-                       full_half=opts.training.full_fp16 or opts.training.full_bf16, vae_dtype=run.vae_dtype)
+                       full_half=opts.training.full_half, vae_dtype=run.vae_dtype)
     return FullModelMethod(model=model, text_encoder_steps=steps, clip_skip=opts.model.clip_skip,
                            max_token_length=opts.data.max_token_length, weighted_captions=opts.data.weighted_captions,
                            no_token_padding=script == "dreambooth" and opts.dreambooth.no_token_padding,

@@ -6,6 +6,10 @@ As in the reference (training_behaviour.md §20) the whole embedding matrix is t
 new id is copied back from the original, so those rows stay bit-identical. The result is a small
 embedding file (file_formats.md §3): safetensors with ``emb_params`` [n, D] and a ``modelspec`` header,
 or ``.pt`` / ``.ckpt`` in AUTOMATIC1111's ``string_to_param`` layout.
+
+Under accelerate's FSDP config the token-embedding module is what is sharded (library/training/sharding.py):
+the matrix is split by rows over the processes, and :func:`restore_rows` copies back the old rows of each
+process's own shard.
 """
 
 from __future__ import annotations
@@ -294,8 +298,7 @@ class TextualInversionMethod(MethodBase):
 
     def after_step(self, global_step: int) -> None:
         """Copy every row below the first new id back from the original, so only new rows change."""
-        with torch.no_grad():
-            self.embedding.weight[:self.first_id] = self.original_rows
+        restore_rows(self.embedding.weight, self.original_rows)
 
     def save(self, output_dir: Path, name: str, *, epoch: int, step: int, final: bool) -> Path:
         """Write ``output_dir/name.<pt|ckpt|safetensors>`` with the trained vectors in ``--save_precision``."""
@@ -311,6 +314,34 @@ class TextualInversionMethod(MethodBase):
                                  adapter="textual-inversion")
         return write_embedding_file(path, vectors, self.save_format, token_string=self.token_string, step=step,
                                     metadata=meta)
+
+
+def shard_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(rows this process holds, index of its first row)``: the whole matrix and 0, or for an FSDP2-sharded
+    matrix (a DTensor split by rows: library/training/sharding.py) the local shard and its offset (FSDP2
+    splits as ``torch.chunk``: ``ceil(rows / processes)`` rows per process, the last ones fewer or none)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor):
+        return weight, 0
+    if len(weight.placements) != 1 or weight.placements[0] != Shard(0):
+        raise RuntimeError(f"token embedding sharded as {weight.placements}, expected rows over one mesh dimension")
+    local, rows = weight.to_local(), weight.shape[0]
+    chunk = -(-rows // weight.device_mesh.size())
+    offset = min(weight.device_mesh.get_local_rank() * chunk, rows)
+    if local.shape[0] != min(chunk, rows - offset):
+        raise RuntimeError(f"token embedding shard of {local.shape[0]} rows at {offset} of {rows}: not a row chunk")
+    return local, offset
+
+
+@torch.no_grad()
+def restore_rows(weight: torch.Tensor, original: torch.Tensor) -> None:
+    """``weight[:len(original)] = original`` in place; for an FSDP2-sharded matrix every process writes the
+    rows of its own shard (:func:`shard_rows`)."""
+    local, offset = shard_rows(weight)
+    stop = min(offset + local.shape[0], original.shape[0])
+    if stop > offset:
+        local[:stop - offset] = original[offset:stop].to(local.device, local.dtype)
 
 
 def add_token_rows(model: Any, tokenizer: Any, tokens: list[str]) -> list[int]:

@@ -74,27 +74,31 @@ def step_to_remove(step: int, every: int | None, keep: int | None) -> int | None
     return old if old > 0 else None
 
 
-def rng_states(generator: torch.Generator) -> dict[str, Any]:
-    """Python, NumPy, torch (CPU, CUDA) and the training noise generator states."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "noise": generator.get_state()}
+def rng_states(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch (CPU, CUDA) states, and a noise generator's when one is given (the trainer has none:
+    its noise is seeded per sample)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if generator is not None:
+        states["noise"] = generator.get_state()
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def restore_rng_states(states: dict[str, Any], generator: torch.Generator) -> None:
-    """Inverse of :func:`rng_states`."""
+def restore_rng_states(states: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Inverse of :func:`rng_states` (a saved noise generator state is restored only into a given generator)."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    generator.set_state(states["noise"])
+    if generator is not None and "noise" in states:
+        generator.set_state(states["noise"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def save_state(folder: Path, *, progress: TrainProgress, trainable: dict[str, torch.Tensor], optimizer: Any,
-               scheduler: Any, generator: torch.Generator, scaler: Any = None, extra: dict | None = None) -> Path:
+               scheduler: Any, generator: torch.Generator | None = None, scaler: Any = None,
+               extra: dict | None = None) -> Path:
     """Write a state folder atomically; an existing state folder of that name is replaced in one step (the
     name never points at nothing), anything else there is refused (:mod:`library.fileio`)."""
     payload = {

@@ -3,8 +3,15 @@
 Everything here is a small pure function of its arguments (training_behaviour.md §2-§6, §26).
 Randomness comes only from an explicit ``torch.Generator``: draws are made on the generator's device
 in float32 and then moved/cast to the latents' device and dtype, so one seeded CPU generator
-reproduces the same noise on any device, and a resumed run (generator state restored) continues the
-exact same stream.
+reproduces the same noise on any device.
+
+The random functions also take a *sequence* of generators, one per sample (the trainer's way: each
+sample's generator is seeded from the sample's identity, library/data/dataset.py ``noise_seed``). Then
+every sample is drawn as a batch of one from its own generator: what is drawn once per batch with one
+generator (the random offset strength, the pyramid levels' ``r``, the random input-perturbation
+strength) is drawn per sample, and the pyramid noise is normalised by each sample's own std. So a
+sample's noise does not depend on the other samples of its batch, on the batch size or on the number of
+processes, and nothing needs saving for an exact resume.
 
 Items marked *later addition* are upstream behaviour added after the 2023-05 baseline (§26).
 Known baseline bugs are not reproduced (§25): pyramid-noise level sizes are computed from the
@@ -14,6 +21,7 @@ original size, and min-SNR uses the v-prediction formula for v-prediction.
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +75,30 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
 # Noise and timesteps
 
 
+Generators = Union[torch.Generator, Sequence[torch.Generator]]  # one, or one per sample
+
+
+def _per_sample(generator: Generators, batch_size: int) -> Sequence[torch.Generator] | None:
+    """The per-sample generators (checked against the batch size), or None for a single generator."""
+    if isinstance(generator, torch.Generator):
+        return None
+    if len(generator) != batch_size:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch_size} samples")
+    return generator
+
+
 def _randn(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Standard normal float32 draws on the generator's device."""
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+
+
+def normal(shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
+    """Standard normal float32 draws of ``shape`` (batch first), on the (first) generator's device; with one
+    generator per sample, sample ``j`` is drawn from ``generator[j]``."""
+    gens = _per_sample(generator, shape[0])
+    if gens is None:
+        return _randn(shape, generator)
+    return torch.stack([_randn(tuple(shape[1:]), g).to(gens[0].device) for g in gens])
 
 
 def _rand(generator: torch.Generator) -> float:
@@ -129,7 +158,7 @@ def pyramid_noise(
 
 def sample_noise(
     latents: torch.Tensor,
-    generator: torch.Generator,
+    generator: Generators,
     *,
     noise_offset: float | None = None,
     adaptive_noise_scale: float | None = None,
@@ -145,10 +174,19 @@ def sample_noise(
     whose std normalisation therefore also covers the offset. Using both offset and pyramid noise is a
     *later addition* (the baseline rejects it when parsing options).
 
+    With one generator per sample, each sample runs this whole order from its own generator (a batch of one).
+
     Raises ValueError when ``adaptive_noise_scale`` is given without ``noise_offset``.
     """
     if adaptive_noise_scale is not None and noise_offset is None:
         raise ValueError("adaptive_noise_scale requires noise_offset")
+    gens = _per_sample(generator, latents.shape[0])
+    if gens is not None:
+        return torch.cat([sample_noise(latents[j:j + 1], g, noise_offset=noise_offset,
+                                       adaptive_noise_scale=adaptive_noise_scale, multires_iterations=multires_iterations,
+                                       multires_discount=multires_discount,
+                                       noise_offset_random_strength=noise_offset_random_strength)
+                          for j, g in enumerate(gens)])
     noise = _randn(tuple(latents.shape), generator).to(latents.device)
     if noise_offset:
         strength = noise_offset * _rand(generator) if noise_offset_random_strength else noise_offset
@@ -160,15 +198,19 @@ def sample_noise(
 
 def perturb_noise(
     noise: torch.Tensor,
-    generator: torch.Generator,
+    generator: Generators,
     gamma: float,
     random_strength: bool = False,
 ) -> torch.Tensor:
     """Input-perturbation noise (*later addition*, ``--ip_noise_gamma``): ``ε + γ · ε'`` with a fresh ε'.
 
     Use the result only to build x_t; the target stays the unperturbed ε (or v from it). With
-    ``random_strength`` γ is first drawn uniformly in [0, gamma]. Same dtype and device as ``noise``.
+    ``random_strength`` γ is first drawn uniformly in [0, gamma] (per sample with one generator per
+    sample). Same dtype and device as ``noise``.
     """
+    gens = _per_sample(generator, noise.shape[0])
+    if gens is not None:
+        return torch.cat([perturb_noise(noise[j:j + 1], g, gamma, random_strength) for j, g in enumerate(gens)])
     if random_strength:
         gamma = gamma * _rand(generator)
     extra = _randn(tuple(noise.shape), generator).to(noise.device)
@@ -177,7 +219,7 @@ def perturb_noise(
 
 def sample_timesteps(
     batch_size: int,
-    generator: torch.Generator,
+    generator: Generators,
     min_timestep: int = 0,
     max_timestep: int = NUM_TRAIN_TIMESTEPS,
     *,
@@ -187,8 +229,13 @@ def sample_timesteps(
 
     The defaults give the baseline range 0…999 (§5). Restricting the range is a *later addition*;
     ``min_timestep == max_timestep`` gives that constant timestep (no draw). Drawn on the generator's
-    device, returned on ``device`` (default: the generator's). Raises ValueError for a bad range.
+    device, returned on ``device`` (default: the generator's). With one generator per sample, sample ``j``'s
+    timestep comes from ``generator[j]``. Raises ValueError for a bad range.
     """
+    gens = _per_sample(generator, batch_size)
+    if gens is not None:
+        t = torch.cat([sample_timesteps(1, g, min_timestep, max_timestep).to(gens[0].device) for g in gens])
+        return t.to(device) if device is not None else t
     if not 0 <= min_timestep <= max_timestep <= NUM_TRAIN_TIMESTEPS or min_timestep == NUM_TRAIN_TIMESTEPS:
         raise ValueError(
             f"timestep range must satisfy 0 <= min <= max <= {NUM_TRAIN_TIMESTEPS} and min < "

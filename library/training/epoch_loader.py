@@ -6,6 +6,12 @@ workers, which build the batch with :meth:`library.data.dataset.DatasetGroup.loa
 of an epoch is a pure function of (seed, epoch), so a worker that lives on from an earlier epoch derives
 it itself and nothing but that small tuple crosses the process boundary. Without persistent workers
 the DataLoader starts fresh workers at every epoch, exactly as a loader made per epoch would.
+
+The processes take the epoch's batches in turn (:func:`process_share`), so the k-th batches of the N
+processes are N consecutive batches of the epoch: with one bucket of one dataset (whose batches keep the
+bucket's shuffled order, dataset.py ``epoch_batches``) their concatenation is exactly the k-th batch of a
+one-process run with N times the batch size. Each batch says how many samples the processes train at its
+step together (``global_samples``), which the trainer uses to weigh a short last batch as that run does.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 import torch
 
-from library.data.dataset import BatchSpec, DatasetGroup
+from library.data.dataset import BatchSpec, DatasetGroup, noise_seed
 
 # One sampler item: (epoch, index in this process's share of the epoch, optimizer step for token warm-up).
 Item = tuple[int, int, int]
@@ -40,12 +46,18 @@ class RunBatches(torch.utils.data.Dataset):
         self.group, self.rank, self.world = group, rank, world
         self._epoch: int | None = None
         self._share: list[tuple[int, BatchSpec, bool]] = []
+        self._global: list[int] = []
 
     def share(self, epoch: int) -> list[tuple[int, BatchSpec, bool]]:
         """``(position in the epoch, spec, is_padding)`` of this process's batches of ``epoch`` (kept for
         the epoch last asked for)."""
         if self._epoch != epoch:
-            self._share = process_share(self.group.epoch_batches(epoch), self.rank, self.world)
+            specs = self.group.epoch_batches(epoch)
+            shares = [process_share(specs, r, self.world) for r in range(self.world)]
+            self._share = shares[self.rank]
+            # samples of each step over all processes (padding batches count none)
+            self._global = [sum(0 if share[i][2] else len(share[i][1].items) for share in shares)
+                            for i in range(len(self._share))]
             self._epoch = epoch
         return self._share
 
@@ -59,6 +71,11 @@ class RunBatches(torch.utils.data.Dataset):
         position, spec, padding = self.share(epoch)[index]
         batch = self.group.load_batch(spec, epoch, position, step=step)
         if batch is not None:
+            if isinstance(self.group, DatasetGroup):  # items are samples: the step's count over all processes
+                batch["global_samples"] = self._global[index]
+            else:  # a --dataset_class batch (its items are whole batches): noise seeded by the item
+                batch["noise_seeds"] = [noise_seed(f"{getattr(self.group, 'seed', 0)}:{epoch}:item{spec.items}:{j}")
+                                        for j in range(len(batch["loss_weights"]))]
             batch["padding"] = padding
             if padding:
                 batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])

@@ -103,7 +103,7 @@ def _network_args_problem(opts: Options) -> str | None:
 def fsdp_problems(request: FsdpRequest | None, opts: Options) -> list[str]:
     """One line per FSDP combination this trainer refuses (empty without FSDP, or when all is supported).
 
-    Reads which script runs (``opts.given``), --network_module / --network_args / --scale_weight_norms,
+    Reads --network_module (when given: ``opts.given``) / --network_args / --scale_weight_norms,
     --optimizer_type (and its legacy flags), --fused_backward_pass, --mixed_precision, --ema, the sampling
     and validation options, --torch_compile, --ddp_gradient_as_bucket_view and --deepspeed."""
     if request is None:
@@ -112,9 +112,6 @@ def fsdp_problems(request: FsdpRequest | None, opts: Options) -> list[str]:
         return [f"{_PREFIX}: fsdp_version {request.version} is not supported; set fsdp_version: 2 in the "
                 "accelerate config (PyTorch FSDP2, docs/distributed.md)"]
     problems = []
-    if "token_string" in opts.given:
-        problems.append(f"{_PREFIX}: Textual Inversion / XTI cannot be sharded yet; train it without the FSDP "
-                        "config (plain multi-process training works)")
     if request.cpu_offload:
         problems.append(f"{_PREFIX}: fsdp_offload_params: true is not supported yet; set it to false")
     if request.activation_checkpointing:

@@ -22,6 +22,10 @@ SPEC_FORMAT = "<owner>/<repo>/<path in repo>[:<revision>[:<repo type>]]"
 _DOWNLOADED: dict[tuple[str, str | None], str] = {}  # (spec, endpoint) -> local folder
 
 
+#: repository types huggingface_hub can upload to and download from
+REPO_TYPES = ("model", "dataset", "space")
+
+
 @dataclass(frozen=True)
 class ResumeSource:
     """A state folder in a Hub repository."""
@@ -35,8 +39,6 @@ class ResumeSource:
 def parse_resume_spec(spec: str) -> ResumeSource:
     """Split ``--resume`` as kohya does: owner and name, then the path with ``:revision[:repo type]``;
     ValueError saying what is expected otherwise."""
-    from library.training.hub_upload import REPO_TYPES
-
     parts = spec.split("/")
     if len(parts) < 3 or not parts[0] or not parts[1]:
         raise ValueError(f"expected {SPEC_FORMAT}")

@@ -25,11 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.option_groups import HubOptions
+from library.training.hub_resume import REPO_TYPES, parse_resume_spec
 
 logger = logging.getLogger(__name__)
-
-#: repository types huggingface_hub can upload to
-REPO_TYPES = ("model", "dataset", "space")
 
 
 def add_huggingface_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +54,6 @@ def add_huggingface_arguments(parser: argparse.ArgumentParser) -> None:
 
 def huggingface_problems(args: argparse.Namespace) -> list[str]:
     """Combinations of the Hub options that cannot work (checked before anything is loaded)."""
-    from library.training.hub_resume import parse_resume_spec
-
     problems = []
     repo_id, repo_type = args.huggingface_repo_id, args.huggingface_repo_type
     if repo_type is not None and repo_type not in REPO_TYPES:

@@ -4,7 +4,7 @@
 ``--debiased_estimation_loss``, ``--ip_noise_gamma`` (+ ``--ip_noise_gamma_random_strength``) and the
 masked-loss switches ``--masked_loss`` / ``--alpha_mask`` / ``--conditioning_data_dir``. The math lives in
 :mod:`library.training.diffusion`; this module registers the options, checks their combinations, turns
-them into :class:`~library.training.trainer.StepSettings` fields and gives the loop the two small pieces
+them into :class:`~library.training.step_settings.StepSettings` fields and gives the loop the two small pieces
 it calls per step (:func:`input_noise`, :func:`loss_kwargs`).
 """
 
@@ -20,7 +20,7 @@ from library.option_groups import LossOptions
 if TYPE_CHECKING:  # torch and diffusers load only when training runs (parsers stay fast)
     import torch
 
-    from library.training.trainer import StepSettings
+    from library.training.step_settings import StepSettings
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def validate_loss_arguments(args: argparse.Namespace) -> None:
 
 
 def step_fields(loss: LossOptions) -> dict[str, Any]:
-    """The :class:`~library.training.trainer.StepSettings` fields of the loss options (reads --loss_type,
+    """The :class:`~library.training.step_settings.StepSettings` fields of the loss options (reads --loss_type,
     --huber_c, --huber_schedule, --huber_scale, --zero_terminal_snr, --debiased_estimation_loss,
     --ip_noise_gamma, --ip_noise_gamma_random_strength; an unset Huber value takes its documented default)."""
     huber_c = loss.huber_c if loss.huber_c is not None else DEFAULT_HUBER_C

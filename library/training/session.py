@@ -28,7 +28,7 @@ from library.training.output_targets import check_outputs
 from library.training.te_cache import (TextEncoderUse, build_text_encoder_cache, caption_conflicts,
                                        check_text_encoder_cache)
 from library.training.plan import RunPlan, make_plan, save_every_n_epochs
-from library.training.trainer import SaveSettings, StepSettings
+from library.training.step_settings import SaveSettings, StepSettings
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +326,8 @@ def make_trainer(opts: Options, run: "PreparedRun", method: Any, *, built: Any, 
     te_cache = build_text_encoder_cache(opts.te_cache, run.text_encoder_use,
                                         caption_conflicts(group, opts.data, opts.dreambooth),
                                         train_batch_size=opts.data.train_batch_size, accelerator=accelerator,
-                                        model=model, group=group, method=method, keep_text_encoder=keep_te)
+                                        model=model, group=group, method=method, keep_text_encoder=keep_te,
+                                        clip_skip=opts.model.clip_skip)
     return Trainer(accelerator=accelerator, model=model, group=group, method=method, optimizer=built.optimizer,
                    lr_scheduler=scheduler, plan=plan,
                    step=step_settings(opts.loss, opts.optimizer, model.v_parameterization, run.weight_dtype),
@@ -471,6 +472,14 @@ def train(started: StartedRun, method: Any, *, description: str, result_name: st
     request = fsdp_request(accelerator)  # accelerate's FSDP config: shard the trained modules (sharding.py)
     sharding = shard_trained_modules(method, model, request, accelerator) if request is not None else None
     built, scheduler = optimizer_and_schedule(opts.optimizer, method.param_groups(), plan)
+    engine = None
+    if opts.distributed.deepspeed:  # --deepspeed: the engine over the trained modules (deepspeed_engine.py)
+        from library.training.deepspeed_engine import build_engine
+
+        engine = build_engine(method, model, opts.distributed, optimizer=built.optimizer,
+                              micro_batch=opts.data.train_batch_size, accumulation=plan.gradient_accumulation_steps,
+                              max_grad_norm=opts.optimizer.max_grad_norm, accelerator=accelerator,
+                              output_dir=Path(opts.save.output_dir))
     sampler = make_sampler(started.sampling, output_dir=opts.save.output_dir, clip_skip=opts.model.clip_skip,
                            unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
                            tokenizer=run.tokenizer, v_parameterization=model.v_parameterization, seed=run.seed,
@@ -480,6 +489,10 @@ def train(started: StartedRun, method: Any, *, description: str, result_name: st
     # --fused_backward_pass, --ddp_gradient_as_bucket_view
     attach_step_options(opts.optimizer, ddp_settings(opts.distributed), trainer, built)
     attach_sharding(trainer, sharding)  # FSDP2: the loop's forward, gradient norm, saves and resume
+    if engine is not None:
+        from library.training.deepspeed_engine import attach_deepspeed
+
+        attach_deepspeed(trainer, engine)  # --deepspeed: the loop's forward, backward, step, saves and resume
     from library.training.hub_resume import resume_folder
     from library.training.hub_upload import make_uploader
 

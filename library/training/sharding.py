@@ -8,6 +8,10 @@ stays outside, replicated on every process:
   freed after); the remaining weights (conv_in, time embedding, conv_out, token and position embeddings, the
   final layer norm) form the root unit.
 * LoRA (train_network.py): the network, one unit (it is small).
+* Textual Inversion / XTI: the text encoder's token-embedding module, one unit. Its whole matrix is the
+  optimizer's parameter (as without FSDP), so the matrix, its gradient and the AdamW moments are split by
+  rows over the processes; the new rows are the last ones. The rest of the text encoder stays frozen and
+  replicated; the method restores the old rows of each shard after every step.
 
 The trained modules are children of one :class:`TrainedModules` root, and *its* forward is what the loop
 calls for every micro-batch (it runs the whole loss computation), so FSDP's hooks run around all uses of the
@@ -18,7 +22,8 @@ own all-reduce is skipped; :meth:`Sharding.grad_norm` is the 2-norm over all sha
 Saving: every export first gathers the full weights on the main process (FSDP full state dict, on the CPU);
 the method then saves them as in a one-process run (:meth:`Sharding.full_weights`), so the files have the same
 keys, dtypes and metadata. ``--save_state`` gathers the weights and the optimizer state the same way (a
-collective step); such a state resumes exactly with the same number of processes and is refused with another.
+collective step); such a state resumes exactly with the same number of processes and is refused with another
+(:func:`check_state`; docs/distributed.md, Saving and resuming).
 """
 
 from __future__ import annotations
@@ -55,9 +60,12 @@ class TrainedModules(torch.nn.Module):
 
 def trained_parts(method: Any, model: Any) -> dict[str, torch.nn.Module]:
     """The modules a method trains, by their name in the root: the network for LoRA, the UNet (and the text
-    encoder when it is in the optimizer) for the full model."""
-    if getattr(method, "network", None) is not None:
+    encoder when it is in the optimizer) for the full model, the token-embedding module for Textual Inversion
+    and XTI (it stays a child of the text encoder as well, which uses it where it always did)."""
+    if method.network is not None:
         return {"network": method.network}
+    if method.name in ("textual_inversion", "xti"):
+        return {"token_embedding": method.embedding}
     if method.name == "full_model":
         parts = {"unet": model.unet}
         if method.text_encoder_in_optimizer:
@@ -224,8 +232,9 @@ def check_state(payload: dict[str, Any], folder: str | Path, sharding: Sharding 
                         "config (FSDP runs resume only their own states)")
     if sharding is not None and recorded["world_size"] != sharding.world_size:
         raise UserError(f"--resume {folder}: this state was written by {recorded['world_size']} FSDP processes, "
-                        f"this run has {sharding.world_size}; resume with {recorded['world_size']} (the data "
-                        "order and the noise of every process depend on it)")
+                        f"this run has {sharding.world_size}; resume with {recorded['world_size']} (a state's "
+                        "place in the epoch counts each process's own batches, and a step trains one batch per "
+                        "process)")
 
 
 def shard_trained_modules(method: Any, model: Any, request: FsdpRequest, accelerator: Any) -> Sharding | None:

@@ -167,11 +167,13 @@ def _cache_file(image_path: str) -> Path:
 class TextEncoderCache:
     """Conditioning per caption text, computed once; :meth:`conditioning` replaces the method's."""
 
-    def __init__(self, method: Any, group: Any, batch_size: int, budget_bytes: int | None = None):
+    def __init__(self, method: Any, group: Any, batch_size: int, budget_bytes: int | None = None, *,
+                 clip_skip: int | None = None):
         """Encode through ``method.conditioning`` with the tokenisation settings of ``group``. With
         ``budget_bytes`` (automatic reuse) captions are encoded as batches first need them, without a
         warning, and kept while the stored states stay within the budget."""
         self.method, self.group, self.batch_size = method, group, max(1, batch_size)
+        self.clip_skip = clip_skip  # --clip_skip: part of the fingerprint
         self.budget_bytes = budget_bytes
         self.states: dict[str, Any] = {}
         self._late = 0
@@ -250,7 +252,7 @@ class TextEncoderCache:
 
         h = hashlib.sha256()
         g, m = self.group, self.method
-        h.update(f"v{FORMAT_VERSION}|{type(m).__name__}|clip_skip={getattr(m, 'clip_skip', None)}|"
+        h.update(f"v{FORMAT_VERSION}|{type(m).__name__}|clip_skip={self.clip_skip}|"
                  f"max_token_length={g.max_token_length}|weighted={g.weighted_captions}".encode())
         for name, tensor in model.text_encoder.state_dict().items():
             h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
@@ -336,10 +338,11 @@ def fill_cache(cache: TextEncoderCache, model: Any, *, to_disk: bool, write: boo
 
 def build_text_encoder_cache(te_cache: TextEncoderCacheOptions, use: TextEncoderUse, conflicts: Sequence[str], *,
                              train_batch_size: int, accelerator: Any, model: Any, group: Any, method: Any,
-                             keep_text_encoder: bool) -> TextEncoderCache | None:
+                             keep_text_encoder: bool, clip_skip: int | None = None) -> TextEncoderCache | None:
     """The run's cache, filled before the first step with ``--cache_text_encoder_outputs``; the empty
     automatic one (:func:`automatic_reuse` of ``use`` and ``conflicts``), filled as batches need it; else None.
-    Captions are encoded ``--text_encoder_batch_size`` (default ``train_batch_size``) at a time.
+    Captions are encoded ``--text_encoder_batch_size`` (default ``train_batch_size``) at a time; ``clip_skip``
+    (``--clip_skip``) is part of the states' fingerprint.
 
     On disk the main process writes the files first and the others then read them. Afterwards the text
     encoder moves to the CPU unless ``keep_text_encoder`` (sample images need it on the device).
@@ -349,13 +352,13 @@ def build_text_encoder_cache(te_cache: TextEncoderCacheOptions, use: TextEncoder
         when = f" once the text encoder stops training (step {use.steps})" if use.stops_later else ""
         logger.info("text-encoder outputs are reused per caption%s (frozen text encoder, fixed captions); "
                     "--no_cache_text_encoder_outputs turns this off", when)
-        return TextEncoderCache(method, group, batch_size, budget_bytes=AUTO_BUDGET_BYTES)
+        return TextEncoderCache(method, group, batch_size, budget_bytes=AUTO_BUDGET_BYTES, clip_skip=clip_skip)
     if not te_cache.requested:
         return None
     if _method_trains_text_encoder(method):
         raise UserError(f"--cache_text_encoder_outputs: the {method.name} method trains the text encoder")
     to_disk = te_cache.cache_text_encoder_outputs_to_disk
-    cache = TextEncoderCache(method, group, batch_size)
+    cache = TextEncoderCache(method, group, batch_size, clip_skip=clip_skip)
     if not to_disk or accelerator.is_main_process:
         counts = fill_cache(cache, model, to_disk=to_disk, write=to_disk)
         logger.info("text-encoder cache: %d distinct caption(s), %d encoded%s", counts["captions"], counts["encoded"],

@@ -6,7 +6,7 @@ draws the offset strength uniformly in ``[0, --noise_offset]`` every step, ``--v
 adds ``w · ℓ / (SNR/(SNR+1))`` to an ε-prediction loss and ``--scale_v_pred_loss_like_noise_pred``
 multiplies a v-prediction loss by ``SNR/(SNR+1)``. The math lives in :mod:`library.training.diffusion`;
 this module registers the options, checks their combinations and turns them into plain values for
-:class:`~library.training.trainer.StepSettings` and the validation loss (docs/loss_options.md).
+:class:`~library.training.step_settings.StepSettings` and the validation loss (docs/loss_options.md).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def timestep_loss_problems(args: argparse.Namespace) -> list[str]:
 
 
 def timestep_loss_fields(loss: LossOptions) -> dict[str, Any]:
-    """The :class:`~library.training.trainer.StepSettings` fields of these options (reads --min_timestep,
+    """The :class:`~library.training.step_settings.StepSettings` fields of these options (reads --min_timestep,
     --max_timestep, --noise_offset_random_strength, --v_pred_like_loss, --scale_v_pred_loss_like_noise_pred)."""
     low, high = timestep_range(loss.min_timestep, loss.max_timestep)
     return dict(min_timestep=low, max_timestep=high, noise_offset_random_strength=loss.noise_offset_random_strength,

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,7 @@ from library.training.guard import TrainingGuard, total_grad_norm
 from library.training.plan import RunPlan
 from library.training.sharding import STATE_KEY, check_state as check_sharded_state
 from library.training.start_step import StartPoint
+from library.training.step_settings import SaveSettings, StepSettings
 from library.training.tracking import LossAverage, Tracker
 
 if TYPE_CHECKING:  # annotations only: these modules import the trainer's neighbours
@@ -42,52 +42,6 @@ if TYPE_CHECKING:  # annotations only: these modules import the trainer's neighb
 logger = logging.getLogger(__name__)
 
 LATENT_SCALE = diffusion.LATENT_SCALE
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """What one training step does (from the command line, validated)."""
-
-    v_parameterization: bool = False
-    noise_offset: float | None = None
-    adaptive_noise_scale: float | None = None
-    multires_noise_iterations: int | None = None
-    multires_noise_discount: float = 0.3
-    min_snr_gamma: float | None = None
-    max_grad_norm: float = 1.0
-    weight_dtype: torch.dtype = torch.float32
-    # loss and noise options (library/training/loss_options.py)
-    loss_type: str = "l2"
-    huber_c: float = 0.1
-    huber_schedule: str = "snr"
-    huber_scale: float = 1.0
-    zero_terminal_snr: bool = False
-    debiased_estimation: bool = False
-    ip_noise_gamma: float | None = None
-    ip_noise_gamma_random_strength: bool = False
-    # timestep range, offset random strength, v-prediction loss scalings (library/training/timestep_loss_options.py)
-    min_timestep: int = 0
-    max_timestep: int = diffusion.NUM_TRAIN_TIMESTEPS
-    noise_offset_random_strength: bool = False
-    v_pred_like_loss: float | None = None
-    scale_v_pred_loss_like_noise_pred: bool = False
-
-
-@dataclass(frozen=True)
-class SaveSettings:
-    """When and where results and states are written."""
-
-    output_dir: Path
-    output_name: str | None = None
-    every_n_epochs: int | None = None
-    every_n_steps: int | None = None
-    last_n_epochs: int | None = None
-    last_n_epochs_state: int | None = None
-    last_n_steps: int | None = None
-    last_n_steps_state: int | None = None
-    save_state: bool = False
-    state_on_train_end: bool = False  # --save_state_on_train_end: the state of the final save only
-    layout: Any = None  # library.output_safety.OutputLayout: names and kind of the method's saves
 
 
 ALL_REDUCE_BUCKET = 1 << 24  # elements per all-reduce call (64 MiB of fp32): bounded extra memory
@@ -117,6 +71,17 @@ def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
         _reduce_bucket(bucket, world)
 
 
+def _share_of_global_batch(batch: dict[str, Any], world: int) -> float:
+    """The factor that turns this process's mean loss into its part of the global batch's mean once the
+    gradients are averaged over the ``world`` processes: ``world × samples here / samples of the step over all
+    processes`` (``global_samples``, epoch_loader.py). Exactly 1 when every process has a full batch; it makes
+    a short last batch (and a padding batch: 0) weigh as in a one-process run of the global batch."""
+    total = batch.get("global_samples")
+    if world == 1 or not total:
+        return 1.0
+    return world * (0 if batch.get("padding") else len(batch["keys"])) / total
+
+
 class Trainer:
     """Runs a method over a dataset group for a planned number of steps."""
 
@@ -140,7 +105,6 @@ class Trainer:
         self.device = accelerator.device
         self.noise_scheduler = diffusion.make_noise_scheduler(step.v_parameterization, step.zero_terminal_snr)
         self.text_encoder_cache = text_encoder_cache
-        self.generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + accelerator.process_index)
         self.progress = TrainProgress(session_id=int(torch.randint(0, 2**31 - 1, (1,)).item()),
                                       started_at=time.time(), seed=seed)
         self.stop_requested: str | None = None
@@ -168,19 +132,23 @@ class Trainer:
     def resume(self, folder: str) -> None:
         """Restore weights, optimizer, scheduler, RNGs and the exact position from a state folder."""
         payload = load_state(folder)
-        check_sharded_state(payload, folder, self.sharding)  # FSDP states resume under FSDP only (sharding.py)
+        from library.training.deepspeed_engine import check_state as check_deepspeed_state
+
+        check_deepspeed_state(payload, folder, self.deepspeed)  # DeepSpeed states under --deepspeed only
+        check_sharded_state(payload, folder, None if self.deepspeed else self.sharding)  # FSDP: sharding.py
         self.last_state = Path(folder)
-        if self.sharding is not None:
+        if self.deepspeed is not None:
+            self.deepspeed.load_folder(folder)  # the engine's partitions of weights and optimizer state
+        elif self.sharding is not None:
             self.sharding.load(payload, self.optimizer)
         else:
             self.method.load_trainable_state_dict(payload["trainable"])
             self.optimizer.load_state_dict(payload["optimizer"])
         self.lr_scheduler.load_state_dict(payload["scheduler"])
-        rng = payload["rng"]
-        per_rank = payload["extra"].get("noise_per_rank")
-        if per_rank and self.accelerator.process_index < len(per_rank):
-            rng = dict(rng, noise=per_rank[self.accelerator.process_index])
-        restore_rng_states(rng, self.generator)
+        restore_rng_states(payload["rng"])  # the training noise has no state: it is seeded per sample
+        if payload["extra"].get("noise_per_rank"):
+            logger.info("%s was written when each process had its own noise generator; from here on the noise "
+                        "is drawn per sample (not the noise the old run would have drawn next)", folder)
         if self.ema is not None:
             self.ema.load_state_dict(payload["extra"].get("ema"))
         if self.validator is not None:
@@ -205,7 +173,15 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------
 
-    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+    @staticmethod
+    def sample_generators(batch: dict[str, Any]) -> list[torch.Generator]:
+        """One CPU generator per sample, seeded from the sample's identity in the epoch (``noise_seeds``:
+        library/data/dataset.py ``noise_seed``). Every random draw of a step comes from these, so a
+        sample's noise, timestep and latent draw do not depend on its batch, the batch size or the process
+        that trains it, and a resumed run draws exactly what the uninterrupted run would have."""
+        return [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in batch["noise_seeds"]]
+
+    def _latents(self, batch: dict[str, Any], generators: list[torch.Generator]) -> torch.Tensor:
         if batch.get("latents") is not None:
             latents = batch["latents"].to(self.device)
         else:
@@ -213,8 +189,8 @@ class Trainer:
             with torch.no_grad():
                 images = batch["images"].to(self.device, dtype=vae.dtype)
                 dist = vae.encode(images).latent_dist
-                latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.generator,
-                                                             dtype=dist.mean.dtype).to(self.device)
+                draw = diffusion.normal(tuple(dist.mean.shape), generators)
+                latents = dist.mean + dist.std * draw.to(self.device, dist.mean.dtype)
         return latents.to(self.step_settings.weight_dtype) * LATENT_SCALE
 
     def conditioning(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -245,19 +221,20 @@ class Trainer:
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The diffusion loss of one batch (documented order: text, noise, timesteps)."""
         s = self.step_settings
-        latents = self._latents(batch)
+        generators = self.sample_generators(batch)  # per sample: draws in the order latent, noise, timestep, ip
+        latents = self._latents(batch, generators)
         cond = self.conditioning(batch)
-        noise = diffusion.sample_noise(latents, self.generator, noise_offset=s.noise_offset,
+        noise = diffusion.sample_noise(latents, generators, noise_offset=s.noise_offset,
                                        adaptive_noise_scale=s.adaptive_noise_scale,
                                        multires_iterations=s.multires_noise_iterations,
                                        multires_discount=s.multires_noise_discount,
                                        noise_offset_random_strength=s.noise_offset_random_strength)
-        timesteps = diffusion.sample_timesteps(latents.shape[0], self.generator, s.min_timestep,
+        timesteps = diffusion.sample_timesteps(latents.shape[0], generators, s.min_timestep,
                                                s.max_timestep).to(self.device)
         if self.record is not None:
             self.record.timesteps(timesteps.tolist())
         pred, target = self.prediction_and_target(latents, noise, timesteps, cond,
-                                                  input_noise=loss_options.input_noise(noise, self.generator, s))
+                                                  input_noise=loss_options.input_noise(noise, generators, s))
         return diffusion.diffusion_loss(pred.float(), target.float(),
                                         loss_weights=batch["loss_weights"].to(self.device), timesteps=timesteps,
                                         scheduler=self.noise_scheduler, min_snr_gamma=s.min_snr_gamma,
@@ -267,10 +244,13 @@ class Trainer:
     fused_backward: Any = None  # --fused_backward_pass hooks (fused_backward.py), set by session.attach_step_options
     grad_buckets: Any = None  # --ddp_gradient_as_bucket_view buckets (ddp_options.py), set there too
     sharding: Any = None  # FSDP2 (library/training/sharding.py Sharding), set by sharding.attach_sharding
+    deepspeed: Any = None  # --deepspeed (deepspeed_engine.py DeepSpeedRun, also the sharding), set by attach_deepspeed
 
     def _sync_and_step(self) -> None:
         if self.fused_backward is not None:  # each parameter was already stepped during backward
             return self.fused_backward.end_step(self)
+        if self.deepspeed is not None:  # the engine reduces, clips and steps
+            return self.deepspeed.step(self)
         world = self.accelerator.num_processes
         if self.sharding is not None:
             pass  # FSDP reduce-scattered (averaged) every gradient during backward
@@ -339,21 +319,20 @@ class Trainer:
         return " — no training state is kept (--save_state keeps one to resume from)"
 
     def save_training_state(self, folder: Path) -> None:
-        """Write the training state (all processes take part: their noise RNGs are gathered)."""
-        from accelerate.utils import gather_object
-
-        states = gather_object([self.generator.get_state()]) if self.accelerator.num_processes > 1 else \
-            [self.generator.get_state()]
+        """Write the training state (all processes take part: with FSDP the shards are gathered)."""
         trainable, optimizer = self.sharding.state_parts(self.optimizer) if self.sharding is not None else (None, None)
         if self.accelerator.is_main_process:
-            try:
-                save_state(folder, progress=self.progress,
+            try:  # DeepSpeed: state.pt is written beside the engine's files, then both move into folder
+                save_state(folder if self.deepspeed is None else self.deepspeed.staged_state(), progress=self.progress,
                            trainable=trainable if trainable is not None else self.method.trainable_state_dict(),
-                           optimizer=optimizer or self.optimizer, scheduler=self.lr_scheduler, generator=self.generator,
+                           optimizer=optimizer or self.optimizer, scheduler=self.lr_scheduler,
                            scaler=self.accelerator.scaler, extra={
-                               "noise_per_rank": states, STATE_KEY: self.sharding and self.sharding.describe(),
+                               STATE_KEY: None if self.deepspeed else self.sharding and self.sharding.describe(),
+                               "deepspeed": self.deepspeed and self.deepspeed.describe(),  # deepspeed_engine.py
                                "ema": self.ema.state_dict() if self.ema is not None else None,
                                "validation": self.validator.state_dict() if self.validator is not None else None})
+                if self.deepspeed is not None:
+                    self.deepspeed.commit_state(folder)
             except UserError as exc:
                 raise UserError(f"{exc}{self._resume_hint()}") from None
             self.last_state = folder
@@ -441,7 +420,11 @@ class Trainer:
                         loss = self.loss(batch) if self.sharding is None else self.sharding.forward(self.loss, batch)
                         self.guard.check_loss(loss, step=self.progress.global_step + 1, epoch=epoch,
                                               keys=batch["keys"], last_saved=self.last_saved)
-                        acc.backward(loss / ga)
+                        scaled = loss * _share_of_global_batch(batch, acc.num_processes) / ga
+                        if self.deepspeed is not None:  # the engine's backward (ZeRO's gradient hooks)
+                            self.deepspeed.backward(scaled, boundary=micro + 1 >= ga or index == len(loader) - 1)
+                        else:
+                            acc.backward(scaled)
                         if self.record is not None and not batch["padding"]:
                             self.record.trained(epoch, batch["keys"])
                         accumulated += loss.detach().item()

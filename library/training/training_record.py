@@ -9,7 +9,12 @@ nothing is overwritten or mixed with another run's lines):
   "weights": {name: tensor}}``: the image keys that process trained on per epoch, in order (padding
   batches left out), and the trainable weights as they are in memory after the last step, named as the
   method's ``trainable_state_dict`` names them (with FSDP: gathered, on the main process only; ``{}`` on
-  the others).
+  the others);
+- ``startup-<what>-rank<r>.jsonl``, written during start-up (library/distributed.py ``record_start_up``):
+  ``image_headers`` (one line per image-size scan this process ran, with the number of files),
+  ``latent_writes`` (one line per latent ``.npz`` this process wrote) and ``latents`` (a SHA-1 digest of
+  every latent this process holds in memory, by image key), so a test can see which process did which
+  share of the start-up work.
 
 The option changes nothing about training itself (docs/train_network.md, "training" options).
 """
@@ -27,7 +32,7 @@ from library.fileio import atomic_path
 
 RECORD_FILE = "rank{rank}.pt"
 TIMESTEP_FILE = "timesteps-rank{rank}.jsonl"
-_RECORD_PATTERNS = ("rank*.pt", "timesteps-rank*.jsonl")
+_RECORD_PATTERNS = ("rank*.pt", "timesteps-rank*.jsonl", "startup-*-rank*.jsonl")
 
 
 def add_record_arguments(parser: argparse.ArgumentParser) -> None:
