@@ -16,27 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.models_util import make_model_files
-from tests.train_util import make_dataset, run_script, free_port
+from tests.train_util import FSDP_CONFIG, make_dataset, run_script, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config:
-  fsdp_version: {version}
-  fsdp_reshard_after_forward: true
-  fsdp_offload_params: false
-  fsdp_state_dict_type: FULL_STATE_DICT
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-main_training_function: main
-rdzv_backend: static
-same_network: true
-use_cpu: false
-"""
 
 ATOL = 1e-6  # float32 round-off of a different reduction order
 

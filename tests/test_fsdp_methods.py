@@ -16,27 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.models_util import make_model_files
-from tests.train_util import free_port, make_dataset
+from tests.train_util import FSDP_CONFIG, free_port, make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config:
-  fsdp_version: 2
-  fsdp_reshard_after_forward: true
-  fsdp_offload_params: false
-  fsdp_state_dict_type: FULL_STATE_DICT
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-main_training_function: main
-rdzv_backend: static
-same_network: true
-use_cpu: false
-"""
 
 ATOL = 1e-6  # float32 round-off of a different reduction order
 STATE = "zqx-step00000002-state"
@@ -53,7 +36,7 @@ def setup(tmp_path_factory):
     meta.write_text(json.dumps({f"img{i}": {"caption": f"a photo of sks dog number {i}"} for i in range(5)}),
                     encoding="utf-8")
     config = root / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG, encoding="utf-8")
+    config.write_text(FSDP_CONFIG.format(version=2), encoding="utf-8")
     return {"model": model, "ti_data": ti_data, "ft": (ft_folder, meta), "config": config}
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from library.errors import UserError
-from library.training.sharding import GatheredOptimizer, TrainedModules, trained_parts
+from library.training.sharding import GatheredOptimizer, TrainedModules, holding_full_weights, trained_parts
 
 logger = logging.getLogger(__name__)
 
@@ -160,17 +160,8 @@ class DeepSpeedRun:
         if full is None:
             yield
             return
-        swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
-        try:
-            for name, param in list(self.root.named_parameters()):
-                owner_name, _, attr = name.rpartition(".")
-                owner = self.root.get_submodule(owner_name)
-                swapped.append((owner, attr, param))
-                owner._parameters[attr] = torch.nn.Parameter(full[name], requires_grad=False)
+        with holding_full_weights(self.root, full, "the gathered ZeRO-3 weights"):
             yield
-        finally:
-            for owner, attr, param in swapped:
-                owner._parameters[attr] = param
 
     def state_parts(self, optimizer: Any) -> tuple[dict[str, torch.Tensor], GatheredOptimizer]:
         """Collective: every process writes its partition of the weights and optimizer state (the engine's

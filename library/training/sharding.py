@@ -189,19 +189,8 @@ class Sharding:
     def full_weights(self, full: dict[str, torch.Tensor]) -> Iterator[None]:
         """On the main process: the trained modules hold the gathered full weights (plain CPU tensors) inside
         the block, so the method's own save writes what a one-process run writes; the shards come back after."""
-        swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
-        try:
-            for name, param in list(self.root.named_parameters()):
-                if name not in full:
-                    raise RuntimeError(f"FSDP full state dict lacks {name}")
-                owner_name, _, attr = name.rpartition(".")
-                owner = self.root.get_submodule(owner_name)
-                swapped.append((owner, attr, param))
-                owner._parameters[attr] = torch.nn.Parameter(full[name], requires_grad=False)
+        with holding_full_weights(self.root, full, "FSDP full state dict"):
             yield
-        finally:
-            for owner, attr, param in swapped:
-                owner._parameters[attr] = param
 
     def state_parts(self, optimizer: Any) -> tuple[dict[str, torch.Tensor], GatheredOptimizer]:
         """The gathered weights and optimizer of a training state (collective: every process calls it)."""
@@ -218,6 +207,26 @@ class Sharding:
         set_model_state_dict(self.root, payload["trainable"], options=self._options(full_state_dict=True))
         set_optimizer_state_dict(self.root, optimizer, payload["optimizer"],
                                  options=self._options(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def holding_full_weights(root: torch.nn.Module, full: dict[str, torch.Tensor], source: str) -> Iterator[None]:
+    """Inside the block every parameter of ``root`` is the plain (frozen) tensor of the same name in ``full``;
+    the sharded or partitioned parameters come back after. Used by the FSDP and DeepSpeed exports, so the
+    method's own save writes what a one-process run writes."""
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for name, param in list(root.named_parameters()):
+            if name not in full:
+                raise RuntimeError(f"{source} lacks {name}")
+            owner_name, _, attr = name.rpartition(".")
+            owner = root.get_submodule(owner_name)
+            swapped.append((owner, attr, param))
+            owner._parameters[attr] = torch.nn.Parameter(full[name], requires_grad=False)
+        yield
+    finally:
+        for owner, attr, param in swapped:
+            owner._parameters[attr] = param
 
 
 def check_state(payload: dict[str, Any], folder: str | Path, sharding: Sharding | None) -> None:
