@@ -167,7 +167,8 @@ def test_record_training_dir_refuses_a_file_or_an_earlier_record(models, data, t
     record = tmp_path / "record"
     assert run_script(train, base_args(models, data, tmp_path / "a", *record_args(record), steps=2)) == 0
     before = {p.name: p.read_bytes() for p in record.iterdir()}
-    assert sorted(before) == ["rank0.pt", "timesteps-rank0.jsonl"]
+    assert sorted(before) == ["rank0.pt", "startup-image_headers-rank0.jsonl", "timesteps-rank0.jsonl"]  # the
+    # start-up record: this process scanned the image sizes (no latent cache in this run)
     assert sum(len(read_record(record)["keys"][e]) for e in read_record(record)["keys"]) == 2  # batch size 1
     a_file = tmp_path / "file.txt"
     a_file.write_text("x", encoding="utf-8")
