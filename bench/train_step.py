@@ -1,7 +1,7 @@
 """Seconds per training step of each method: our loop versus the bare forward + backward + AdamW step.
 
     python bench/train_step.py [--preset tiny-sd1|sd1|both] [--method lora|db|ft|ti|xti|all]
-                               [--steps 6] [--resolution 256] [--extra '--torch_compile ...']
+                               [--steps 6] [--resolution 256] [--extra='--torch_compile ...']
 
 Every method trains at batch 1 with AdamW and cached latents: ``lora`` a UNet-only LoRA (dim 4, alpha 1,
 train_network.py), ``db`` DreamBooth (UNet + text encoder, train_db.py), ``ft`` fine-tuning (UNet only,
@@ -257,8 +257,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--cache", default="/tmp/sdtrain_bench_model")
-    parser.add_argument("--extra", default="", help="extra training options, e.g. '--torch_compile "
-                        "--dynamo_backend aot_eager' (one string)")
+    parser.add_argument("--extra", default="", help="extra training options as one string, written with '=' "
+                        "because it starts with '--': --extra='--torch_compile --dynamo_backend aot_eager'")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import logging

@@ -207,13 +207,6 @@ def test_unsupported_combinations_stop_with_one_line(setup, tmp_path, capsys, ex
     assert expected in _refused(setup, tmp_path, capsys, train, *extra)
 
 
-@pytest.mark.parametrize("module", ["train_textual_inversion", "train_textual_inversion_XTI"])
-def test_textual_inversion_is_refused(setup, tmp_path, capsys, module):
-    main = __import__(module).main
-    err = _refused(setup, tmp_path, capsys, main, "--token_string", "zqx", "--init_word", "dog")
-    assert "Textual Inversion / XTI are not supported with DeepSpeed yet" in err
-
-
 def test_the_help_says_what_is_supported():
     import train_network
 

@@ -34,3 +34,26 @@ def load_weights(path: Path) -> dict[str, bytes]:
     from safetensors.torch import load_file
 
     return {k: v.numpy().tobytes() for k, v in load_file(path).items()}
+
+
+def test_a_state_of_another_number_of_processes_is_refused(models, data, tmp_path, capsys):
+    """Every state records how many processes wrote it; resuming it with another number stops before the first
+    step with one line and exit code 2 (the record is set to 2 here: a 2-process state resumed alone)."""
+    import torch
+
+    out = tmp_path / "run"
+    assert run_script(train_network, lora_args(models["sd1"]["safetensors"], data, out, "--save_state",
+                                               steps=1)) == 0
+    state = out / "last-state" / "state.pt"
+    payload = torch.load(state, weights_only=False)
+    assert payload["extra"]["processes"] == 1
+    payload["extra"]["processes"] = 2
+    torch.save(payload, state)
+    capsys.readouterr()
+    resumed = tmp_path / "resumed"
+    code = run_script(train_network, lora_args(models["sd1"]["safetensors"], data, resumed, "--resume",
+                                               out / "last-state", steps=2))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "this state was written by 2 process(es), this run has 1; resume with 2" in err[0]
+    assert not (resumed / "last.safetensors").exists()

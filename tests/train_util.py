@@ -109,3 +109,31 @@ rdzv_backend: static
 same_network: true
 use_cpu: false
 """
+
+
+def plain_launch(processes: int = 2) -> list[str]:
+    """``accelerate launch`` options for ``processes`` plain processes, no mixed precision, no dynamo."""
+    how = ["--multi_gpu"] if processes > 1 else []
+    return [*how, "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
+def accelerate_launch(how: Sequence[str], script: Path, args: Sequence[str], out: Path, *, timeout: int = 900):
+    """Run ``accelerate launch <how> script <args>`` on the CPU (``OMP_NUM_THREADS=1``, a cache folder beside
+    ``out``); once more only when another process took the free port in the meantime. Returns the
+    CompletedProcess (its returncode is not checked)."""
+    import os
+    import subprocess
+    import sys
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1",
+               SDTRAIN_CACHE_DIR=str(out.parent / f"{out.name}-cache"))
+    for _ in range(2):
+        cmd = [str(accelerate), "launch", *how, "--main_process_port", str(free_port()), str(script),
+               *map(str, args)]
+        res = subprocess.run(cmd, cwd=Path(script).parent, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+        if res.returncode == 0 or "address already in use" not in res.stderr.lower():
+            break
+    return res

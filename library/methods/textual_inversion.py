@@ -9,7 +9,8 @@ or ``.pt`` / ``.ckpt`` in AUTOMATIC1111's ``string_to_param`` layout.
 
 Under accelerate's FSDP config the token-embedding module is what is sharded (library/training/sharding.py):
 the matrix is split by rows over the processes, and :func:`restore_rows` copies back the old rows of each
-process's own shard.
+process's own shard. Under ``--deepspeed`` the module is what the engine holds (stages 0-2 keep the matrix
+whole on every process; ZeRO-3 partitions it and :func:`restore_rows` gathers it for the copy).
 """
 
 from __future__ import annotations
@@ -337,7 +338,14 @@ def shard_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
 @torch.no_grad()
 def restore_rows(weight: torch.Tensor, original: torch.Tensor) -> None:
     """``weight[:len(original)] = original`` in place; for an FSDP2-sharded matrix every process writes the
-    rows of its own shard (:func:`shard_rows`)."""
+    rows of its own shard (:func:`shard_rows`). A matrix partitioned by DeepSpeed ZeRO-3 (it has a ``ds_id``)
+    is gathered, restored on the first process and partitioned again from there: every process calls this."""
+    if hasattr(weight, "ds_id"):
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters([weight], modifier_rank=0):
+            weight[:original.shape[0]] = original.to(weight.device, weight.dtype)
+        return
     local, offset = shard_rows(weight)
     stop = min(offset + local.shape[0], original.shape[0])
     if stop > offset:

@@ -131,3 +131,17 @@ def load_state(folder: str | Path) -> dict[str, Any]:
         raise UserError(f"--resume {folder}: state written by an incompatible version")
     payload["progress"] = TrainProgress(**payload["progress"])
     return payload
+
+
+PROCESSES_KEY = "processes"  # in a state's "extra": the number of processes that trained it
+
+
+def check_processes(payload: dict[str, Any], folder: str | Path, processes: int) -> None:
+    """Refuse resuming a state written by another number of processes (states that do not record it, from
+    older versions, are accepted): its place in the epoch counts each process's own batches, and each step
+    trained one batch per process, so another number could continue neither run exactly."""
+    recorded = (payload.get("extra") or {}).get(PROCESSES_KEY)
+    if recorded is not None and int(recorded) != processes:
+        raise UserError(f"--resume {folder}: this state was written by {recorded} process(es), this run has "
+                        f"{processes}; resume with {recorded}, or start a new run from the last saved weights "
+                        "(--network_weights, --weights or the saved model) to go on with another number")

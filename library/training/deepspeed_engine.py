@@ -4,7 +4,7 @@ accelerate only provides the processes (``accelerate launch --multi_gpu``, the t
 group); accelerate's DeepSpeed plugin is not used. The trainer builds the engine itself with
 ``deepspeed.initialize`` on that process group, over one module: the
 :class:`~library.training.sharding.TrainedModules` root that holds what the method trains (the LoRA network,
-or the UNet and the text encoder being fine-tuned). Frozen modules stay outside, whole on every process.
+the UNet and the text encoder being fine-tuned, or the token-embedding module of Textual Inversion / XTI). Frozen modules stay outside, whole on every process.
 The engine's forward is what the loop calls for every micro-batch (it runs the whole loss computation), so
 ZeRO-3's gather hooks run around every use of the trained weights; ``engine.backward`` and ``engine.step``
 reduce (average) the gradients over the processes, clip them (``--max_grad_norm``) and step the optimizer

@@ -31,8 +31,8 @@ def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("DeepSpeed ZeRO (optional package: requirements-deepspeed.txt; "
                                   "docs/distributed.md#deepspeed)")
     a = g.add_argument
-    a("--deepspeed", action="store_true", help="train the trained modules (LoRA network, or UNet / text encoder) "
-      "in a DeepSpeed ZeRO engine; launch with accelerate launch --multi_gpu --num_processes N (needs the "
+    a("--deepspeed", action="store_true", help="train the trained modules (LoRA network, UNet / text encoder, or "
+      "the token embedding of Textual Inversion / XTI) in a DeepSpeed ZeRO engine; launch with accelerate launch --multi_gpu --num_processes N (needs the "
       "package deepspeed)")
     a("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3],
       help=f"DeepSpeed ZeRO stage 0-3 (default 2): 1 shards the optimizer state, 2 also the gradients, 3 also "
@@ -108,9 +108,6 @@ def _setting_problems(args: argparse.Namespace) -> list[str]:
 def _training_problems(args: argparse.Namespace) -> list[str]:
     """What the run asks for that is not supported (or not tested) under DeepSpeed yet."""
     problems = []
-    if hasattr(args, "token_string"):
-        problems.append("--deepspeed: Textual Inversion / XTI are not supported with DeepSpeed yet; train them "
-                        "without --deepspeed (plain multi-process training works)")
     simple = [
         (getattr(args, "mixed_precision", "no") == "fp16", "--mixed_precision fp16 is not supported (the trainer's "
          "gradient scaler is not used by the engine); use bf16 or no"),

@@ -23,8 +23,9 @@ from library.training import diffusion, loss_options
 from library.errors import UserError
 from library.output_safety import check_target, remove_save
 from library.training.epoch_loader import EpochLoader
-from library.training.checkpoint import (TrainProgress, epoch_name, epoch_to_remove, final_name, load_state,
-                                         restore_rng_states, save_state, step_name, step_to_remove)
+from library.training.checkpoint import (PROCESSES_KEY, TrainProgress, check_processes, epoch_name, epoch_to_remove,
+                                         final_name, load_state, restore_rng_states, save_state, step_name,
+                                         step_to_remove)
 from library.training.guard import TrainingGuard, total_grad_norm
 from library.training.plan import RunPlan
 from library.training.sharding import STATE_KEY, check_state as check_sharded_state
@@ -136,6 +137,7 @@ class Trainer:
 
         check_deepspeed_state(payload, folder, self.deepspeed)  # DeepSpeed states under --deepspeed only
         check_sharded_state(payload, folder, None if self.deepspeed else self.sharding)  # FSDP: sharding.py
+        check_processes(payload, folder, self.accelerator.num_processes)
         self.last_state = Path(folder)
         if self.deepspeed is not None:
             self.deepspeed.load_folder(folder)  # the engine's partitions of weights and optimizer state
@@ -329,6 +331,7 @@ class Trainer:
                            scaler=self.accelerator.scaler, extra={
                                STATE_KEY: None if self.deepspeed else self.sharding and self.sharding.describe(),
                                "deepspeed": self.deepspeed and self.deepspeed.describe(),  # deepspeed_engine.py
+                               PROCESSES_KEY: self.accelerator.num_processes,
                                "ema": self.ema.state_dict() if self.ema is not None else None,
                                "validation": self.validator.state_dict() if self.validator is not None else None})
                 if self.deepspeed is not None:

@@ -1,0 +1,173 @@
+"""--deepspeed for Textual Inversion, XTI and fine_tune.py (docs/distributed.md#deepspeed): 2 CPU processes
+(gloo, accelerate launch --multi_gpu) with the DeepSpeed ZeRO engine against the plain 2-process run, exact
+resume from a state, exports that load. LoRA and DreamBooth are in tests/test_deepspeed.py.
+
+Needs the optional package (requirements-deepspeed.txt, ``make setup-deepspeed``); skipped without it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.models_util import make_model_files
+from tests.train_util import accelerate_launch, make_dataset, plain_launch
+
+pytest.importorskip("deepspeed")
+
+REPO = Path(__file__).resolve().parent.parent
+ATOL = 1e-6  # float32 round-off of another reduction order
+STATE = "zqx-step00000002-state"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model files, TI dataset, fine-tuning folder and metadata json)."""
+    root = tmp_path_factory.mktemp("deepspeed-methods")
+    model = make_model_files(root / "models", "tiny-sd1", formats="safetensors,diffusers_safetensors")
+    ti_data = make_dataset(root / "ti", folder="3_zqx", count=5, captions={0: "a zqx on grass", 1: "zqx, running"})
+    ft_folder = make_dataset(root / "ft", folder="images", count=5) / "images"
+    meta = root / "ft" / "meta.json"
+    meta.write_text(json.dumps({f"img{i}": {"caption": f"a photo of sks dog number {i}"} for i in range(5)}),
+                    encoding="utf-8")
+    return {"model": model, "ti_data": ti_data, "ft": (ft_folder, meta)}
+
+
+def _launch(script: str, setup, out: Path, *extra: str) -> str:
+    """Run ``script`` in 2 plain processes (add ``--deepspeed`` in ``extra``); returns its log."""
+    args = ["--pretrained_model_name_or_path", setup["model"]["safetensors"], "--resolution", "64",
+            "--output_dir", out, "--max_train_steps", "4", "--seed", "1", "--max_data_loader_n_workers", "0",
+            "--train_batch_size", "2", *extra]
+    res = accelerate_launch(plain_launch(2), REPO / script, args, out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stderr
+
+
+def _embedding_args(setup, *extra: str) -> tuple[str, ...]:
+    return ("--train_data_dir", str(setup["ti_data"]), "--token_string", "zqx", "--init_word", "dog",
+            "--num_vectors_per_token", "2", "--learning_rate", "1e-2", "--save_model_as", "safetensors", *extra)
+
+
+def _three_runs(script: str, setup, root: Path, stage: str) -> tuple[Path, Path, Path, str]:
+    """The DeepSpeed run (a state at step 2), the plain 2-process run, and the DeepSpeed run resumed from that
+    state; returns their folders and the DeepSpeed run's log."""
+    ds, plain, resumed = root / "ds", root / "plain", root / "resumed"
+    engine = ("--deepspeed", "--zero_stage", stage)
+    log = _launch(script, setup, ds, *_embedding_args(setup, *engine, "--save_every_n_steps", "2", "--save_state"))
+    _launch(script, setup, plain, *_embedding_args(setup))
+    _launch(script, setup, resumed, *_embedding_args(setup, *engine, "--resume", str(ds / STATE)))
+    return ds, plain, resumed, log
+
+
+def _check_state(state_dir: Path, stage: int) -> None:
+    payload = torch.load(state_dir / "state.pt", weights_only=False)
+    assert payload["extra"]["deepspeed"] == {"zero_stage": stage, "world_size": 2}
+    ranks = sorted(p.name for p in (state_dir / "deepspeed" / "engine").glob("*optim_states.pt"))
+    assert len(ranks) == 2, ranks  # each process wrote its partition of the optimizer state
+
+
+@pytest.mark.slow
+def test_ti_zero2_equals_the_plain_run_loads_in_diffusers_and_resumes(setup, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from library.methods import textual_inversion as ti
+
+    ds, plain, resumed, log = _three_runs("train_textual_inversion.py", setup, tmp_path, "2")
+    assert "DeepSpeed ZeRO-2: token_embedding in the engine over 2 process(es)" in log
+    path = ds / "zqx.safetensors"
+    with safe_open(str(path), "pt") as f, safe_open(str(plain / "zqx.safetensors"), "pt") as g:
+        assert list(f.keys()) == list(g.keys()) == ["emb_params"]
+        assert set(f.metadata()) == set(g.metadata())
+    a, b = load_file(str(path))["emb_params"], load_file(str(plain / "zqx.safetensors"))["emb_params"]
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (2, 32)
+    assert torch.allclose(a, b, rtol=0, atol=ATOL), (a - b).abs().max()
+    assert (a - ti.read_embedding_file(ds / "zqx-step00000002.safetensors")).abs().max() > 1e-4  # it trained
+    _check_state(ds / STATE, 2)
+    assert torch.equal(ti.read_embedding_file(resumed / "zqx.safetensors"), a)  # exact resume
+    pipe = StableDiffusionPipeline.from_pretrained(str(setup["model"]["diffusers"]), local_files_only=True,
+                                                   safety_checker=None)
+    pipe.load_textual_inversion(str(path), token="zqx")
+    ids = pipe.tokenizer.convert_tokens_to_ids(["zqx", "zqx_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), a)
+
+
+@pytest.mark.slow
+def test_xti_zero3_equals_the_plain_run_and_resumes(setup, tmp_path):
+    """ZeRO-3 partitions the embedding matrix: the old rows are restored through a gather after every step
+    (were they not, the captions' other tokens would drift and the new rows would differ from the plain run)."""
+    from library.methods import xti
+    from library.models.load import load_model
+
+    ds, plain, resumed, log = _three_runs("train_textual_inversion_XTI.py", setup, tmp_path, "3")
+    assert "DeepSpeed ZeRO-3: token_embedding in the engine over 2 process(es)" in log
+    names = [name for name, _ in xti.cross_attention_layers(load_model(setup["model"]["safetensors"]).unet)]
+    a = xti.read_xti_file(ds / "zqx.safetensors", names)
+    b = xti.read_xti_file(plain / "zqx.safetensors", names)
+    assert list(load_file(str(ds / "zqx.safetensors"))) == list(load_file(str(plain / "zqx.safetensors")))
+    for name in names:
+        assert a[name].shape == b[name].shape == (2, 32) and a[name].dtype == b[name].dtype == torch.float32
+        assert torch.allclose(a[name], b[name], rtol=0, atol=ATOL), (name, (a[name] - b[name]).abs().max())
+    mid = xti.read_xti_file(ds / "zqx-step00000002.safetensors", names)
+    assert all((a[n] - mid[n]).abs().max() > 1e-4 for n in names)  # every layer learned
+    _check_state(ds / STATE, 3)
+    c = xti.read_xti_file(resumed / "zqx.safetensors", names)
+    assert all(torch.equal(a[n], c[n]) for n in names)
+
+
+FINE_TUNE = ("--save_model_as", "diffusers_safetensors", "--optimizer_type", "SGDNesterov", "--learning_rate", "0.5")
+
+
+@pytest.mark.slow
+def test_fine_tune_zero2_equals_the_plain_run_loads_in_diffusers_and_resumes(setup, tmp_path):
+    """fine_tune.py trains the UNet only (by default): it alone is in the engine; the text encoder stays
+    frozen and comes back bit-identical."""
+    from diffusers import UNet2DConditionModel
+
+    folder, meta = setup["ft"]
+    data = ("--in_json", str(meta), "--train_data_dir", str(folder), *FINE_TUNE)
+    engine = ("--deepspeed", "--zero_stage", "2")
+    ds, plain, resumed = tmp_path / "ds", tmp_path / "plain", tmp_path / "resumed"
+    log = _launch("fine_tune.py", setup, ds, *data, *engine, "--save_every_n_steps", "2", "--save_state")
+    assert "DeepSpeed ZeRO-2: unet in the engine over 2 process(es)" in log
+    _launch("fine_tune.py", setup, plain, *data)
+    _launch("fine_tune.py", setup, resumed, *data, *engine, "--resume", str(ds / "at-step00000002-state"))
+    unet_file = ds / "last" / "unet" / "diffusion_pytorch_model.safetensors"
+    a = load_file(str(unet_file))
+    b = load_file(str(plain / "last" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.allclose(a[key], b[key], rtol=0, atol=ATOL), (key, (a[key] - b[key]).abs().max())
+    base_unet = load_file(str(setup["model"]["diffusers"] / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], base_unet[k]) for k in a)  # it trained
+    te = load_file(str(ds / "last" / "text_encoder" / "model.safetensors"))
+    base_te = load_file(str(setup["model"]["diffusers"] / "text_encoder" / "model.safetensors"))
+    assert te.keys() == base_te.keys() and all(torch.equal(te[k], base_te[k]) for k in te)
+    assert all(k.startswith("text_model.") for k in te)  # the prefixed layout the ecosystem reads
+    _check_state(ds / "at-step00000002-state", 2)
+    unet = UNet2DConditionModel.from_pretrained(str(ds / "last" / "unet"))
+    assert all(torch.equal(v, a[k]) for k, v in unet.state_dict().items())
+    c = load_file(str(resumed / "last" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)  # resumed from the engine's partitions
+
+
+@pytest.mark.slow
+def test_lora_bf16_autocast_under_zero2_equals_the_plain_bf16_run(setup, tmp_path):
+    """--mixed_precision bf16 is autocast around the engine's forward (the trained weights and gradients stay
+    float32): the LoRA file equals the plain 2-process bf16 run's."""
+    data = ("--train_data_dir", str(setup["ti_data"]), "--network_module", "networks.lora", "--optimizer_type",
+            "SGDNesterov", "--learning_rate", "0.05", "--mixed_precision", "bf16")
+    ds, plain = tmp_path / "ds", tmp_path / "plain"
+    _launch("train_network.py", setup, ds, *data, "--deepspeed", "--zero_stage", "2")
+    _launch("train_network.py", setup, plain, *data)
+    a, b = load_file(str(ds / "last.safetensors")), load_file(str(plain / "last.safetensors"))
+    assert list(a) == list(b) and max(float(v.abs().max()) for k, v in a.items() if "lora_up" in k) > 1e-4
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.allclose(a[key], b[key], rtol=0, atol=ATOL), key
+    _launch("train_network.py", setup, tmp_path / "fp32", *data[:-2], "--deepspeed", "--zero_stage", "2")
+    c = load_file(str(tmp_path / "fp32" / "last.safetensors"))
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-5  # bf16 autocast was on
