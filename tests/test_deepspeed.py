@@ -7,9 +7,7 @@ first DeepSpeed start on a machine JIT-compiles DeepSpeed's shared-memory commun
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.models_util import make_model_files
-from tests.train_util import free_port, make_dataset, run_script
+from tests.train_util import accelerate_launch, launch_failure, make_dataset, plain_launch, run_script
 
 pytest.importorskip("deepspeed")
 
 REPO = Path(__file__).resolve().parent.parent
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 ATOL = 1e-6  # float32 round-off of another reduction order
 
 LORA = ("--network_module", "networks.lora", "--learning_rate", "1e-3")
@@ -42,19 +39,14 @@ def setup(tmp_path_factory):
 def _launch(script: str, setup, out: Path, *extra: str, processes: int = 2, steps: int = 4
             ) -> subprocess.CompletedProcess:
     model, data = setup
-    how = ["--multi_gpu"] if processes > 1 else []
-    cmd = [str(ACCELERATE), "launch", *how, "--num_processes", str(processes), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(REPO / script), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
-           "--resolution", "64", "--output_dir", str(out), "--max_train_steps", str(steps), "--seed", "1",
-           "--max_data_loader_n_workers", "0", "--train_batch_size", "2", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1",
-               SDTRAIN_CACHE_DIR=str(out.parent / f"{out.name}-cache"))
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    args = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--resolution", "64",
+            "--output_dir", out, "--max_train_steps", str(steps), "--seed", "1", "--max_data_loader_n_workers", "0",
+            "--train_batch_size", "2", *extra]
+    return accelerate_launch(plain_launch(processes), REPO / script, args, out)
 
 
 def _ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res)
     return res
 
 

@@ -6,7 +6,6 @@ Needs the optional package (requirements-deepspeed.txt, ``make setup-deepspeed``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.models_util import make_model_files
-from tests.train_util import accelerate_launch, make_dataset, plain_launch
+from tests.train_util import (accelerate_launch, assert_embedding_loads_in_diffusers, assert_same_tensors,
+                              assert_xti_runs_agree, embedding_args, launch_failure, method_files,
+                              plain_launch)
 
 pytest.importorskip("deepspeed")
 
@@ -27,14 +27,7 @@ STATE = "zqx-step00000002-state"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(model files, TI dataset, fine-tuning folder and metadata json)."""
-    root = tmp_path_factory.mktemp("deepspeed-methods")
-    model = make_model_files(root / "models", "tiny-sd1", formats="safetensors,diffusers_safetensors")
-    ti_data = make_dataset(root / "ti", folder="3_zqx", count=5, captions={0: "a zqx on grass", 1: "zqx, running"})
-    ft_folder = make_dataset(root / "ft", folder="images", count=5) / "images"
-    meta = root / "ft" / "meta.json"
-    meta.write_text(json.dumps({f"img{i}": {"caption": f"a photo of sks dog number {i}"} for i in range(5)}),
-                    encoding="utf-8")
-    return {"model": model, "ti_data": ti_data, "ft": (ft_folder, meta)}
+    return method_files(tmp_path_factory.mktemp("deepspeed-methods"))
 
 
 def _launch(script: str, setup, out: Path, *extra: str) -> str:
@@ -43,13 +36,12 @@ def _launch(script: str, setup, out: Path, *extra: str) -> str:
             "--output_dir", out, "--max_train_steps", "4", "--seed", "1", "--max_data_loader_n_workers", "0",
             "--train_batch_size", "2", *extra]
     res = accelerate_launch(plain_launch(2), REPO / script, args, out)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res)
     return res.stderr
 
 
 def _embedding_args(setup, *extra: str) -> tuple[str, ...]:
-    return ("--train_data_dir", str(setup["ti_data"]), "--token_string", "zqx", "--init_word", "dog",
-            "--num_vectors_per_token", "2", "--learning_rate", "1e-2", "--save_model_as", "safetensors", *extra)
+    return embedding_args(setup["ti_data"], "--save_model_as", "safetensors", *extra)
 
 
 def _three_runs(script: str, setup, root: Path, stage: str) -> tuple[Path, Path, Path, str]:
@@ -72,8 +64,6 @@ def _check_state(state_dir: Path, stage: int) -> None:
 
 @pytest.mark.slow
 def test_ti_zero2_equals_the_plain_run_loads_in_diffusers_and_resumes(setup, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
     from library.methods import textual_inversion as ti
 
     ds, plain, resumed, log = _three_runs("train_textual_inversion.py", setup, tmp_path, "2")
@@ -88,34 +78,17 @@ def test_ti_zero2_equals_the_plain_run_loads_in_diffusers_and_resumes(setup, tmp
     assert (a - ti.read_embedding_file(ds / "zqx-step00000002.safetensors")).abs().max() > 1e-4  # it trained
     _check_state(ds / STATE, 2)
     assert torch.equal(ti.read_embedding_file(resumed / "zqx.safetensors"), a)  # exact resume
-    pipe = StableDiffusionPipeline.from_pretrained(str(setup["model"]["diffusers"]), local_files_only=True,
-                                                   safety_checker=None)
-    pipe.load_textual_inversion(str(path), token="zqx")
-    ids = pipe.tokenizer.convert_tokens_to_ids(["zqx", "zqx_1"])
-    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), a)
+    assert_embedding_loads_in_diffusers(setup["model"]["diffusers"], path, a)
 
 
 @pytest.mark.slow
 def test_xti_zero3_equals_the_plain_run_and_resumes(setup, tmp_path):
     """ZeRO-3 partitions the embedding matrix: the old rows are restored through a gather after every step
     (were they not, the captions' other tokens would drift and the new rows would differ from the plain run)."""
-    from library.methods import xti
-    from library.models.load import load_model
-
     ds, plain, resumed, log = _three_runs("train_textual_inversion_XTI.py", setup, tmp_path, "3")
     assert "DeepSpeed ZeRO-3: token_embedding in the engine over 2 process(es)" in log
-    names = [name for name, _ in xti.cross_attention_layers(load_model(setup["model"]["safetensors"]).unet)]
-    a = xti.read_xti_file(ds / "zqx.safetensors", names)
-    b = xti.read_xti_file(plain / "zqx.safetensors", names)
-    assert list(load_file(str(ds / "zqx.safetensors"))) == list(load_file(str(plain / "zqx.safetensors")))
-    for name in names:
-        assert a[name].shape == b[name].shape == (2, 32) and a[name].dtype == b[name].dtype == torch.float32
-        assert torch.allclose(a[name], b[name], rtol=0, atol=ATOL), (name, (a[name] - b[name]).abs().max())
-    mid = xti.read_xti_file(ds / "zqx-step00000002.safetensors", names)
-    assert all((a[n] - mid[n]).abs().max() > 1e-4 for n in names)  # every layer learned
+    assert_xti_runs_agree(setup["model"]["safetensors"], ds, plain, resumed, ATOL)
     _check_state(ds / STATE, 3)
-    c = xti.read_xti_file(resumed / "zqx.safetensors", names)
-    assert all(torch.equal(a[n], c[n]) for n in names)
 
 
 FINE_TUNE = ("--save_model_as", "diffusers_safetensors", "--optimizer_type", "SGDNesterov", "--learning_rate", "0.5")
@@ -138,10 +111,7 @@ def test_fine_tune_zero2_equals_the_plain_run_loads_in_diffusers_and_resumes(set
     unet_file = ds / "last" / "unet" / "diffusion_pytorch_model.safetensors"
     a = load_file(str(unet_file))
     b = load_file(str(plain / "last" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert list(a) == list(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
-        assert torch.allclose(a[key], b[key], rtol=0, atol=ATOL), (key, (a[key] - b[key]).abs().max())
+    assert_same_tensors(a, b, ATOL)
     base_unet = load_file(str(setup["model"]["diffusers"] / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(a[k], base_unet[k]) for k in a)  # it trained
     te = load_file(str(ds / "last" / "text_encoder" / "model.safetensors"))

@@ -5,9 +5,7 @@ same data and noise per process), loadable files, exact resume, and the resume r
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.models_util import make_model_files
-from tests.train_util import FSDP_CONFIG, free_port, make_dataset
+from tests.train_util import (FSDP_CONFIG, accelerate_launch, assert_embedding_loads_in_diffusers,
+                              assert_same_tensors, assert_xti_runs_agree, embedding_args, launch_failure,
+                              method_files, plain_launch)
 
 REPO = Path(__file__).resolve().parent.parent
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 ATOL = 1e-6  # float32 round-off of a different reduction order
 STATE = "zqx-step00000002-state"
@@ -29,38 +27,23 @@ STATE = "zqx-step00000002-state"
 def setup(tmp_path_factory):
     """(model files, TI dataset, fine-tuning folder and metadata json, fsdp.yaml)."""
     root = tmp_path_factory.mktemp("fsdp-methods")
-    model = make_model_files(root / "models", "tiny-sd1", formats="safetensors,diffusers_safetensors")
-    ti_data = make_dataset(root / "ti", folder="3_zqx", count=5, captions={0: "a zqx on grass", 1: "zqx, running"})
-    ft_folder = make_dataset(root / "ft", folder="images", count=5) / "images"
-    meta = root / "ft" / "meta.json"
-    meta.write_text(json.dumps({f"img{i}": {"caption": f"a photo of sks dog number {i}"} for i in range(5)}),
-                    encoding="utf-8")
     config = root / "fsdp.yaml"
     config.write_text(FSDP_CONFIG.format(version=2), encoding="utf-8")
-    return {"model": model, "ti_data": ti_data, "ft": (ft_folder, meta), "config": config}
+    return {**method_files(root), "config": config}
 
 
 def _launch(script: str, setup, out: Path, *extra: str, fsdp: bool) -> subprocess.CompletedProcess:
-    how = ["--config_file", str(setup["config"])] if fsdp else [
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no"]
-    args = [str(REPO / script), "--pretrained_model_name_or_path", str(setup["model"]["safetensors"]),
-            "--resolution", "64", "--output_dir", str(out), "--max_train_steps", "4", "--seed", "1",
-            "--max_data_loader_n_workers", "0", "--train_batch_size", "2", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1",
-               SDTRAIN_CACHE_DIR=str(out.parent / f"{out.name}-cache"))
-    for _ in range(2):  # once more only when another process took the free port in the meantime
-        cmd = [str(ACCELERATE), "launch", *how, "--main_process_port", str(free_port()), *args]
-        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        if res.returncode == 0 or "address already in use" not in res.stderr.lower():
-            break
-    assert res.returncode == 0, res.stderr[-3000:]
+    how = ["--config_file", str(setup["config"])] if fsdp else plain_launch(2)
+    args = ["--pretrained_model_name_or_path", setup["model"]["safetensors"], "--resolution", "64",
+            "--output_dir", out, "--max_train_steps", "4", "--seed", "1", "--max_data_loader_n_workers", "0",
+            "--train_batch_size", "2", *extra]
+    res = accelerate_launch(how, REPO / script, args, out, timeout=600)
+    assert res.returncode == 0, launch_failure(res)
     return res
 
 
 def _embedding_args(setup, *extra: str) -> tuple[str, ...]:
-    return ("--train_data_dir", str(setup["ti_data"]), "--token_string", "zqx", "--init_word", "dog",
-            "--num_vectors_per_token", "2", "--learning_rate", "1e-2", *extra)
+    return embedding_args(setup["ti_data"], *extra)
 
 
 def _three_runs(script: str, setup, root: Path, fmt: str, resume_fmt: str) -> tuple[Path, Path, Path, str]:
@@ -94,8 +77,6 @@ def _check_state(state_dir: Path, base: torch.Tensor) -> None:
 
 @pytest.mark.slow
 def test_ti_fsdp_equals_the_plain_run_loads_everywhere_and_resumes(setup, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
     from library.methods import textual_inversion as ti
 
     fsdp, plain, resumed, log = _three_runs("train_textual_inversion.py", setup, tmp_path, "safetensors", "pt")
@@ -116,33 +97,16 @@ def test_ti_fsdp_equals_the_plain_run_loads_everywhere_and_resumes(setup, tmp_pa
     pickle = torch.load(resumed / "zqx.pt", weights_only=True)
     assert set(pickle["string_to_param"]) == {"*"} and pickle["name"] == "zqx"
     assert torch.equal(ti.read_embedding_file(resumed / "zqx.pt"), a)
-    pipe = StableDiffusionPipeline.from_pretrained(str(setup["model"]["diffusers"]), local_files_only=True,
-                                                   safety_checker=None)
-    pipe.load_textual_inversion(str(path), token="zqx")
-    ids = pipe.tokenizer.convert_tokens_to_ids(["zqx", "zqx_1"])
-    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), a)
+    assert_embedding_loads_in_diffusers(setup["model"]["diffusers"], path, a)
 
 
 @pytest.mark.slow
 def test_xti_fsdp_equals_the_plain_run_and_resumes(setup, tmp_path):
-    from library.methods import xti
-    from library.models.load import load_model
-
     fsdp, plain, resumed, log = _three_runs("train_textual_inversion_XTI.py", setup, tmp_path, "safetensors",
                                             "safetensors")
     assert "FSDP2: token_embedding sharded over 2 processes" in log
-    names = [name for name, _ in xti.cross_attention_layers(load_model(setup["model"]["safetensors"]).unet)]
-    a = xti.read_xti_file(fsdp / "zqx.safetensors", names)
-    b = xti.read_xti_file(plain / "zqx.safetensors", names)
-    assert list(load_file(str(fsdp / "zqx.safetensors"))) == list(load_file(str(plain / "zqx.safetensors")))
-    for name in names:
-        assert a[name].shape == b[name].shape == (2, 32) and a[name].dtype == b[name].dtype == torch.float32
-        assert torch.allclose(a[name], b[name], rtol=0, atol=ATOL), (name, (a[name] - b[name]).abs().max())
-    mid = xti.read_xti_file(fsdp / "zqx-step00000002.safetensors", names)
-    assert all((a[n] - mid[n]).abs().max() > 1e-4 for n in names)  # every layer learned
+    assert_xti_runs_agree(setup["model"]["safetensors"], fsdp, plain, resumed, ATOL)
     _check_state(fsdp / STATE, _base_table(setup))
-    c = xti.read_xti_file(resumed / "zqx.safetensors", names)
-    assert all(torch.equal(a[n], c[n]) for n in names)
 
 
 FINE_TUNE = ("--save_model_as", "diffusers_safetensors", "--optimizer_type", "SGDNesterov", "--learning_rate", "0.5")
@@ -165,10 +129,7 @@ def test_fine_tune_fsdp_equals_the_plain_run_loads_in_diffusers_and_resumes(setu
     unet_file = fsdp / "last" / "unet" / "diffusion_pytorch_model.safetensors"
     a = load_file(str(unet_file))
     b = load_file(str(plain / "last" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert list(a) == list(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
-        assert torch.allclose(a[key], b[key], rtol=0, atol=ATOL), (key, (a[key] - b[key]).abs().max())
+    assert_same_tensors(a, b, ATOL)
     base_unet = load_file(str(setup["model"]["diffusers"] / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(a[k], base_unet[k]) for k in a)  # it trained
     te = load_file(str(fsdp / "last" / "text_encoder" / "model.safetensors"))

@@ -137,3 +137,79 @@ def accelerate_launch(how: Sequence[str], script: Path, args: Sequence[str], out
         if res.returncode == 0 or "address already in use" not in res.stderr.lower():
             break
     return res
+
+
+def method_files(root: Path) -> dict:
+    """Files for the multi-process Textual Inversion / XTI / fine_tune tests: the tiny SD1 model (single file and
+    diffusers folder), a TI dataset ``3_zqx`` and a fine-tuning folder with its metadata json."""
+    import json
+
+    from tests.models_util import make_model_files
+
+    model = make_model_files(root / "models", "tiny-sd1", formats="safetensors,diffusers_safetensors")
+    ti_data = make_dataset(root / "ti", folder="3_zqx", count=5, captions={0: "a zqx on grass", 1: "zqx, running"})
+    ft_folder = make_dataset(root / "ft", folder="images", count=5) / "images"
+    meta = root / "ft" / "meta.json"
+    meta.write_text(json.dumps({f"img{i}": {"caption": f"a photo of sks dog number {i}"} for i in range(5)}),
+                    encoding="utf-8")
+    return {"model": model, "ti_data": ti_data, "ft": (ft_folder, meta)}
+
+
+def embedding_args(ti_data: Path, *extra: str) -> tuple[str, ...]:
+    """Textual Inversion / XTI options of those tests: token ``zqx`` from ``dog``, 2 vectors, lr 1e-2."""
+    return ("--train_data_dir", str(ti_data), "--token_string", "zqx", "--init_word", "dog",
+            "--num_vectors_per_token", "2", "--learning_rate", "1e-2", *extra)
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float) -> None:
+    """Same keys in the same order, dtypes and shapes, values within ``atol``."""
+    import torch
+
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.allclose(a[key], b[key], rtol=0, atol=atol), (key, (a[key] - b[key]).abs().max())
+
+
+def assert_embedding_loads_in_diffusers(diffusers_model: Path, path: Path, vectors) -> None:
+    """``path`` (token ``zqx``, 2 vectors) loads with diffusers' ``load_textual_inversion`` as ``vectors``."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(diffusers_model), local_files_only=True, safety_checker=None)
+    pipe.load_textual_inversion(str(path), token="zqx")
+    ids = pipe.tokenizer.convert_tokens_to_ids(["zqx", "zqx_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), vectors)
+
+
+def assert_xti_runs_agree(model_file: Path, sharded: Path, plain: Path, resumed: Path, atol: float) -> None:
+    """The XTI files (token ``zqx``, 2 vectors of width 32 per layer) of a sharded run, the plain run and the
+    sharded run resumed from its step-2 state: the same keys; every layer within ``atol`` of the plain run,
+    trained since step 2, and resumed exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    from library.methods import xti
+    from library.models.load import load_model
+
+    names = [name for name, _ in xti.cross_attention_layers(load_model(model_file).unet)]
+    a = xti.read_xti_file(sharded / "zqx.safetensors", names)
+    b = xti.read_xti_file(plain / "zqx.safetensors", names)
+    assert list(load_file(str(sharded / "zqx.safetensors"))) == list(load_file(str(plain / "zqx.safetensors")))
+    for name in names:
+        assert a[name].shape == b[name].shape == (2, 32) and a[name].dtype == b[name].dtype == torch.float32
+        assert torch.allclose(a[name], b[name], rtol=0, atol=atol), (name, (a[name] - b[name]).abs().max())
+    mid = xti.read_xti_file(sharded / "zqx-step00000002.safetensors", names)
+    assert all((a[n] - mid[n]).abs().max() > 1e-4 for n in names)  # every layer learned
+    c = xti.read_xti_file(resumed / "zqx.safetensors", names)
+    assert all(torch.equal(a[n], c[n]) for n in names)
+
+
+def launch_failure(res) -> str:
+    """The end of a failed ``accelerate launch``'s stderr *before* accelerate's own traceback (that one only
+    says a child failed; the child's error is above it)."""
+    import sys
+
+    err = res.stderr
+    own = err.rfind(f'Traceback (most recent call last):\n  File "{Path(sys.executable).with_name("accelerate")}"')
+    return (err[:own] if own > 0 else err)[-4000:]
