@@ -213,3 +213,27 @@ def launch_failure(res) -> str:
     err = res.stderr
     own = err.rfind(f'Traceback (most recent call last):\n  File "{Path(sys.executable).with_name("accelerate")}"')
     return (err[:own] if own > 0 else err)[-4000:]
+
+
+def assert_fine_tune_runs_agree(base: Path, sharded: Path, plain: Path, resumed: Path, atol: float) -> None:
+    """The ``last/`` diffusers folders of a sharded fine_tune.py run (UNet only), the plain run and the sharded
+    run resumed from its step-2 state; ``base``: the diffusers folder they started from. The UNet is within
+    ``atol`` of the plain run, trained, loads with diffusers and is resumed exactly; the text encoder is the
+    base model's, bit for bit, in the prefixed layout."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    unet_file = Path("last") / "unet" / "diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(sharded / unet_file)), load_file(str(plain / unet_file))
+    assert_same_tensors(a, b, atol)
+    base_unet = load_file(str(base / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], base_unet[k]) for k in a)  # it trained
+    te = load_file(str(sharded / "last" / "text_encoder" / "model.safetensors"))
+    base_te = load_file(str(base / "text_encoder" / "model.safetensors"))
+    assert te.keys() == base_te.keys() and all(torch.equal(te[k], base_te[k]) for k in te)
+    assert all(k.startswith("text_model.") for k in te)  # the prefixed layout the ecosystem reads
+    unet = UNet2DConditionModel.from_pretrained(str(sharded / "last" / "unet"))
+    assert all(torch.equal(v, a[k]) for k, v in unet.state_dict().items())
+    c = load_file(str(resumed / unet_file))
+    assert all(torch.equal(a[k], c[k]) for k in a)  # resumed from the sharded state
