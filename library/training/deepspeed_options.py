@@ -122,8 +122,6 @@ def _training_problems(args: argparse.Namespace) -> list[str]:
         (getattr(args, "ddp_gradient_as_bucket_view", False), "--ddp_gradient_as_bucket_view has no meaning "
          "(the engine reduces the gradients itself); drop it"),
         (bool(getattr(args, "scale_weight_norms", None)), "--scale_weight_norms is not supported"),
-        (getattr(args, "gradient_checkpointing", False) and args.zero_stage == 3, "--gradient_checkpointing with "
-         "--zero_stage 3 is not tested; use --zero_stage 2 or drop --gradient_checkpointing"),
         (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true", "accelerate's DeepSpeed config "
          "(distributed_type: DEEPSPEED) is not used; launch with accelerate launch --multi_gpu --num_processes N "
          "(or a MULTI_GPU config) and give --deepspeed --zero_stage N"),
