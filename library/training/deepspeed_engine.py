@@ -106,6 +106,18 @@ class DeepSpeedRun:
             self._last_batch = batch
         return self.engine(fn, batch)
 
+    def together(self) -> Callable[[Callable[[], Any]], Any] | None:
+        """For sample images: ZeRO-3 runs a function on every process inside the engine's forward, whose hooks
+        gather the partitioned weights; stages 0-2 hold whole weights on every process (None: the main process
+        samples alone)."""
+        if self.stage != 3:
+            return None
+
+        def run(fn: Callable[[], Any]) -> None:
+            with torch.no_grad():
+                self.engine(lambda: (fn(), None)[1])
+        return run
+
     def stand_in(self, step: int) -> dict[str, Any]:
         """For a micro-batch whose images all failed to load: this process's previous batch with zero loss
         weights (every process takes part in every collective of the engine; it adds nothing)."""
@@ -272,9 +284,11 @@ def attach_deepspeed(trainer: Any, run: DeepSpeedRun | None) -> None:
     gathered exports) after checking that nothing it runs needs the whole model on one process."""
     if run is None:
         return
-    needs_whole = [("sampling", trainer.sampler), ("validation", trainer.validator), ("--ema", trainer.ema),
+    needs_whole = [("validation", trainer.validator), ("--ema", trainer.ema),
                    ("--fused_backward_pass", trainer.fused_backward), ("gradient buckets", trainer.grad_buckets)]
     for what, part in needs_whole:
         if part is not None:
             raise UserError(f"--deepspeed: {what} is not supported with DeepSpeed yet")
     trainer.sharding = trainer.deepspeed = run
+    if trainer.sampler is not None:
+        trainer.sampler.together = run.together()

@@ -348,6 +348,9 @@ class Sampler:
     output_name: str | None = None
     extra_modules: Sequence[torch.nn.Module] = ()
     prompt_transform: Callable[[str], str] | None = None
+    #: set where the trained weights are sharded (ZeRO-3, FSDP2): runs a function on every process inside the
+    #: sharded root's forward, whose hooks gather the weights; then every process generates, the main one writes
+    together: Callable[[Callable[[], Any]], Any] | None = None
 
     @property
     def sample_dir(self) -> Path:
@@ -360,7 +363,11 @@ class Sampler:
         every process waits for it, so all resume training together."""
         if not self.settings.due(step=step, epoch=epoch, first=first):
             return []
-        paths = self.sample(accelerator, step=step, epoch=epoch) if accelerator.is_main_process else []
+        if self.together is not None:  # sharded weights: every process takes part in every gather
+            paths: list[Path] = []
+            self.together(lambda: paths.extend(self.sample(accelerator, step=step, epoch=epoch, shared=True)))
+        else:
+            paths = self.sample(accelerator, step=step, epoch=epoch) if accelerator.is_main_process else []
         accelerator.wait_for_everyone()
         return paths
 
@@ -372,31 +379,45 @@ class Sampler:
             logger.error("no samples this time: %s", exc)
             return []
 
-    def sample(self, accelerator: Any, *, step: int, epoch: int | None = None) -> list[Path]:
-        """Generate, save and log one image per prompt now; returns the written files."""
-        prompts = self._prompts()
+    def _shared_prompts(self, accelerator: Any) -> list[SamplePrompt]:
+        """The main process's prompts on every process (each generates the same images in step)."""
+        prompts = [self._prompts() if accelerator.is_main_process else None]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(prompts, src=0)
+        return prompts[0] or []
+
+    def sample(self, accelerator: Any, *, step: int, epoch: int | None = None, shared: bool = False) -> list[Path]:
+        """Generate, save and log one image per prompt now; returns the written files. ``shared``: every
+        process calls this with the main process's prompts; only the main process writes and logs."""
+        prompts = self._shared_prompts(accelerator) if shared else self._prompts()
         if not prompts:
             return []
+        write = accelerator.is_main_process
         parts = self.components
         device = accelerator.device
         paths = []
-        logger.info("generating %d sample image(s) at %s", len(prompts),
-                    f"epoch {epoch}" if epoch is not None else f"step {step}")
+        if write:
+            logger.info("generating %d sample image(s) at %s", len(prompts),
+                        f"epoch {epoch}" if epoch is not None else f"step {step}")
         modules = [parts.unet, parts.text_encoder, parts.vae, *self.extra_modules]
         try:
             with preserved_rng_states(), eval_mode(modules), on_device(parts.vae, device), accelerator.autocast():
                 for prompt in prompts:
-                    paths.append(self._one(accelerator, prompt, step=step, epoch=epoch))
+                    path = self._one(accelerator, prompt, step=step, epoch=epoch, write=write)
+                    paths += [path] if path is not None else []
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         return paths
 
-    def _one(self, accelerator: Any, prompt: SamplePrompt, *, step: int, epoch: int | None) -> Path:
+    def _one(self, accelerator: Any, prompt: SamplePrompt, *, step: int, epoch: int | None,
+             write: bool = True) -> Path | None:
         prompt = with_prompt_transform(prompt, self.prompt_transform)
         seed = prompt.seed if prompt.seed is not None else derived_seed(self.run_seed, step, prompt.line_index)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         image = to_uint8(generate_image(self.components, prompt, sampler=self.settings.sampler, generator=generator))
+        if not write:
+            return None
         name = sample_file_name(self.output_name, step=step, epoch=epoch, line_index=prompt.line_index,
                                 seed=prompt.seed, timestamp=time.strftime("%Y%m%d%H%M%S"))
         path = write_png(self.sample_dir / name, image)

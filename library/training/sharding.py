@@ -124,6 +124,12 @@ class Sharding:
             self._last_batch = batch
         return self.root(fn, batch)
 
+    def together(self, fn: Callable[[], Any]) -> None:
+        """For sample images: ``fn()`` on every process inside the root's forward (no gradients); the root
+        and every inner unit gather their weights when they run, so all processes must call it."""
+        with torch.no_grad():
+            self.root(fn)
+
     def stand_in(self, step: int) -> dict[str, Any]:
         """For a micro-batch whose images all failed to load: this process's previous batch with zero loss
         weights (every process must take part in every FSDP collective; it adds nothing to the gradient)."""
@@ -283,11 +289,13 @@ def attach_sharding(trainer: Any, sharding: Sharding | None) -> None:
     one process (sampling, validation, EMA, the fused backward pass, gradient buckets)."""
     if sharding is None:
         return
-    needs_whole = [("sampling", trainer.sampler), ("validation", trainer.validator), ("--ema", trainer.ema),
+    needs_whole = [("validation", trainer.validator), ("--ema", trainer.ema),
                    ("--fused_backward_pass", trainer.fused_backward), ("gradient buckets", trainer.grad_buckets)]
     for what, part in needs_whole:
         if part is not None:
             raise UserError(f"accelerate FSDP config: {what} is not supported with FSDP yet")
+    if trainer.sampler is not None:
+        trainer.sampler.together = sharding.together
     sharded = {id(p) for p in sharding.root.parameters()}
     if any(id(p) not in sharded for p in trainer.params):
         raise RuntimeError("the trainer's parameters are not the sharded ones (shard before making the trainer)")
