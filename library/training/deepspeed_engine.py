@@ -284,11 +284,12 @@ def attach_deepspeed(trainer: Any, run: DeepSpeedRun | None) -> None:
     gathered exports) after checking that nothing it runs needs the whole model on one process."""
     if run is None:
         return
-    needs_whole = [("validation", trainer.validator), ("--ema", trainer.ema),
+    needs_whole = [("--ema", trainer.ema),
                    ("--fused_backward_pass", trainer.fused_backward), ("gradient buckets", trainer.grad_buckets)]
     for what, part in needs_whole:
         if part is not None:
             raise UserError(f"--deepspeed: {what} is not supported with DeepSpeed yet")
     trainer.sharding = trainer.deepspeed = run
-    if trainer.sampler is not None:
-        trainer.sampler.together = run.together()
+    for part in (trainer.sampler, trainer.validator):
+        if part is not None:
+            part.together = run.together()

@@ -115,7 +115,6 @@ def _training_problems(args: argparse.Namespace) -> list[str]:
          "not supported (the engine keeps the trained weights in float32)"),
         (getattr(args, "fused_backward_pass", False), "--fused_backward_pass is not supported"),
         (getattr(args, "ema", False), "--ema is not supported"),
-        (bool(getattr(args, "validation_split", None)), "validation (--validation_split) is not supported yet"),
         (getattr(args, "torch_compile", False), "--torch_compile is not supported"),
         (getattr(args, "ddp_gradient_as_bucket_view", False), "--ddp_gradient_as_bucket_view has no meaning "
          "(the engine reduces the gradients itself); drop it"),

@@ -104,8 +104,7 @@ def fsdp_problems(request: FsdpRequest | None, opts: Options) -> list[str]:
     """One line per FSDP combination this trainer refuses (empty without FSDP, or when all is supported).
 
     Reads --network_module (when given: ``opts.given``) / --network_args / --scale_weight_norms,
-    --optimizer_type (and its legacy flags), --fused_backward_pass, --mixed_precision, --ema, the validation
-    options, --torch_compile, --ddp_gradient_as_bucket_view and --deepspeed."""
+    --optimizer_type (and its legacy flags), --fused_backward_pass, --mixed_precision, --ema, --torch_compile, --ddp_gradient_as_bucket_view and --deepspeed."""
     if request is None:
         return []
     if request.version != 2:
@@ -123,8 +122,6 @@ def fsdp_problems(request: FsdpRequest | None, opts: Options) -> list[str]:
         (opts.training.mixed_precision == "fp16", "--mixed_precision fp16 is not supported with FSDP yet (the "
          "gradient scaler is not shard-aware); use bf16 or no"),
         (opts.ema.ema, "--ema is not supported with FSDP yet"),
-        (bool(opts.validation.validation_split), "validation (--validation_split) is not supported with FSDP "
-         "yet"),
         (opts.model.torch_compile, "--torch_compile is not supported with FSDP yet"),
         (opts.distributed.ddp_gradient_as_bucket_view, "--ddp_gradient_as_bucket_view has no meaning with FSDP "
          "(FSDP reduce-scatters the gradients itself); drop it"),

@@ -289,13 +289,14 @@ def attach_sharding(trainer: Any, sharding: Sharding | None) -> None:
     one process (sampling, validation, EMA, the fused backward pass, gradient buckets)."""
     if sharding is None:
         return
-    needs_whole = [("validation", trainer.validator), ("--ema", trainer.ema),
+    needs_whole = [("--ema", trainer.ema),
                    ("--fused_backward_pass", trainer.fused_backward), ("gradient buckets", trainer.grad_buckets)]
     for what, part in needs_whole:
         if part is not None:
             raise UserError(f"accelerate FSDP config: {what} is not supported with FSDP yet")
-    if trainer.sampler is not None:
-        trainer.sampler.together = sharding.together
+    for part in (trainer.sampler, trainer.validator):
+        if part is not None:
+            part.together = sharding.together
     sharded = {id(p) for p in sharding.root.parameters()}
     if any(id(p) not in sharded for p in trainer.params):
         raise RuntimeError("the trainer's parameters are not the sharded ones (shard before making the trainer)")

@@ -14,7 +14,8 @@ different training options. It runs under ``torch.no_grad`` with the trained mod
 never draws from the training generator or a global RNG: a run with validation trains bit-identical
 weights to the same run without it. Each image goes through the model on its own (one image per forward
 pass), so the value does not depend on the training batch size. With several processes each computes
-every ``world``-th image and the sums are all-reduced, so it does not depend on the process count either.
+every ``world``-th image and the sums are all-reduced, so it does not depend on the process count either;
+with sharded weights (ZeRO-3, FSDP2) each makes one forward pass per round, a stand-in where it has no image.
 See docs/validation.md.
 """
 
@@ -186,6 +187,9 @@ class Validator:
         self.specs = [dataclasses.replace(spec, items=(item,)) for spec in batches for item in spec.items]
         self.last_step: int | None = None
         self.last_loss: float | None = None
+        #: set where the trained weights are sharded (ZeRO-3, FSDP2): runs a function on every process inside
+        #: the sharded root's forward; every process then makes the same number of forward passes
+        self.together: Any = None
 
     def due(self, *, step: int, epoch: int | None = None, first: bool = False, last: bool = False) -> bool:
         """Before the first step, every N steps, every N epochs (at its end) and once at the end of the
@@ -234,26 +238,64 @@ class Validator:
 
         acc = trainer.accelerator
         rank, world = acc.process_index, acc.num_processes
-        total, count = 0.0, 0
+        sums = [0.0, 0]
         trainer.method.set_train(False)
         try:
             with torch.no_grad():
-                for position, spec in enumerate(self.specs):
-                    if position % world != rank:
-                        continue
-                    batch = self.group.load_batch(spec, 1, position)
-                    if batch is None:
-                        continue
-                    batch_sum, batch_count = self._batch_loss(trainer, batch, self._seed_of(spec.dataset))
-                    total += batch_sum
-                    count += batch_count
+                if self.together is None:
+                    self._own_share(trainer, rank, world, sums)
+                else:
+                    self.together(lambda: self._own_share_in_step(trainer, rank, world, sums))
         finally:
             trainer.method.set_train(True)
+        total, count = sums
         if world > 1:
             sums = torch.tensor([total, float(count)], dtype=torch.float64, device=trainer.device)
             torch.distributed.all_reduce(sums)
             total, count = float(sums[0]), int(sums[1])
         return total / count if count else float("nan")
+
+    def _own_share(self, trainer: Any, rank: int, world: int, sums: list) -> None:
+        """Add this process's images (every ``world``-th) to ``sums`` ([loss sum, terms]); unreadable ones are
+        skipped."""
+        for position, spec in enumerate(self.specs):
+            if position % world != rank:
+                continue
+            batch = self.group.load_batch(spec, 1, position)
+            if batch is not None:
+                self._add(sums, self._batch_loss(trainer, batch, self._seed_of(spec.dataset)))
+
+    def _own_share_in_step(self, trainer: Any, rank: int, world: int, sums: list) -> None:
+        """As :meth:`_own_share`, but every process makes one forward pass per round of ``world`` images (the
+        sharded weights are gathered collectively): where this process has no image in the last round, or its
+        image cannot be read, it runs a stand-in (an image it already read, or the round's first) and adds
+        nothing."""
+        last: tuple[dict[str, Any], int] | None = None
+        for start in range(0, len(self.specs), world):
+            position = start + rank
+            own = position < len(self.specs)
+            spec = self.specs[position if own else start]
+            batch = self.group.load_batch(spec, 1, position if own else start)
+            if batch is None or not own:
+                own = False
+                if batch is None and last is None:
+                    raise UserError(f"validation with sharded weights: no held-out image of this process could "
+                                    f"be read (first: {spec.items[0]}); fix or remove the unreadable images")
+                if batch is None:
+                    batch, seed = last
+                else:
+                    seed = self._seed_of(spec.dataset)
+            else:
+                seed = self._seed_of(spec.dataset)
+            result = self._batch_loss(trainer, batch, seed)
+            last = (batch, seed)
+            if own:
+                self._add(sums, result)
+
+    @staticmethod
+    def _add(sums: list, result: tuple[float, int]) -> None:
+        sums[0] += result[0]
+        sums[1] += result[1]
 
     def _latents(self, trainer: Any, batch: dict[str, Any]) -> torch.Tensor:
         """Cached latents, or the VAE posterior mean (no sampling: nothing random)."""
