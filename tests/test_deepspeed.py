@@ -133,13 +133,24 @@ def test_a_deepspeed_state_is_refused_without_deepspeed(lora_runs, setup, tmp_pa
 
 
 @pytest.mark.slow
-def test_optimizer_cpu_offload_equals_the_plain_run(lora_runs, setup, tmp_path):
-    """ZeRO-2 with the optimizer state and step on the CPU (--optimizer_type's own AdamW there)."""
-    out = tmp_path / "offload"
-    res = _ok(_launch("train_network.py", setup, out, *LORA, "--deepspeed", "--zero_stage", "2",
-                      "--offload_optimizer_device", "cpu"))
-    assert "optimizer offloaded to the CPU" in res.stderr
-    _close(load_file(str(out / "last.safetensors")), load_file(str(lora_runs["plain"] / "last.safetensors")))
+def test_optimizer_cpu_offload_equals_the_plain_run_and_resumes(lora_runs, setup, tmp_path):
+    """ZeRO-2 with the optimizer state and step on the CPU: AdamW there is DeepSpeedCPUAdam (the same update
+    within round-off); an explicit torch.optim.AdamW keeps torch's (bit for bit the plain run)."""
+    out, resumed, explicit = tmp_path / "offload", tmp_path / "resumed", tmp_path / "torch"
+    offload = ("--deepspeed", "--zero_stage", "2", "--offload_optimizer_device", "cpu")
+    res = _ok(_launch("train_network.py", setup, out, *LORA, *offload, "--save_every_n_steps", "2", "--save_state"))
+    assert "optimizer offloaded to the CPU" in res.stderr and "the optimizer is DeepSpeedCPUAdam" in res.stderr
+    plain = load_file(str(lora_runs["plain"] / "last.safetensors"))
+    _close(load_file(str(out / "last.safetensors")), plain)
+    meta = safe_open(str(out / "last.safetensors"), "pt").metadata()
+    assert meta["ss_optimizer"].startswith("deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam"), meta["ss_optimizer"]
+    _ok(_launch("train_network.py", setup, resumed, *LORA, *offload, "--resume", str(out / "at-step00000002-state")))
+    a, b = load_file(str(out / "last.safetensors")), load_file(str(resumed / "last.safetensors"))
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    res = _ok(_launch("train_network.py", setup, explicit, *LORA, *offload, "--optimizer_type", "torch.optim.AdamW"))
+    assert "DeepSpeedCPUAdam" not in res.stderr
+    a = load_file(str(explicit / "last.safetensors"))
+    assert all(torch.equal(a[k], plain[k]) for k in a)
 
 
 @pytest.mark.slow

@@ -224,6 +224,9 @@ class DeepSpeedRun:
                                                 load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
             raise UserError(f"--resume {folder}: DeepSpeed could not read its files in {path}")
+        from library.training.cpu_adam import restore_step_chain
+
+        restore_step_chain(getattr(self.engine.optimizer, "optimizer", None))  # offloaded AdamW: bit-exact
 
 
 def check_state(payload: dict[str, Any], folder: str | Path, run: DeepSpeedRun | None) -> None:

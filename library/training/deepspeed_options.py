@@ -38,7 +38,8 @@ def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"DeepSpeed ZeRO stage 0-3 (default 2): 1 shards the optimizer state, 2 also the gradients, 3 also "
       f"the weights; {_ONLY_WITH}")
     a("--offload_optimizer_device", type=str, default=None, choices=[None, "cpu", "nvme"],
-      help=f"offload the optimizer state and its step to the CPU (ZeRO stages 2 and 3; nvme is refused); {_ONLY_WITH}")
+      help=f"offload the optimizer state and its step to the CPU (ZeRO stages 2 and 3; AdamW steps there with "
+      f"DeepSpeedCPUAdam; nvme is refused); {_ONLY_WITH}")
     a("--offload_optimizer_nvme_path", type=str, default=None,
       help=f"NVMe folder for the offloaded optimizer: refused (NVMe offload is not supported); {_ONLY_WITH}")
     a("--offload_param_device", type=str, default=None, choices=[None, "cpu", "nvme"],

@@ -292,16 +292,22 @@ def start_summary(group: Any, plan: RunPlan, method_name: str) -> StartSummary:
     return StartSummary(lines)
 
 
-def optimizer_and_schedule(optimizer: OptimizerOptions, param_groups: list[dict[str, Any]], plan: RunPlan):
+def optimizer_and_schedule(optimizer: OptimizerOptions, param_groups: list[dict[str, Any]], plan: RunPlan,
+                           distributed: Any = None):
     """The optimizer over ``param_groups`` (``--optimizer_type``, ``--learning_rate``, ``--optimizer_args``,
     ``--max_grad_norm``, legacy aliases) and its learning-rate schedule (``--lr_scheduler*``,
-    ``--lr_warmup_steps``, ``--lr_decay_steps``), sized in optimizer steps. Returns ``(BuiltOptimizer, scheduler)``."""
+    ``--lr_warmup_steps``, ``--lr_decay_steps``), sized in optimizer steps; AdamW is DeepSpeedCPUAdam with
+    ``--deepspeed --offload_optimizer_device cpu`` (``distributed``; cpu_adam.py). Returns
+    ``(BuiltOptimizer, scheduler)``."""
+    from library.training.cpu_adam import wants_cpu_adam, with_cpu_adam
     from library.training.lr import build_lr_scheduler
     from library.training.optim import build_optimizer
 
     built = build_optimizer(optimizer.optimizer_type, param_groups, optimizer.learning_rate, optimizer.optimizer_args,
                             use_8bit_adam=optimizer.use_8bit_adam, use_lion_optimizer=optimizer.use_lion_optimizer,
                             max_grad_norm=optimizer.max_grad_norm, lr_scheduler=optimizer.lr_scheduler)
+    if wants_cpu_adam(optimizer.optimizer_type, distributed):
+        built = with_cpu_adam(built)
     from library.training.lr_options import schedule_options
 
     scheduler = build_lr_scheduler(built.lr_scheduler or optimizer.lr_scheduler, built.optimizer,
@@ -471,7 +477,7 @@ def train(started: StartedRun, method: Any, *, description: str, result_name: st
 
     request = fsdp_request(accelerator)  # accelerate's FSDP config: shard the trained modules (sharding.py)
     sharding = shard_trained_modules(method, model, request, accelerator) if request is not None else None
-    built, scheduler = optimizer_and_schedule(opts.optimizer, method.param_groups(), plan)
+    built, scheduler = optimizer_and_schedule(opts.optimizer, method.param_groups(), plan, opts.distributed)
     engine = None
     if opts.distributed.deepspeed:  # --deepspeed: the engine over the trained modules (deepspeed_engine.py)
         from library.training.deepspeed_engine import build_engine
