@@ -7,6 +7,7 @@ train_network.py on a tiny model, and the slow test runs the whole ``--cpu_smoke
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from library.cli import run_main
 from library.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-GPU_ENV = {"cuda": True, "bf16": True, "xformers": "ok", "bitsandbytes": "ok", "torch_compile": "ok"}
+GPU_ENV = {"cuda": True, "bf16": True, "xformers": "ok", "bitsandbytes": "ok", "torch_compile": "ok",
+           "deepspeed": "ok"}
 
 
 # ---- cases ------------------------------------------------------------------------------------------
@@ -52,6 +54,26 @@ def test_skip_reasons_name_what_is_missing():
     assert cases.skip_reason(by_name["lora-bf16"], GPU_ENV, cpu_smoke=True) is None
     cpu = dict(GPU_ENV, cuda=False)
     assert "needs CUDA" in cases.skip_reason(by_name["lora-fp16"], cpu, cpu_smoke=False)
+    for name in ("ft-zero2-offload", "ft-zero3-offload-gc"):  # the ZeRO cases train on the CPU too
+        assert cases.skip_reason(by_name[name], GPU_ENV, cpu_smoke=True) is None
+        assert cases.skip_reason(by_name[name], dict(GPU_ENV, deepspeed="not carried"), cpu_smoke=False) == \
+            "deepspeed not available: not carried"
+
+
+def test_zero_cases_train_with_deepspeed_and_offload(tmp_path):
+    from bench.gpu import commands
+
+    by_name = {c.name: c for c in cases.MATRIX}
+    ws = commands.Workspace(tmp_path, "tiny-sd1")
+    (ws.data / "1_bench").mkdir(parents=True)  # fine_tune.py's metadata json is written beside it
+    argv = commands.training_argv(by_name["ft-zero3-offload-gc"], cases.SMOKE, ws, tmp_path / "out", steps=2,
+                                  unet_only=True)
+    text = " ".join(map(str, argv))
+    assert "--deepspeed --zero_stage 3 --offload_optimizer_device cpu --offload_param_device cpu" in text
+    assert "--gradient_checkpointing" in argv
+    assert "--deepspeed" not in commands.training_argv(by_name["ft-bf16"], cases.SMOKE, ws, tmp_path / "o",
+                                                       steps=2, unet_only=True)
+    assert wheels.deepspeed_spec().startswith("deepspeed==")
 
 
 def test_sizes_full_smoke_and_override():
@@ -331,6 +353,8 @@ def test_cpu_smoke_runs_the_whole_matrix(tmp_path):
     for name in ("lora-fp16", "lora-b1-gc", "lora-xformers", "lora-adamw8bit"):
         assert status[name]["status"] == "skipped" and status[name]["reason"] == cases.CUDA_ONLY
     assert status["lora-compile"]["reason"] == cases.CUDA_ONLY
+    if importlib.util.find_spec("deepspeed") is not None:  # the ZeRO cases train on the CPU as well
+        assert status["ft-zero2-offload"]["status"] == status["ft-zero3-offload-gc"]["status"] == "ok"
     ran = [e for e in results["cases"] if e["status"] != "skipped"]
     assert ran and all(e["status"] == "ok" for e in ran), [(e["name"], e["reason"]) for e in ran]
     for e in ran:

@@ -36,6 +36,7 @@ class Case:
     torch_compile: bool = False
     batch_size: int | None = None  # None: the run's batch size (4)
     deterministic: bool = False
+    engine: str = "ddp"  # bench/scaling.py ENGINES: ddp (none), zero2-offload, zero3-offload, ...
     note: str = ""
 
     def settings(self) -> dict[str, Any]:
@@ -60,6 +61,10 @@ MATRIX: tuple[Case, ...] = (
     Case("resume-deterministic", "resume", deterministic=True,
          note="the same with torch.use_deterministic_algorithms and CUBLAS_WORKSPACE_CONFIG"),
     Case("ft-full-bf16", "ft", full_bf16=True, note="whole UNet with --full_bf16 (bf16 weights and AdamW states)"),
+    Case("ft-zero2-offload", "ft", engine="zero2-offload",
+         note="--deepspeed ZeRO-2, optimizer state and step on the CPU (DeepSpeedCPUAdam): peak VRAM vs ft-bf16"),
+    Case("ft-zero3-offload-gc", "ft", engine="zero3-offload", gradient_checkpointing=True,
+         note="--deepspeed ZeRO-3, weights and optimizer on the CPU, checkpointing: the under-12-GB target"),
 )
 
 
@@ -125,9 +130,11 @@ CUDA_ONLY = "CUDA-only case (--cpu_smoke runs on the CPU)"
 def skip_reason(case: Case, env: dict[str, Any], *, cpu_smoke: bool) -> str | None:
     """Why ``case`` cannot run with the probed environment ``env`` (see probes.probe_environment), or None.
 
-    ``env`` keys: ``cuda`` (bool), ``bf16`` (bool), ``xformers`` / ``bitsandbytes`` ("ok" or why not),
-    ``torch_compile`` ("ok" or why not)."""
+    ``env`` keys: ``cuda`` (bool), ``bf16`` (bool), ``xformers`` / ``bitsandbytes`` / ``deepspeed`` ("ok" or
+    why not), ``torch_compile`` ("ok" or why not)."""
     cuda = bool(env.get("cuda")) and not cpu_smoke
+    if case.engine != "ddp" and env.get("deepspeed") != "ok":
+        return f"deepspeed not available: {env.get('deepspeed')}"
     if case.torch_compile and env.get("torch_compile") != "ok":
         return f"option not available: {env.get('torch_compile')}"
     if case.torch_compile and not cuda:  # inductor is refused on the CPU (wrong gradients there)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.gpu.cases import Case, Sizes
+from bench.scaling import ENGINES
 from bench.train_step import make_images, model_file, train_argv, write_metadata
 from library.training.checkpoint import final_name, step_name
 
@@ -111,6 +112,7 @@ def training_argv(case: Case, sizes: Sizes, ws: Workspace, out: Path, *, steps: 
                          (case.torch_compile, "--torch_compile")):
         if wanted:
             argv = set_flag(argv, flag)
+    argv += ENGINES[case.engine]  # --deepspeed --zero_stage N and the offload options
     if method == "ft":
         return set_flag(set_flag(argv, "--learning_rate", FT_LR), "--save_precision", "fp16")
     argv = set_flag(set_flag(argv, "--network_dim", LORA_DIM), "--network_alpha", LORA_ALPHA)

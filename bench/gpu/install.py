@@ -9,6 +9,8 @@
 3. xformers and bitsandbytes, ``--no-deps``, only when the carried wheel fits this torch: xformers' torch
    range and CUDA runtime major, bitsandbytes' CUDA build (``libbitsandbytes_cuda130.so`` for CUDA
    13.0). Otherwise the report says "not available" and why; the benchmark skips their cases.
+4. deepspeed where it was carried, with the carried packages it needs (torch pinned); its ops are
+   JIT-compiled on first use.
 
 Exit code 0 when the core install worked (optional packages may be missing), 1 otherwise.
 """
@@ -29,7 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 REPORTED = ("diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "tokenizers", "toml",
-            "voluptuous", "xformers", "bitsandbytes")
+            "voluptuous", "xformers", "bitsandbytes", "deepspeed")
 
 
 def torch_info() -> dict[str, Any]:
@@ -107,13 +109,21 @@ def install_core(wheels: Path, torch_version: str) -> dict[str, Any]:
     return result
 
 
-def install_optional(name: str, entry: dict[str, Any] | None, why_not: str | None, wheels: Path) -> dict[str, Any]:
-    """One optional wheel, ``--no-deps``, when it fits; else the reason it is not available."""
+def install_optional(name: str, entry: dict[str, Any] | None, why_not: str | None, wheels: Path,
+                     torch_version: str | None = None) -> dict[str, Any]:
+    """One optional wheel when it fits, ``--no-deps``, or with ``torch_version`` its dependencies from the
+    carried wheels and torch pinned; else the reason it is not available."""
     if entry is None:
         return {"ok": False, "reason": f"not carried (bench/gpu/prepare.sh without --no-{name})"}
     if why_not:
         return {"ok": False, "reason": why_not}
-    ok, output = pip_install(["--no-deps", str(wheels / entry["file"])], wheels)
+    if torch_version is None:
+        ok, output = pip_install(["--no-deps", str(wheels / entry["file"])], wheels)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            pins = Path(tmp) / "constraints.txt"
+            pins.write_text(f"torch=={torch_version}\n", encoding="utf-8")
+            ok, output = pip_install(["-c", str(pins), str(wheels / entry["file"])], wheels)
     return {"ok": ok, "reason": None if ok else output.strip().splitlines()[-1][:400]}
 
 
@@ -149,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         "xformers": install_optional("xformers", xf, xf and xformers_fit(xf, report["torch"], report["torch_cuda"]),
                                      wheels),
         "bitsandbytes": install_optional("bitsandbytes", bnb, bnb and bitsandbytes_fit(bnb, report["torch_cuda"]),
-                                         wheels)}
+                                         wheels),
+        "deepspeed": install_optional("deepspeed", by_name.get("deepspeed"), None, wheels, report["torch"])}
     report["versions"] = versions()
     text = json.dumps(report, indent=1)
     if args.report:

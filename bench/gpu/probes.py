@@ -1,4 +1,4 @@
-"""What this machine offers the benchmark: CUDA, bf16, xformers, bitsandbytes, ``--torch_compile``, kohya.
+"""What this machine offers the benchmark: CUDA, bf16, xformers, bitsandbytes, deepspeed, ``--torch_compile``, kohya.
 
 Optional packages are tried in a child process with a tiny real call (an import alone can succeed and the
 first kernel still fail, e.g. a wheel built for another CUDA), so a broken package cannot take the
@@ -70,6 +70,16 @@ def package_status(name: str, probe: str, *, cuda: bool, setup: dict[str, Any]) 
     return f"installed but its GPU test failed: {result}", None
 
 
+def deepspeed_status(setup: dict[str, Any]) -> tuple[str, str | None]:
+    """``("ok", version)`` when deepspeed imports in a child process (on the GPU and in the CPU smoke run:
+    its ZeRO cases train on either), else ``(why not, None)``."""
+    if importlib.util.find_spec("deepspeed") is None:
+        why = (setup.get("optional", {}).get("deepspeed") or {}).get("reason")
+        return (why or "package 'deepspeed' is not installed (make setup-deepspeed)"), None
+    result = _try_in_child("import deepspeed\nprint(deepspeed.__version__)")
+    return ("ok", result[3:] or None) if result.startswith("ok") else (f"installed but does not import: {result}", None)
+
+
 def torch_compile_status() -> str:
     """"ok" when train_network.py has ``--torch_compile``, else why not."""
     import train_network
@@ -114,5 +124,6 @@ def probe_environment(*, cpu_smoke: bool, setup: dict[str, Any], kohya_dir: str 
     cuda = device["cuda"]
     for name, probe in (("xformers", XFORMERS_PROBE), ("bitsandbytes", BITSANDBYTES_PROBE)):
         env[name], env[f"{name}_version"] = package_status(name, probe, cuda=cuda, setup=setup)
+    env["deepspeed"], env["deepspeed_version"] = deepspeed_status(setup)
     env["packages"] = versions()
     return env

@@ -12,6 +12,7 @@ from typing import Any
 
 GIB = 2**30
 VRAM_TARGET_GIB = 6.0
+ZERO3_TARGET_GIB = 12.0  # issue 16: SD1.5 full fine-tuning at 512 px, batch 4, bf16, ZeRO-3 + offload
 MFU_TARGET = 0.35
 KOHYA_RATIO_TARGET = 0.8
 FLAT_TOLERANCE = 0.02  # sampling rounds' peaks within 2 % (or 64 MiB) of each other count as flat
@@ -167,6 +168,13 @@ def _targets(results: dict[str, Any]) -> list[str]:
                      f"{b1['peak_reserved_gib']:.2f} GiB, allocated {b1['peak_vram_gib']:.2f} GiB ({verdict})")
     else:
         lines.append(f"- LoRA batch 1 with gradient checkpointing <= {VRAM_TARGET_GIB:.0f} GiB: not measured")
+    z3 = (by_name.get("ft-zero3-offload-gc") or {}).get("metrics") or {}
+    if z3.get("peak_reserved_gib"):
+        verdict = "met" if z3["peak_reserved_gib"] < ZERO3_TARGET_GIB else "NOT met"
+        lines.append(f"- full fine-tune with ZeRO-3 + offload + checkpointing < {ZERO3_TARGET_GIB:.0f} GiB: peak reserved "
+                     f"{z3['peak_reserved_gib']:.2f} GiB, allocated {z3['peak_vram_gib']:.2f} GiB ({verdict})")
+    else:
+        lines.append(f"- full fine-tune with ZeRO-3 + offload + checkpointing < {ZERO3_TARGET_GIB:.0f} GiB: not measured")
     lines.append(f"- LoRA step <= {KOHYA_RATIO_TARGET}x kohya's: {meta['env'].get('kohya', 'kohya not carried')}")
     return lines
 
@@ -182,8 +190,8 @@ def render_markdown(results: dict[str, Any]) -> str:
              f"- device: {env['device']}; torch {env['torch']} (CUDA {env['torch_cuda']}); Python {env['python']}",
              f"- model: {sizes['preset']} (random weights), {sizes['resolution']} px, batch {sizes['batch_size']}, "
              f"{sizes['steps']} steps per case (first {sizes['warmup']} not timed); LoRA dim 16 / alpha 8",
-             f"- xformers: {env['xformers']}; bitsandbytes: {env['bitsandbytes']}; --torch_compile: "
-             f"{env['torch_compile']}",
+             f"- xformers: {env['xformers']}; bitsandbytes: {env['bitsandbytes']}; deepspeed: "
+             f"{env.get('deepspeed', 'not probed')}; --torch_compile: {env['torch_compile']}",
              f"- packages: {', '.join(f'{k} {v}' for k, v in (env.get('packages') or {}).items() if v) or '-'}",
              f"- peak VRAM: torch.cuda.max_memory_allocated / max_memory_reserved during training "
              f"(CUDA context not included)", ""]

@@ -1,7 +1,7 @@
 """Wheels carried to the GPU machine, which has a CUDA torch but cannot reach a package index.
 
     python bench/gpu/wheels.py [--dest bench/gpu/wheels] [--python-version 3.12] [--bnb-cuda 130,132]
-                               [--no-xformers] [--no-bitsandbytes] [--extra NAME==VERSION ...]
+                               [--no-xformers] [--no-bitsandbytes] [--no-deepspeed] [--extra NAME==VERSION ...]
 
 (bench/gpu/prepare.sh runs it with the project's virtualenv.) It downloads, ``--no-deps`` and for
 manylinux x86_64 / CPython ``--python-version``:
@@ -12,6 +12,9 @@ manylinux x86_64 / CPython ``--python-version``:
   triton or the nvidia-* CUDA wheels;
 - xformers and bitsandbytes (newest on the index), bitsandbytes slimmed to the CUDA builds in
   ``--bnb-cuda`` (its wheel holds one 4-26 MB library per CUDA version);
+- deepspeed at the version of requirements-deepspeed.txt (``--deepspeed``, docs/distributed.md), needs
+  ``make setup-deepspeed`` here: it is an sdist, so it is built here into a pure-Python wheel without its
+  ops (DS_BUILD_OPS=0; the device JIT-compiles them), plus the packages it needs that the machine lacks;
 
 and writes ``manifest.json`` (what each wheel needs: torch range, CUDA runtime) for bench/gpu/install.py.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -107,6 +111,32 @@ def pip_download(specs: list[str], dest: Path, python_version: str, glibc_minor:
     subprocess.run(cmd + specs, check=True)
 
 
+def deepspeed_spec(path: Path = REPO / "requirements-deepspeed.txt") -> str:
+    """The deepspeed requirement the project tests (``deepspeed==X``), from requirements-deepspeed.txt."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            return line
+    raise ValueError(f"{path}: no requirement")
+
+
+def carry_deepspeed(dest: Path, python_version: str, glibc_minor: int, device_has: set[str]) -> bool:
+    """Build the deepspeed wheel into ``dest`` and download what it needs that the machine lacks (at the
+    versions installed here). False, with a line on stderr, where deepspeed is not installed here."""
+    spec = deepspeed_spec()
+    closure = requirement_closure([spec], _installed_version, lambda n: metadata.distribution(n).requires or [])
+    if "deepspeed" not in closure:
+        print("warning: deepspeed is not installed here (make setup-deepspeed): not carried", file=sys.stderr)
+        return False
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir",
+                    str(dest), f"deepspeed=={closure['deepspeed']}"], check=True, env=dict(os.environ, DS_BUILD_OPS="0"))
+    have = {canonicalize_name(w.name.split("-")[0]) for w in dest.glob("*.whl")}
+    needed = [f"{n}=={v}" for n, v in sorted(closure.items()) if n not in have and n not in device_has]
+    if needed:
+        pip_download(needed, dest, python_version, glibc_minor)
+    return True
+
+
 def bnb_cuda_builds(wheel: Path) -> list[str]:
     """The CUDA versions a bitsandbytes wheel has native libraries for ("130" for CUDA 13.0)."""
     with zipfile.ZipFile(wheel) as z:
@@ -186,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA builds of bitsandbytes to keep, e.g. 130,132 (default), or all (43 MB)")
     p.add_argument("--no-xformers", action="store_true", help="do not carry xformers")
     p.add_argument("--no-bitsandbytes", action="store_true", help="do not carry bitsandbytes")
+    p.add_argument("--no-deepspeed", action="store_true", help="do not carry deepspeed (--deepspeed runs)")
     p.add_argument("--xformers-spec", default="xformers", help="pip requirement for xformers (default newest)")
     p.add_argument("--bnb-spec", default="bitsandbytes", help="pip requirement for bitsandbytes (default newest)")
     p.add_argument("--extra", nargs="*", default=[], help="more requirements to carry (NAME==VERSION)")
@@ -203,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         old.unlink()
     closure = requirement_closure(project_requirements(), _installed_version,
                                   lambda n: metadata.distribution(n).requires or [])
-    carried = carried_set(closure, read_name_list(Path(args.device_packages)))
+    device_has = read_name_list(Path(args.device_packages))
+    carried = carried_set(closure, device_has)
     missing = [n for n in CORE if n not in carried]
     if missing:
         print(f"error: {', '.join(missing)} not installed in {sys.executable}; run make setup first", file=sys.stderr)
@@ -213,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     optional += [] if args.no_bitsandbytes else [args.bnb_spec]
     if optional:
         pip_download(optional, dest, args.python_version, args.glibc)
+    if not args.no_deepspeed:
+        carry_deepspeed(dest, args.python_version, args.glibc, device_has)
     if args.bnb_cuda != "all":
         for wheel in dest.glob("bitsandbytes-*.whl"):
             slim_bitsandbytes(wheel, [v.strip() for v in args.bnb_cuda.split(",") if v.strip()])
