@@ -154,6 +154,22 @@ def test_optimizer_cpu_offload_equals_the_plain_run_and_resumes(lora_runs, setup
 
 
 @pytest.mark.slow
+def test_ema_under_zero2_equals_the_plain_run_and_resumes(setup, tmp_path):
+    """--ema --save_ema at ZeRO-2 (whole weights on every process; the main process keeps the EMA)."""
+    ema = ("--ema", "--save_ema", "--ema_decay", "0.5")
+    ds, plain, resumed = tmp_path / "ds", tmp_path / "plain", tmp_path / "resumed"
+    _ok(_launch("train_network.py", setup, ds, *LORA, *ema, "--deepspeed", "--zero_stage", "2",
+                "--save_every_n_steps", "2", "--save_state"))
+    _ok(_launch("train_network.py", setup, plain, *LORA, *ema))
+    a = load_file(str(ds / "last.safetensors"))
+    _close(a, load_file(str(plain / "last.safetensors")))
+    _ok(_launch("train_network.py", setup, resumed, *LORA, *ema, "--deepspeed", "--zero_stage", "2",
+                "--resume", str(ds / "at-step00000002-state")))
+    b = load_file(str(resumed / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_full_model_zero3_equals_the_plain_run_and_loads_in_diffusers(setup, tmp_path):
     """DreamBooth (UNet and text encoder in the engine), ZeRO-3 with weights and optimizer offloaded and gradient
     checkpointing (the memory-saving set a 12 GB card needs)."""
@@ -201,6 +217,7 @@ def _refused(setup, tmp_path, capsys, script_main, *extra) -> str:
     (("--offload_param_device", "cpu"), "--offload_param_device cpu needs --zero_stage 3 (got 2)"),
     (("--offload_optimizer_nvme_path", "/nvme"), "--offload_optimizer_nvme_path: NVMe offload is not supported"),
     (("--mixed_precision", "fp16"), "--mixed_precision fp16 is not supported"),
+    (("--ema", "--zero_stage", "3"), "--ema with --zero_stage 3 is not supported"),
     (("--fp16_master_weights_and_gradients",), "--fp16_master_weights_and_gradients is not supported"),
     (("--optimizer_type", "Prodigy"), "--optimizer_type Prodigy is not supported yet"),
     (("--network_module", "networks.lora", "--network_args", "rank_dropout=0.1"), "--network_args rank_dropout"),

@@ -287,7 +287,7 @@ def attach_deepspeed(trainer: Any, run: DeepSpeedRun | None) -> None:
     gathered exports) after checking that nothing it runs needs the whole model on one process."""
     if run is None:
         return
-    needs_whole = [("--ema", trainer.ema),
+    needs_whole = [("--ema with --zero_stage 3", trainer.ema if run.stage == 3 else None),
                    ("--fused_backward_pass", trainer.fused_backward), ("gradient buckets", trainer.grad_buckets)]
     for what, part in needs_whole:
         if part is not None:

@@ -115,7 +115,8 @@ def _training_problems(args: argparse.Namespace) -> list[str]:
         (getattr(args, "full_fp16", False) or getattr(args, "full_bf16", False), "--full_fp16 / --full_bf16 are "
          "not supported (the engine keeps the trained weights in float32)"),
         (getattr(args, "fused_backward_pass", False), "--fused_backward_pass is not supported"),
-        (getattr(args, "ema", False), "--ema is not supported"),
+        (getattr(args, "ema", False) and args.zero_stage == 3, "--ema with --zero_stage 3 is not supported (the "
+         "weights are partitioned; the EMA reads whole weights on the main process); use --zero_stage 2"),
         (getattr(args, "torch_compile", False), "--torch_compile is not supported"),
         (getattr(args, "ddp_gradient_as_bucket_view", False), "--ddp_gradient_as_bucket_view has no meaning "
          "(the engine reduces the gradients itself); drop it"),
