@@ -82,13 +82,15 @@ class LoRAModule(nn.Module):
     # -- hooking -------------------------------------------------------------------------------
 
     def apply_to(self) -> None:
-        """Replace the wrapped layer's ``forward`` by this module's (idempotent)."""
+        """Replace the wrapped layer's ``forward`` by a call of this module (idempotent). It goes through
+        ``__call__``, not ``forward``, so that hooks on this module run: DeepSpeed ZeRO-3 gathers the
+        module's own partitioned weights (LoHa / LoKr factors) in its pre-forward hook."""
         if self.org_forward is not None:
             return
         org = self.org_module
         self._had_own_forward = "forward" in org.__dict__
         self.org_forward = org.forward
-        org.forward = self.forward
+        org.forward = self.__call__
 
     def restore(self) -> None:
         """Give the wrapped layer its own ``forward`` back."""

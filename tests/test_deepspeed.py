@@ -154,6 +154,20 @@ def test_optimizer_cpu_offload_equals_the_plain_run_and_resumes(lora_runs, setup
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("module", ["networks.loha", "networks.lokr", "networks.oft"])
+def test_lycoris_networks_under_zero3_equal_the_plain_run(setup, tmp_path, module):
+    """LoHa / LoKr / OFT keep their factors on the wrapping module itself: ZeRO-3 gathers them because the
+    wrapped layer calls that module (its hooks run), not only its forward."""
+    args = ("--network_module", module, "--optimizer_type", "SGDNesterov", "--learning_rate", "0.05")
+    ds, plain = tmp_path / "ds", tmp_path / "plain"
+    _ok(_launch("train_network.py", setup, ds, *args, "--deepspeed", "--zero_stage", "3"))
+    _ok(_launch("train_network.py", setup, plain, *args))
+    a, b = load_file(str(ds / "last.safetensors")), load_file(str(plain / "last.safetensors"))
+    _close(a, b)
+    assert safe_open(str(ds / "last.safetensors"), "pt").metadata()["ss_network_module"] == module
+
+
+@pytest.mark.slow
 def test_ema_under_zero2_equals_the_plain_run_and_resumes(setup, tmp_path):
     """--ema --save_ema at ZeRO-2 (whole weights on every process; the main process keeps the EMA)."""
     ema = ("--ema", "--save_ema", "--ema_decay", "0.5")

@@ -1,7 +1,7 @@
 """kohya's DeepSpeed options (its library/deepspeed_utils.py ``add_deepspeed_arguments``) and what is refused.
 
 They are accepted with kohya's names, types, defaults and choices, so kohya command lines and
-``--config_file`` files parse in every training script. ``--deepspeed`` trains LoRA (``networks.lora``) and
+``--config_file`` files parse in every training script. ``--deepspeed`` trains networks (``networks.lora``, ``networks.loha``, ``networks.lokr``, ``networks.oft``) and
 the full model (train_db.py, fine_tune.py) with a DeepSpeed ZeRO engine built by the trainer itself
 (:mod:`library.training.deepspeed_engine`, docs/distributed.md#deepspeed); accelerate only provides the
 processes. Without ``--deepspeed`` the other options change nothing, as in kohya.
@@ -22,7 +22,7 @@ _ONLY_WITH = "only read with --deepspeed"
 #: optimizers whose update is element-wise, so a ZeRO-partitioned step equals the whole one
 DEEPSPEED_OPTIMIZERS = ("adamw", "sgdnesterov")
 DEEPSPEED_TORCH_OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adamax", "nadam", "radam")
-DEEPSPEED_NETWORK_MODULES = ("networks.lora",)
+DEEPSPEED_NETWORK_MODULES = ("networks.lora", "networks.loha", "networks.lokr", "networks.oft")
 
 
 def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
