@@ -178,11 +178,25 @@ def _in_process_fsdp(monkeypatch, version: int) -> None:
     monkeypatch.setenv("FSDP_VERSION", str(version))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["networks.loha", "networks.lokr", "networks.oft"])
+def test_lycoris_networks_under_fsdp_equal_the_plain_run(setup, tmp_path, module):
+    """LoHa / LoKr / OFT as the root FSDP unit: gathered for the whole loss computation, as LoRA is."""
+    args = ("--network_module", module, "--optimizer_type", "SGDNesterov", "--learning_rate", "0.05")
+    fsdp, plain = tmp_path / "fsdp", tmp_path / "plain"
+    res = _launch("train_network.py", setup, fsdp, *args, fsdp=True)
+    _ok(res)
+    assert "FSDP2: network sharded over 2 processes" in res.stderr
+    _ok(_launch("train_network.py", setup, plain, *args, fsdp=False))
+    _same_weights(load_file(str(fsdp / "last.safetensors")), load_file(str(plain / "last.safetensors")),
+                  f"{module}: FSDP vs plain")
+
+
 @pytest.mark.parametrize("extra, version, message", [
     ((), 1, "fsdp_version 1 is not supported; set fsdp_version: 2"),
     (("--fused_backward_pass", "--optimizer_type", "AdaFactor"), 2, "--fused_backward_pass is not supported with FSDP"),
     (("--optimizer_type", "Prodigy"), 2, "--optimizer_type Prodigy is not supported with FSDP yet"),
-    (("--network_module", "networks.loha"), 2, "--network_module networks.loha is not supported with FSDP"),
+    (("--network_module", "networks.dylora"), 2, "--network_module networks.dylora is not supported with FSDP"),
 ])
 def test_unsupported_fsdp_combinations_stop_with_one_line(setup, tmp_path, capsys, monkeypatch, extra, version,
                                                           message):

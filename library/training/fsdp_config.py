@@ -24,7 +24,7 @@ FSDP_OPTIMIZERS = ("AdamW", "SGDNesterov")
 #: torch.optim classes (--optimizer_type Adam, RMSprop, ...) that are element-wise as well
 FSDP_TORCH_OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adamax", "nadam", "radam")
 #: the only --network_module tested under FSDP
-FSDP_NETWORK_MODULES = ("networks.lora",)
+FSDP_NETWORK_MODULES = ("networks.lora", "networks.loha", "networks.lokr", "networks.oft")
 
 _PREFIX = "accelerate FSDP config"
 
