@@ -96,25 +96,10 @@ def child(method: str, record: Path, argv: list[str]) -> int:
 
 
 def fsdp_config(path: Path, processes: int, mixed_precision: str) -> Path:
-    """An accelerate FSDP2 config (full shard) for ``processes`` processes (on the CPU ACCELERATE_USE_CPU
-    keeps them there)."""
-    path.write_text(f"""compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config:
-  fsdp_version: 2
-  fsdp_reshard_after_forward: true
-  fsdp_offload_params: false
-  fsdp_state_dict_type: FULL_STATE_DICT
-  fsdp_activation_checkpointing: false
-num_machines: 1
-num_processes: {processes}
-machine_rank: 0
-main_training_function: main
-mixed_precision: '{mixed_precision}'
-rdzv_backend: static
-same_network: true
-use_cpu: false
-""", encoding="utf-8")
+    """An accelerate FSDP2 config (full shard) for ``processes`` processes, written to ``path``."""
+    from library.training.fsdp_config import fsdp2_accelerate_config
+
+    path.write_text(fsdp2_accelerate_config(processes, mixed_precision), encoding="utf-8")
     return path
 
 

@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
     model = make_model_files(root / "models", "tiny-sd1", formats="safetensors")["safetensors"]
     data = make_dataset(root / "data", folder="3_sks dog", count=5)
     config = root / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG.format(version=2), encoding="utf-8")
+    config.write_text(FSDP_CONFIG, encoding="utf-8")
     return model, data, config
 
 

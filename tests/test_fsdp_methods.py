@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     """(model files, TI dataset, fine-tuning folder and metadata json, fsdp.yaml)."""
     root = tmp_path_factory.mktemp("fsdp-methods")
     config = root / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG.format(version=2), encoding="utf-8")
+    config.write_text(FSDP_CONFIG, encoding="utf-8")
     return {**method_files(root), "config": config}
 
 

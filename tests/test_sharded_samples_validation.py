@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
     files["prompts"] = root / "prompts.txt"
     files["prompts"].write_text(PROMPTS, encoding="utf-8")
     files["fsdp"] = root / "fsdp.yaml"
-    files["fsdp"].write_text(FSDP_CONFIG.format(version=2), encoding="utf-8")
+    files["fsdp"].write_text(FSDP_CONFIG, encoding="utf-8")
     return files
 
 

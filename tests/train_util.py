@@ -93,22 +93,13 @@ def free_port() -> int:
 
 
 #: accelerate's FSDP config for 2 CPU processes (tests/test_fsdp*.py); ``.format(version=2)``
-FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config:
-  fsdp_version: {version}
-  fsdp_reshard_after_forward: true
-  fsdp_offload_params: false
-  fsdp_state_dict_type: FULL_STATE_DICT
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-main_training_function: main
-rdzv_backend: static
-same_network: true
-use_cpu: false
-"""
+def _fsdp_config() -> str:
+    from library.training.fsdp_config import fsdp2_accelerate_config
+
+    return fsdp2_accelerate_config(processes=2)
+
+
+FSDP_CONFIG = _fsdp_config()  # the accelerate config of the FSDP2 tests: 2 processes, full shard
 
 
 def plain_launch(processes: int = 2) -> list[str]:

@@ -65,10 +65,8 @@ def restore_step_chain(optimizer: Any) -> None:
     for the bias correction and multiplies them by beta once per step; a fresh op would take pow(beta, t)
     instead, which rounds differently (seen: 4.5e-8 after 4 LoRA steps). So it is stepped 1, 2, ..., t on a
     one-element stand-in tensor. Anything else (another optimizer, no state yet) is left alone."""
-    try:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-    except ImportError:
-        return
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
     if not isinstance(optimizer, DeepSpeedCPUAdam):
         return
     import torch

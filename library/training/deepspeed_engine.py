@@ -106,17 +106,11 @@ class DeepSpeedRun:
             self._last_batch = batch
         return self.engine(fn, batch)
 
-    def together(self) -> Callable[[Callable[[], Any]], Any] | None:
-        """For sample images: ZeRO-3 runs a function on every process inside the engine's forward, whose hooks
-        gather the partitioned weights; stages 0-2 hold whole weights on every process (None: the main process
-        samples alone)."""
-        if self.stage != 3:
-            return None
-
-        def run(fn: Callable[[], Any]) -> None:
-            with torch.no_grad():
-                self.engine(lambda: (fn(), None)[1])
-        return run
+    def together(self, fn: Callable[[], Any]) -> None:
+        """For sample images and validation at ZeRO-3: ``fn()`` on every process inside the engine's forward
+        (no gradients), whose hooks gather the partitioned weights as each module runs."""
+        with torch.no_grad():
+            self.engine(fn)
 
     def stand_in(self, step: int) -> dict[str, Any]:
         """For a micro-batch whose images all failed to load: this process's previous batch with zero loss
@@ -293,6 +287,6 @@ def attach_deepspeed(trainer: Any, run: DeepSpeedRun | None) -> None:
         if part is not None:
             raise UserError(f"--deepspeed: {what} is not supported with DeepSpeed yet")
     trainer.sharding = trainer.deepspeed = run
-    for part in (trainer.sampler, trainer.validator):
+    for part in (trainer.sampler, trainer.validator):  # stages 0-2 hold whole weights: the usual paths
         if part is not None:
-            part.together = run.together()
+            part.together = run.together if run.stage == 3 else None

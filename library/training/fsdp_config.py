@@ -29,6 +29,28 @@ FSDP_NETWORK_MODULES = ("networks.lora", "networks.loha", "networks.lokr", "netw
 _PREFIX = "accelerate FSDP config"
 
 
+def fsdp2_accelerate_config(processes: int = 2, mixed_precision: str = "no") -> str:
+    """An accelerate config file (YAML) for FSDP2 full sharding on one machine with ``processes`` processes,
+    as docs/distributed.md shows it (on the CPU, ``ACCELERATE_USE_CPU=1`` keeps the processes there)."""
+    return f"""compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_reshard_after_forward: true
+  fsdp_offload_params: false
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_activation_checkpointing: false
+mixed_precision: '{mixed_precision}'
+num_machines: 1
+num_processes: {processes}
+machine_rank: 0
+main_training_function: main
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+
+
 @dataclass(frozen=True)
 class FsdpRequest:
     """accelerate's FSDP settings that this trainer reads."""

@@ -125,8 +125,8 @@ class Sharding:
         return self.root(fn, batch)
 
     def together(self, fn: Callable[[], Any]) -> None:
-        """For sample images: ``fn()`` on every process inside the root's forward (no gradients); the root
-        and every inner unit gather their weights when they run, so all processes must call it."""
+        """For sample images and validation: ``fn()`` on every process inside the root's forward (no gradients);
+        the root and every inner unit gather their weights when they run, so all processes must call it."""
         with torch.no_grad():
             self.root(fn)
 

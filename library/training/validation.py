@@ -238,64 +238,49 @@ class Validator:
 
         acc = trainer.accelerator
         rank, world = acc.process_index, acc.num_processes
-        sums = [0.0, 0]
+        shares: list[tuple[float, int]] = []
         trainer.method.set_train(False)
         try:
             with torch.no_grad():
                 if self.together is None:
-                    self._own_share(trainer, rank, world, sums)
+                    shares.append(self._own_share(trainer, rank, world, in_step=False))
                 else:
-                    self.together(lambda: self._own_share_in_step(trainer, rank, world, sums))
+                    self.together(lambda: shares.append(self._own_share(trainer, rank, world, in_step=True)))
         finally:
             trainer.method.set_train(True)
-        total, count = sums
+        total, count = shares[0]
         if world > 1:
             sums = torch.tensor([total, float(count)], dtype=torch.float64, device=trainer.device)
             torch.distributed.all_reduce(sums)
             total, count = float(sums[0]), int(sums[1])
         return total / count if count else float("nan")
 
-    def _own_share(self, trainer: Any, rank: int, world: int, sums: list) -> None:
-        """Add this process's images (every ``world``-th) to ``sums`` ([loss sum, terms]); unreadable ones are
-        skipped."""
-        for position, spec in enumerate(self.specs):
-            if position % world != rank:
-                continue
-            batch = self.group.load_batch(spec, 1, position)
-            if batch is not None:
-                self._add(sums, self._batch_loss(trainer, batch, self._seed_of(spec.dataset)))
-
-    def _own_share_in_step(self, trainer: Any, rank: int, world: int, sums: list) -> None:
-        """As :meth:`_own_share`, but every process makes one forward pass per round of ``world`` images (the
-        sharded weights are gathered collectively): where this process has no image in the last round, or its
-        image cannot be read, it runs a stand-in (an image it already read, or the round's first) and adds
-        nothing."""
-        last: tuple[dict[str, Any], int] | None = None
+    def _own_share(self, trainer: Any, rank: int, world: int, *, in_step: bool) -> tuple[float, int]:
+        """(loss sum, terms) of this process's images: every ``world``-th; unreadable ones add nothing.
+        ``in_step`` (sharded weights, gathered collectively): every process makes one forward pass per round
+        of ``world`` images; where it has no readable image of its own, it runs a stand-in that adds nothing
+        (the round's first image in the last round, else the image it read before)."""
+        total, count = 0.0, 0
+        last: tuple[dict[str, Any], int] | None = None  # (batch, seed) of the last image read
         for start in range(0, len(self.specs), world):
-            position = start + rank
-            own = position < len(self.specs)
-            spec = self.specs[position if own else start]
-            batch = self.group.load_batch(spec, 1, position if own else start)
-            if batch is None or not own:
-                own = False
-                if batch is None and last is None:
-                    raise UserError(f"validation with sharded weights: no held-out image of this process could "
-                                    f"be read (first: {spec.items[0]}); fix or remove the unreadable images")
-                if batch is None:
-                    batch, seed = last
-                else:
-                    seed = self._seed_of(spec.dataset)
-            else:
-                seed = self._seed_of(spec.dataset)
-            result = self._batch_loss(trainer, batch, seed)
-            last = (batch, seed)
-            if own:
-                self._add(sums, result)
-
-    @staticmethod
-    def _add(sums: list, result: tuple[float, int]) -> None:
-        sums[0] += result[0]
-        sums[1] += result[1]
+            own = start + rank < len(self.specs)
+            if not (own or in_step):
+                continue
+            index = start + rank if own else start
+            spec = self.specs[index]
+            batch = self.group.load_batch(spec, 1, index)
+            if batch is not None:
+                last = (batch, self._seed_of(spec.dataset))
+            counts = own and batch is not None
+            if not (counts or in_step):
+                continue
+            if last is None:
+                raise UserError(f"validation with sharded weights: no held-out image of this process could be "
+                                f"read (first: {spec.items[0]}); fix or remove the unreadable images")
+            loss, terms = self._batch_loss(trainer, *last)
+            if counts:
+                total, count = total + loss, count + terms
+        return total, count
 
     def _latents(self, trainer: Any, batch: dict[str, Any]) -> torch.Tensor:
         """Cached latents, or the VAE posterior mean (no sampling: nothing random)."""
